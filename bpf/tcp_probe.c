@@ -1,0 +1,400 @@
+/* kmeshd TCP probe: a sock_ops program on the cgroup v2 root, compiled by bcc at start-up.
+ *
+ * It reads only layout-stable kernel data (struct bpf_sock_ops context fields, the TCP
+ * header of a packet, tracepoint arguments whose format comes from tracefs), never
+ * kernel-internal structs: the kernel headers on these hosts do not match the running
+ * kernel (see ENVIRONMENT.md).
+ *
+ * Two outputs:
+ *   flows   - cumulative per-flow counters (client, server, server port, direction):
+ *             the source of every metric, exact whatever user space manages to read;
+ *   records - one ring-buffer record per closed socket and per failed connect: the
+ *             access log only. A record the ring cannot take is counted, never silent.
+ *
+ * Maps that must outlive a daemon restart are pinned under PIN_DIR (set by
+ * kmeshd/probe.py), so a restarted daemon neither resets nor double counts.
+ */
+#include <uapi/linux/bpf.h>
+#include <uapi/linux/tcp.h>
+#include "tcp_probe.h"
+
+#define TCPHDR_FIN 0x01 /* in bpf_sock_ops.skb_tcp_flags */
+
+#define AF_INET 2
+#define AF_INET6 10
+
+/* Socket state kept beside each tracked socket (socket-local storage). */
+#define SF_ESTABLISHED 1
+#define SF_TRACKED 2        /* at least one end was known when the connection started */
+#define SF_OUR_FIN_ACKED 4  /* our FIN was acknowledged: bytes_acked holds one extra */
+#define SF_PEER_FIN 8       /* the peer's FIN was taken in order: bytes_received holds one extra */
+#define SF_PEER_FIN_SEEN 16 /* a FIN arrived while we were closing; see fin_end */
+#define SF_RTO_EXPIRED 32   /* the retransmission timer gave up */
+
+struct sock_state {
+    __u64 start_ns;        /* connect() for OUTBOUND, establishment for INBOUND */
+    __u64 established_ns;
+    __u32 fin_end;         /* rcv_nxt once the peer's FIN is taken (with SF_PEER_FIN_SEEN) */
+    __u16 flags;
+    __u8 direction;
+    __u8 _pad;
+};
+
+#define PINNED_SK_STORAGE(_name, _leaf_type, _pinned) \
+struct _name##_table_t { \
+    int key; \
+    _leaf_type leaf; \
+    void *(*sk_storage_get)(void *, void *, int); \
+    int (*sk_storage_delete)(void *); \
+    u32 flags; \
+}; \
+__attribute__((section("maps/sk_storage:" _pinned))) \
+struct _name##_table_t _name = {.flags = BPF_F_NO_PREALLOC}; \
+BPF_ANNOTATE_KV_PAIR(_name, int, _leaf_type)
+
+struct addr16 {
+    __u8 a[16];
+};
+
+BPF_TABLE_PINNED("hash", struct flow_key, struct flow_counters, flows, FLOWS_MAX, PIN_DIR "/flows");
+BPF_TABLE_PINNED("hash", struct addr16, __u8, known_addrs, KNOWN_MAX, PIN_DIR "/known_addrs");
+BPF_TABLE_PINNED("percpu_array", int, __u64, stats, STAT_COUNT, PIN_DIR "/stats");
+BPF_TABLE_PINNED("lru_hash", __u64, __u8, resets, 16384, PIN_DIR "/resets");
+PINNED_SK_STORAGE(socks, struct sock_state, PIN_DIR "/socks");
+BPF_RINGBUF_OUTPUT(records, RINGBUF_PAGES);
+
+static __always_inline void count(int index)
+{
+    __u64 *v = stats.lookup(&index);
+    if (v)
+        (*v)++;
+}
+
+struct tuple {
+    struct addr16 local;
+    struct addr16 remote;
+    __u16 local_port;
+    __u16 remote_port;
+};
+
+static __always_inline void v4_mapped(struct addr16 *out, __u32 ip4)
+{
+    __u32 *w = (__u32 *)out->a;
+    w[0] = 0;
+    w[1] = 0;
+    w[2] = bpf_htonl(0xffff);
+    w[3] = ip4;
+}
+
+/* Every address field is loaded unconditionally, each at its constant offset, and
+ * pinned in a register: left to itself the compiler merges the IPv4 and IPv6 loads into
+ * one load through a moved context pointer, which the verifier rejects. */
+#define CTX_LOAD(var, field) \
+    __u32 var = ctx->field; \
+    asm volatile("" : "+r"(var))
+
+static __always_inline void read_tuple(struct bpf_sock_ops *ctx, struct tuple *t)
+{
+    CTX_LOAD(l4, local_ip4);
+    CTX_LOAD(r4, remote_ip4);
+    CTX_LOAD(l0, local_ip6[0]);
+    CTX_LOAD(l1, local_ip6[1]);
+    CTX_LOAD(l2, local_ip6[2]);
+    CTX_LOAD(l3, local_ip6[3]);
+    CTX_LOAD(r0, remote_ip6[0]);
+    CTX_LOAD(r1, remote_ip6[1]);
+    CTX_LOAD(r2, remote_ip6[2]);
+    CTX_LOAD(r3, remote_ip6[3]);
+    if (ctx->family == AF_INET) {
+        v4_mapped(&t->local, l4);
+        v4_mapped(&t->remote, r4);
+    } else {
+        __u32 *l = (__u32 *)t->local.a, *r = (__u32 *)t->remote.a;
+        l[0] = l0;
+        l[1] = l1;
+        l[2] = l2;
+        l[3] = l3;
+        r[0] = r0;
+        r[1] = r1;
+        r[2] = r2;
+        r[3] = r3;
+    }
+    t->local_port = (__u16)ctx->local_port;
+    /* The context loads the network-order port into the upper half of the word. */
+    t->remote_port = (__u16)bpf_ntohl(ctx->remote_port);
+}
+
+static __always_inline int is_tcp_ip(struct bpf_sock_ops *ctx)
+{
+    return ctx->family == AF_INET || ctx->family == AF_INET6;
+}
+
+static __always_inline void flow_key_of(struct tuple *t, __u8 direction, struct flow_key *key)
+{
+    if (direction == DIR_OUTBOUND) {
+        __builtin_memcpy(key->client, t->local.a, 16);
+        __builtin_memcpy(key->server, t->remote.a, 16);
+        key->server_port = t->remote_port;
+    } else {
+        __builtin_memcpy(key->client, t->remote.a, 16);
+        __builtin_memcpy(key->server, t->local.a, 16);
+        key->server_port = t->local_port;
+    }
+    key->direction = direction;
+}
+
+static __always_inline int is_known(struct tuple *t)
+{
+    return known_addrs.lookup(&t->local) || known_addrs.lookup(&t->remote);
+}
+
+static __always_inline struct flow_counters *flow_of(struct tuple *t, __u8 direction)
+{
+    struct flow_key key = {};
+    struct flow_counters zero = {};
+    flow_key_of(t, direction, &key);
+    struct flow_counters *c = flows.lookup_or_try_init(&key, &zero);
+    if (!c)
+        count(STAT_FLOWS_FULL);
+    return c;
+}
+
+static __always_inline struct sock_state *state_of(struct bpf_sock_ops *ctx, int create)
+{
+    struct bpf_sock *sk = ctx->sk;
+    if (!sk)
+        return 0;
+    struct sock_state *st = socks.sk_storage_get(sk, 0, create ? BPF_SK_STORAGE_GET_F_CREATE : 0);
+    if (!st && create)
+        count(STAT_SOCKS_FULL);
+    return st;
+}
+
+static __always_inline void watch_socket(struct bpf_sock_ops *ctx)
+{
+    bpf_sock_ops_cb_flags_set(ctx, ctx->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG |
+                                       BPF_SOCK_OPS_RTO_CB_FLAG);
+}
+
+/* A new connection: remember when, which side, and whether any end is known. */
+static __always_inline void on_start(struct bpf_sock_ops *ctx, __u8 direction)
+{
+    struct sock_state *st = state_of(ctx, 1);
+    if (!st)
+        return;
+    __builtin_memset(st, 0, sizeof(*st));
+    st->start_ns = bpf_ktime_get_ns();
+    st->direction = direction;
+    struct tuple t = {};
+    read_tuple(ctx, &t);
+    if (is_known(&t))
+        st->flags |= SF_TRACKED;
+    watch_socket(ctx);
+}
+
+static __always_inline void on_established(struct bpf_sock_ops *ctx, __u8 direction)
+{
+    if (direction == DIR_INBOUND)
+        on_start(ctx, direction);
+    struct sock_state *st = state_of(ctx, 0);
+    if (!st)
+        return;
+    st->established_ns = bpf_ktime_get_ns();
+    st->flags |= SF_ESTABLISHED;
+    count(STAT_OPENED);
+    if (!(st->flags & SF_TRACKED)) {
+        count(STAT_UNATTRIBUTED);
+        return;
+    }
+    struct tuple t = {};
+    read_tuple(ctx, &t);
+    struct flow_counters *c = flow_of(&t, direction);
+    if (c)
+        __sync_fetch_and_add(&c->opened, 1);
+}
+
+/* Application bytes: bytes_acked and bytes_received count sequence numbers, so the
+ * client's SYN and each FIN that was really acknowledged or taken are removed. */
+static __always_inline __u64 minus(__u64 v, __u64 d)
+{
+    return v > d ? v - d : 0;
+}
+
+static __always_inline void app_bytes(struct bpf_sock_ops *ctx, struct sock_state *st, __u32 old_state,
+                                      __u64 *sent, __u64 *received)
+{
+    __u64 acked = ctx->bytes_acked;
+    __u64 rcvd = ctx->bytes_received;
+    if (st->direction == DIR_OUTBOUND)
+        acked = minus(acked, 1);
+    int our_fin = (st->flags & SF_OUR_FIN_ACKED) ||
+                  ((old_state == BPF_TCP_CLOSING || old_state == BPF_TCP_LAST_ACK) &&
+                   ctx->snd_una == ctx->snd_nxt);
+    if (our_fin)
+        acked = minus(acked, 1);
+    int peer_fin = (st->flags & SF_PEER_FIN) ||
+                   ((st->flags & SF_PEER_FIN_SEEN) && ctx->rcv_nxt == st->fin_end);
+    if (peer_fin)
+        rcvd = minus(rcvd, 1);
+    *sent = acked;
+    *received = rcvd;
+}
+
+static __always_inline __u8 failure_reason(struct sock_state *st, int reset)
+{
+    if (st->flags & SF_RTO_EXPIRED)
+        return REASON_TIMEOUT;
+    if (reset)
+        return REASON_REFUSED;
+    return REASON_OTHER;
+}
+
+static __always_inline void emit(struct bpf_sock_ops *ctx, struct tuple *t, struct sock_state *st, __u8 kind, __u8 reason,
+                                 __u8 flags, __u64 now, __u64 dst_received, __u64 dst_sent)
+{
+    struct conn_record *r = records.ringbuf_reserve(sizeof(struct conn_record));
+    if (!r) {
+        count(STAT_RINGBUF_LOST);
+        return;
+    }
+    r->time_ns = now;
+    r->duration_ns = now - (kind == KIND_CLOSED ? st->established_ns : st->start_ns);
+    r->received_bytes = dst_received;
+    r->sent_bytes = dst_sent;
+    __builtin_memcpy(r->local, t->local.a, 16);
+    __builtin_memcpy(r->remote, t->remote.a, 16);
+    r->local_port = t->local_port;
+    r->remote_port = t->remote_port;
+    r->kind = kind;
+    r->direction = st->direction;
+    r->reason = reason;
+    r->flags = flags;
+    r->srtt_us = ctx->srtt_us >> 3;
+    r->min_rtt_us = ctx->rtt_min;
+    r->total_retrans = ctx->total_retrans;
+    r->segs_in = ctx->segs_in;
+    r->segs_out = ctx->segs_out;
+    r->_pad = 0;
+    records.ringbuf_submit(r, 0);
+}
+
+static __always_inline int take_reset(struct bpf_sock_ops *ctx)
+{
+    __u64 cookie = bpf_get_socket_cookie(ctx);
+    if (!resets.lookup(&cookie))
+        return 0;
+    resets.delete(&cookie);
+    return 1;
+}
+
+static __always_inline void on_close(struct bpf_sock_ops *ctx, struct sock_state *st, __u32 old_state)
+{
+    __u64 now = bpf_ktime_get_ns();
+    int reset = take_reset(ctx);
+    __u8 flags = reset ? RECORD_RESET : 0;
+    int tracked = st->flags & SF_TRACKED;
+    struct flow_counters *c = 0;
+    struct tuple t = {};
+    read_tuple(ctx, &t);
+    if (st->flags & SF_ESTABLISHED) {
+        __u64 sent = 0, received = 0, dst_received, dst_sent;
+        app_bytes(ctx, st, old_state, &sent, &received);
+        dst_received = st->direction == DIR_OUTBOUND ? sent : received;
+        dst_sent = st->direction == DIR_OUTBOUND ? received : sent;
+        count(STAT_CLOSED);
+        if (tracked && (c = flow_of(&t, st->direction))) {
+            __sync_fetch_and_add(&c->closed, 1);
+            __sync_fetch_and_add(&c->received_bytes, dst_received);
+            __sync_fetch_and_add(&c->sent_bytes, dst_sent);
+        }
+        if (tracked)
+            emit(ctx, &t, st, KIND_CLOSED, REASON_NONE, flags, now, dst_received, dst_sent);
+    } else if (st->direction == DIR_OUTBOUND) {
+        count(STAT_FAILED);
+        if (!tracked) {
+            count(STAT_UNATTRIBUTED);
+        } else {
+            if ((c = flow_of(&t, DIR_OUTBOUND)))
+                __sync_fetch_and_add(&c->failed, 1);
+            emit(ctx, &t, st, KIND_FAILED, failure_reason(st, reset), flags, now, 0, 0);
+        }
+    }
+    struct bpf_sock *sk = ctx->sk;
+    if (sk)
+        socks.sk_storage_delete(sk);
+}
+
+/* While we close, look at each arriving packet for the peer's FIN and note the
+ * sequence number just past it: rcv_nxt reaches it only if the FIN was taken. */
+static __always_inline void on_header(struct bpf_sock_ops *ctx)
+{
+    if (!(ctx->skb_tcp_flags & TCPHDR_FIN))
+        return;
+    struct sock_state *st = state_of(ctx, 0);
+    void *data = (void *)(long)ctx->skb_data;
+    void *end = (void *)(long)ctx->skb_data_end;
+    struct tcphdr *th = data;
+    if (!st || data + sizeof(*th) > end)
+        return;
+    __u32 header_len = th->doff * 4;
+    st->fin_end = bpf_ntohl(th->seq) + (ctx->skb_len - header_len) + 1;
+    st->flags |= SF_PEER_FIN_SEEN;
+}
+
+static __always_inline void on_state(struct bpf_sock_ops *ctx)
+{
+    __u32 old_state = ctx->args[0], new_state = ctx->args[1];
+    struct sock_state *st = state_of(ctx, 0);
+    if (!st)
+        return;
+    if (new_state == BPF_TCP_CLOSE_WAIT || new_state == BPF_TCP_CLOSING)
+        st->flags |= SF_PEER_FIN;
+    if (old_state == BPF_TCP_FIN_WAIT1 && new_state == BPF_TCP_FIN_WAIT2)
+        st->flags |= SF_OUR_FIN_ACKED;
+    if (new_state == BPF_TCP_FIN_WAIT1)
+        bpf_sock_ops_cb_flags_set(ctx, ctx->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_PARSE_ALL_HDR_OPT_CB_FLAG);
+    if (new_state == BPF_TCP_CLOSE)
+        on_close(ctx, st, old_state);
+}
+
+int kmeshd_sockops(struct bpf_sock_ops *ctx)
+{
+    if (!is_tcp_ip(ctx))
+        return 1;
+    switch (ctx->op) {
+    case BPF_SOCK_OPS_TCP_CONNECT_CB:
+        on_start(ctx, DIR_OUTBOUND);
+        break;
+    case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
+        on_established(ctx, DIR_OUTBOUND);
+        break;
+    case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
+        on_established(ctx, DIR_INBOUND);
+        break;
+    case BPF_SOCK_OPS_STATE_CB:
+        on_state(ctx);
+        break;
+    case BPF_SOCK_OPS_RTO_CB:
+        if (ctx->args[2]) {
+            struct sock_state *st = state_of(ctx, 0);
+            if (st)
+                st->flags |= SF_RTO_EXPIRED;
+        }
+        break;
+    case BPF_SOCK_OPS_PARSE_HDR_OPT_CB:
+        on_header(ctx);
+        break;
+    }
+    return 1;
+}
+
+/* The kernel calls this before it closes a socket on a received RST; sock_ops has no
+ * callback that says why a socket closed, so remember the socket by its cookie. */
+TRACEPOINT_PROBE(tcp, tcp_receive_reset)
+{
+    __u64 cookie = args->sock_cookie;
+    __u8 one = 1;
+    if (resets.update(&cookie, &one))
+        count(STAT_RESETS_FULL);
+    return 0;
+}

@@ -1,0 +1,205 @@
+"""Decode what the kernel probe hands over: bytes in, frozen dataclasses out.
+
+The ctypes structures mirror `bpf/tcp_probe.h` field for field (tests compare their
+sizes with the header's _Static_asserts). Addresses arrive as 16 bytes, IPv4 v4-mapped;
+they leave as ipaddress objects, IPv4 plain.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import enum
+import ipaddress
+from dataclasses import dataclass
+
+from kmeshd.identity.model import IPAddress, plain_ip
+
+LAYOUT = 1  # KMESHD_LAYOUT in bpf/tcp_probe.h
+
+
+class Direction(enum.IntEnum):
+    OUTBOUND = 1  # this socket connected: the client side
+    INBOUND = 2  # this socket was accepted: the server side
+
+
+class Kind(enum.IntEnum):
+    CLOSED = 1
+    FAILED = 2
+
+
+class Reason(enum.IntEnum):
+    NONE = 0
+    REFUSED = 1
+    TIMEOUT = 2
+    OTHER = 3
+
+
+class Stat(enum.IntEnum):
+    """Indexes of the per-CPU `stats` array (STAT_* in the header)."""
+
+    OPENED = 0
+    CLOSED = 1
+    FAILED = 2
+    UNATTRIBUTED = 3
+    RINGBUF_LOST = 4
+    FLOWS_FULL = 5
+    SOCKS_FULL = 6
+    RESETS_FULL = 7
+
+
+RECORD_RESET = 1
+
+
+class FlowKeyStruct(ctypes.Structure):
+    """struct flow_key"""
+
+    _fields_ = (
+        ("client", ctypes.c_uint8 * 16),
+        ("server", ctypes.c_uint8 * 16),
+        ("server_port", ctypes.c_uint16),
+        ("direction", ctypes.c_uint8),
+        ("_pad", ctypes.c_uint8),
+    )
+
+
+class FlowCountersStruct(ctypes.Structure):
+    """struct flow_counters"""
+
+    _fields_ = (
+        ("opened", ctypes.c_uint64),
+        ("closed", ctypes.c_uint64),
+        ("failed", ctypes.c_uint64),
+        ("received_bytes", ctypes.c_uint64),
+        ("sent_bytes", ctypes.c_uint64),
+    )
+
+
+class ConnRecordStruct(ctypes.Structure):
+    """struct conn_record"""
+
+    _fields_ = (
+        ("time_ns", ctypes.c_uint64),
+        ("duration_ns", ctypes.c_uint64),
+        ("received_bytes", ctypes.c_uint64),
+        ("sent_bytes", ctypes.c_uint64),
+        ("local", ctypes.c_uint8 * 16),
+        ("remote", ctypes.c_uint8 * 16),
+        ("local_port", ctypes.c_uint16),
+        ("remote_port", ctypes.c_uint16),
+        ("kind", ctypes.c_uint8),
+        ("direction", ctypes.c_uint8),
+        ("reason", ctypes.c_uint8),
+        ("flags", ctypes.c_uint8),
+        ("srtt_us", ctypes.c_uint32),
+        ("min_rtt_us", ctypes.c_uint32),
+        ("total_retrans", ctypes.c_uint32),
+        ("segs_in", ctypes.c_uint32),
+        ("segs_out", ctypes.c_uint32),
+        ("_pad", ctypes.c_uint32),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class FlowKey:
+    client: IPAddress
+    server: IPAddress
+    server_port: int
+    direction: Direction
+
+
+@dataclass(frozen=True, slots=True)
+class FlowCounters:
+    """Cumulative counts of one flow; bytes as the destination sees them (Istio)."""
+
+    opened: int = 0
+    closed: int = 0
+    failed: int = 0
+    received_bytes: int = 0
+    sent_bytes: int = 0
+
+    def __sub__(self, other: FlowCounters) -> FlowCounters:
+        return FlowCounters(
+            self.opened - other.opened,
+            self.closed - other.closed,
+            self.failed - other.failed,
+            self.received_bytes - other.received_bytes,
+            self.sent_bytes - other.sent_bytes,
+        )
+
+    def is_zero(self) -> bool:
+        return self == ZERO
+
+
+ZERO = FlowCounters()
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionRecord:
+    """One closed socket or failed connect, as this host's socket saw it."""
+
+    time_ns: int  # CLOCK_MONOTONIC
+    duration_ns: int
+    received_bytes: int  # by the destination
+    sent_bytes: int  # by the destination
+    local: IPAddress
+    local_port: int
+    remote: IPAddress
+    remote_port: int
+    kind: Kind
+    direction: Direction
+    reason: Reason
+    reset: bool
+    srtt_us: int
+    min_rtt_us: int
+    retransmits: int
+    segs_in: int
+    segs_out: int
+
+
+def decode_address(raw: bytes) -> IPAddress:
+    """16 kernel bytes -> an address; v4-mapped becomes plain IPv4."""
+    return plain_ip(ipaddress.IPv6Address(bytes(raw)))
+
+
+def encode_address(ip: IPAddress) -> bytes:
+    """An address -> the 16 bytes the kernel compares (IPv4 v4-mapped)."""
+    if isinstance(ip, ipaddress.IPv4Address):
+        return b"\0" * 10 + b"\xff\xff" + ip.packed
+    return ip.packed
+
+
+def decode_flow(key: bytes, value: bytes) -> tuple[FlowKey, FlowCounters]:
+    k = FlowKeyStruct.from_buffer_copy(key)
+    v = FlowCountersStruct.from_buffer_copy(value)
+    return (
+        FlowKey(
+            decode_address(bytes(k.client)),
+            decode_address(bytes(k.server)),
+            k.server_port,
+            Direction(k.direction),
+        ),
+        FlowCounters(v.opened, v.closed, v.failed, v.received_bytes, v.sent_bytes),
+    )
+
+
+def decode_record(data: bytes) -> ConnectionRecord:
+    r = ConnRecordStruct.from_buffer_copy(data)
+    return ConnectionRecord(
+        time_ns=r.time_ns,
+        duration_ns=r.duration_ns,
+        received_bytes=r.received_bytes,
+        sent_bytes=r.sent_bytes,
+        local=decode_address(bytes(r.local)),
+        local_port=r.local_port,
+        remote=decode_address(bytes(r.remote)),
+        remote_port=r.remote_port,
+        kind=Kind(r.kind),
+        direction=Direction(r.direction),
+        reason=Reason(r.reason),
+        reset=bool(r.flags & RECORD_RESET),
+        srtt_us=r.srtt_us,
+        min_rtt_us=r.min_rtt_us,
+        retransmits=r.total_retrans,
+        segs_in=r.segs_in,
+        segs_out=r.segs_out,
+    )

@@ -1,0 +1,1 @@
+"""Identity sources (inventory, Kubernetes) feeding one lookup interface."""

@@ -1,0 +1,96 @@
+"""Workloads and services, and the lookups every identity source provides.
+
+Pure data: a source (the static inventory, later Kubernetes) builds an `Identities`
+snapshot; the labels stage asks it questions. Addresses are `ipaddress` objects, IPv4
+never v4-mapped, so a lookup of what the kernel reports is one dict access.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def plain_ip(ip: IPAddress) -> IPAddress:
+    """IPv4 for a v4-mapped IPv6 address; anything else unchanged."""
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+@dataclass(frozen=True, slots=True)
+class Workload:
+    """One instance (a pod) and the identity Istio would give it."""
+
+    name: str  # the instance (pod) name
+    workload: str
+    namespace: str
+    canonical_service: str
+    canonical_revision: str
+    principal: str  # spiffe://... or "-"
+    cluster: str
+    addresses: tuple[IPAddress, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ServicePort:
+    port: int
+    target_port: int
+
+
+@dataclass(frozen=True, slots=True)
+class Service:
+    name: str
+    namespace: str
+    hostname: str
+    addresses: tuple[IPAddress, ...] = ()  # virtual IPs
+    ports: tuple[ServicePort, ...] = ()
+    workloads: tuple[str, ...] = ()  # workload names (Workload.workload) it selects
+
+
+@dataclass(frozen=True)
+class Identities:
+    """An immutable snapshot of what is known; built once per source update."""
+
+    workloads: tuple[Workload, ...] = ()
+    services: tuple[Service, ...] = ()
+    _by_ip: dict[IPAddress, Workload] = field(init=False, repr=False, compare=False)
+    _by_vip: dict[tuple[IPAddress, int], Service] = field(init=False, repr=False, compare=False)
+    _by_target: dict[tuple[str, str, int], Service] = field(
+        init=False, repr=False, compare=False
+    )
+
+    def __post_init__(self) -> None:
+        by_ip = {plain_ip(a): w for w in self.workloads for a in w.addresses}
+        by_vip: dict[tuple[IPAddress, int], Service] = {}
+        by_target: dict[tuple[str, str, int], Service] = {}
+        # Several services may select one workload on one target port: the first in
+        # (namespace, name) order wins, so the choice never depends on file order.
+        for svc in sorted(self.services, key=lambda s: (s.namespace, s.name)):
+            for port in svc.ports:
+                for vip in svc.addresses:
+                    by_vip.setdefault((plain_ip(vip), port.port), svc)
+                for wl in svc.workloads:
+                    by_target.setdefault((svc.namespace, wl, port.target_port), svc)
+        object.__setattr__(self, "_by_ip", by_ip)
+        object.__setattr__(self, "_by_vip", by_vip)
+        object.__setattr__(self, "_by_target", by_target)
+
+    def workload_at(self, ip: IPAddress) -> Workload | None:
+        return self._by_ip.get(plain_ip(ip))
+
+    def service_at(self, ip: IPAddress, port: int) -> Service | None:
+        """The service whose virtual IP and port these are."""
+        return self._by_vip.get((plain_ip(ip), port))
+
+    def service_of(self, workload: Workload, target_port: int) -> Service | None:
+        """The service that selects this workload and forwards to this port."""
+        return self._by_target.get((workload.namespace, workload.workload, target_port))
+
+    def known_addresses(self) -> frozenset[IPAddress]:
+        """Every workload address and service VIP: the kernel counts flows touching these."""
+        vips: Iterable[IPAddress] = (plain_ip(a) for s in self.services for a in s.addresses)
+        return frozenset(self._by_ip) | frozenset(vips)

@@ -1,0 +1,243 @@
+"""The kernel edge: compile, attach, read and detach the TCP probe. The only bcc importer.
+
+Kernel state outlives the process. The maps are pinned under `<pin_dir>/v<LAYOUT>/` and
+the program is attached through a pinned bpf_link, so a restarted daemon re-opens the
+same counters and *replaces* its predecessor's program in one step (bpf_link_update):
+never two programs counting every connection twice, never a moment with none. A
+link-based cgroup attachment is always "multi", so other sock_ops users in this or any
+lower cgroup keep working. bcc has no link API, hence the few libbpf calls via ctypes.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import os
+import shutil
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from kmeshd import cgroup
+from kmeshd.errors import UnavailableError
+from kmeshd.events import LAYOUT, Stat, encode_address
+from kmeshd.identity.model import IPAddress
+
+log = logging.getLogger("kmeshd")
+
+FLOWS_MAX = 65536
+KNOWN_MAX = 65536
+RINGBUF_PAGES = 1024  # 4 MiB: about 40,000 records between two polls
+BPF_CGROUP_SOCK_OPS = 3  # enum bpf_attach_type
+PROGRAM = "kmeshd_sockops"
+BPF_FS_MAGIC = 0xCAFE4A11
+
+
+def bpf_source_dir() -> Path:
+    """bpf/ beside the package in a checkout; /usr/share/kmeshd/bpf when installed."""
+    override = os.environ.get("KMESHD_BPF_DIR")
+    candidates = [Path(override)] if override else []
+    candidates += [Path(__file__).resolve().parent.parent / "bpf", Path("/usr/share/kmeshd/bpf")]
+    for path in candidates:
+        if (path / "tcp_probe.c").is_file():
+            return path
+    raise UnavailableError(
+        "the BPF source tcp_probe.c is missing (looked in "
+        + ", ".join(map(str, candidates))
+        + "): reinstall kmeshd"
+    )
+
+
+def check_host(release: str | None = None, modules: Path = Path("/lib/modules")) -> None:
+    """Fail fast, with the fix, on what bcc and the ring buffer need."""
+    release = release or os.uname().release
+    major, minor = (int(x) for x in release.split(".")[:2])
+    if (major, minor) < (5, 8):
+        raise UnavailableError(
+            f"kernel {release} is too old: the BPF ring buffer needs Linux 5.8 or newer"
+        )
+    build = modules / release / "build"
+    if not (build / "include").is_dir():
+        raise UnavailableError(
+            f"no kernel headers at {build}: bcc compiles the probe against them; "
+            "install linux-headers-amd64 and link /usr/src/linux-headers-<ver>-amd64 there "
+            "(`make kernel-headers` does both)"
+        )
+
+
+def import_bcc() -> Any:
+    try:
+        import bcc  # type: ignore[import-not-found]
+    except ImportError as exc:
+        raise UnavailableError(
+            f"the bcc Python bindings cannot be imported ({exc}): "
+            "apt-get install python3-bpfcc, and run kmeshd with /usr/bin/python3"
+        ) from exc
+    return bcc
+
+
+class _LibBpf:
+    """The handful of libbpf calls bcc lacks: bpf_link create/update/detach, pins."""
+
+    def __init__(self) -> None:
+        name = ctypes.util.find_library("bpf") or "libbpf.so.1"
+        lib = ctypes.CDLL(name, use_errno=True)
+        self.link_create = lib.bpf_link_create
+        self.link_create.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
+        self.link_update = lib.bpf_link_update
+        self.link_update.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
+        self.link_detach = lib.bpf_link_detach
+        self.link_detach.argtypes = [ctypes.c_int]
+        self.obj_pin = lib.bpf_obj_pin
+        self.obj_pin.argtypes = [ctypes.c_int, ctypes.c_char_p]
+        self.obj_get = lib.bpf_obj_get
+        self.obj_get.argtypes = [ctypes.c_char_p]
+        self.info_by_fd = lib.bpf_obj_get_info_by_fd
+        self.info_by_fd.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint32)]
+
+    @staticmethod
+    def check(ret: int, what: str) -> int:
+        if ret < 0:
+            raise OSError(-ret, f"{what}: {os.strerror(-ret)}")
+        return ret
+
+    def link_cgroup_id(self, link_fd: int) -> int:
+        """struct bpf_link_info: cgroup.cgroup_id sits at offset 16."""
+        buf = (ctypes.c_uint8 * 64)()
+        size = ctypes.c_uint32(64)
+        self.check(self.info_by_fd(link_fd, buf, ctypes.byref(size)), "bpf_obj_get_info_by_fd")
+        return int.from_bytes(bytes(buf[16:24]), "little")
+
+
+class Probe:
+    """A compiled, attached probe. Build it with `Probe.start(...)`."""
+
+    def __init__(self, bpf: Any, libbpf: _LibBpf, link_fd: int, link_pin: Path) -> None:
+        self._bpf = bpf
+        self._libbpf = libbpf
+        self._link_fd = link_fd
+        self._link_pin = link_pin
+        self._flows = bpf["flows"]
+        self._known = bpf["known_addrs"]
+        self._stats = bpf["stats"]
+
+    @classmethod
+    def start(cls, pin_dir: Path, cgroup_dir: Path) -> Probe:
+        check_host()
+        bcc = import_bcc()
+        pins = prepare_pin_dir(pin_dir)
+        bpf = compile_probe(bcc, pins)
+        libbpf = _LibBpf()
+        prog = bpf.load_func(PROGRAM, bcc.BPF.SOCK_OPS)
+        link_fd = attach(libbpf, prog.fd, cgroup_dir, pins / "link")
+        return cls(bpf, libbpf, link_fd, pins / "link")
+
+    def on_record(self, callback: Callable[[bytes], None]) -> None:
+        """Call `callback(raw record)` for each ring-buffer record consumed by poll()."""
+
+        def _cb(_ctx: Any, data: Any, size: int) -> int:
+            callback(ctypes.string_at(data, size))
+            return 0
+
+        self._bpf["records"].open_ring_buffer(_cb)
+
+    def poll(self, timeout_ms: int) -> None:
+        self._bpf.ring_buffer_poll(timeout_ms)
+
+    def drain(self) -> None:
+        self._bpf.ring_buffer_consume()
+
+    def flows(self) -> Iterator[tuple[bytes, bytes]]:
+        """The flows map as raw (key, value) pairs."""
+        for k, v in self._flows.items():
+            yield bytes(k), bytes(v)
+
+    def stats(self) -> dict[Stat, int]:
+        """The per-CPU counters, summed."""
+        return {s: sum(self._stats[ctypes.c_int(s)]) for s in Stat}
+
+    def set_known(self, addresses: Iterable[IPAddress]) -> int:
+        """Make the kernel's known-address set equal `addresses`; returns entries refused."""
+        want = {encode_address(a) for a in addresses}
+        have = {bytes(k) for k in self._known.keys()}
+        key_type, leaf_type = self._known.Key, self._known.Leaf
+        for raw in have - want:
+            del self._known[key_type.from_buffer_copy(raw)]
+        refused = 0
+        for raw in want - have:
+            try:
+                self._known[key_type.from_buffer_copy(raw)] = leaf_type(1)
+            except Exception:  # the map is full: count, keep the rest working
+                refused += 1
+        return refused
+
+    def close(self, detach: bool = True) -> None:
+        """Detach (clean stop) or just let go (the pinned link keeps counting)."""
+        if detach:
+            self._libbpf.link_detach(self._link_fd)
+            self._link_pin.unlink(missing_ok=True)
+        os.close(self._link_fd)
+        self._bpf.cleanup()
+
+
+def prepare_pin_dir(pin_dir: Path) -> Path:
+    if not is_bpffs(pin_dir):
+        raise UnavailableError(
+            f"{pin_dir} is not on a BPF filesystem: mount one (mount -t bpf bpf /sys/fs/bpf) "
+            "or set bpf.pin_dir"
+        )
+    pins = pin_dir / f"v{LAYOUT}"
+    pins.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return pins
+
+
+def is_bpffs(path: Path) -> bool:
+    """True when `path` (or the nearest existing parent) is on a bpf filesystem."""
+    while not path.exists():
+        path = path.parent
+    return cgroup.fs_magic(path) == BPF_FS_MAGIC
+
+
+def compile_probe(bcc: Any, pins: Path) -> Any:
+    src = bpf_source_dir()
+    cflags = [
+        f"-I{src}",
+        f'-DPIN_DIR="{pins}"',
+        f"-DFLOWS_MAX={FLOWS_MAX}",
+        f"-DKNOWN_MAX={KNOWN_MAX}",
+        f"-DRINGBUF_PAGES={RINGBUF_PAGES}",
+    ]
+    try:
+        return bcc.BPF(src_file=str(src / "tcp_probe.c").encode(), cflags=cflags)
+    except Exception as exc:
+        raise UnavailableError(f"bcc could not compile or load the probe: {exc}") from exc
+
+
+def attach(libbpf: _LibBpf, prog_fd: int, cgroup_dir: Path, pin: Path) -> int:
+    """Replace the program behind our pinned link, or create and pin a new link."""
+    cgroup_id = os.stat(cgroup_dir).st_ino
+    if pin.exists():
+        link_fd = libbpf.check(libbpf.obj_get(str(pin).encode()), f"open {pin}")
+        if libbpf.link_cgroup_id(link_fd) == cgroup_id:
+            libbpf.check(libbpf.link_update(link_fd, prog_fd, None), "bpf_link_update")
+            log.info("replaced the probe left attached by a previous kmeshd")
+            return link_fd
+        # bpf.cgroup changed since that link was made: move, don't duplicate.
+        libbpf.link_detach(link_fd)
+        os.close(link_fd)
+        pin.unlink()
+    fd = os.open(cgroup_dir, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        link_fd = libbpf.check(
+            libbpf.link_create(prog_fd, fd, BPF_CGROUP_SOCK_OPS, None), "bpf_link_create"
+        )
+    finally:
+        os.close(fd)
+    libbpf.check(libbpf.obj_pin(link_fd, str(pin).encode()), f"pin {pin}")
+    return link_fd
+
+
+def remove_pins(pin_dir: Path) -> None:
+    """Forget all kernel state (tests, and `kmeshd` uninstall): detaches a pinned link too."""
+    shutil.rmtree(pin_dir, ignore_errors=True)
