@@ -1,0 +1,212 @@
+"""Walking a parsed TOML document while collecting every problem, not just the first.
+
+kmeshd.toml and the inventory are read the same way: a `Table` hands out typed values
+with their defaults, and for anything wrong (an unknown key, a wrong type, a missing
+required key) it records a `file: key.path: problem` line in a shared `Problems` and
+returns a harmless stand-in. The caller raises one ConfigError at the end, so an operator
+fixes the whole file in one pass instead of one error per restart.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+from kmeshd.errors import ConfigError
+
+# tomllib puts the position at the end of its message; Python 3.11 has no lineno attribute.
+T = TypeVar("T")
+
+_POSITION = re.compile(r"\s*\(at (?:line (\d+), column \d+|end of document)\)$")
+
+
+def quote(value: str) -> str:
+    """A string as TOML (and the error messages) would write it: in double quotes."""
+    return json.dumps(value, ensure_ascii=False)
+
+
+def describe(value: object) -> str:
+    """What a TOML value is, for "expected X, got Y" messages."""
+    if isinstance(value, bool):
+        return f"the boolean {str(value).lower()}"
+    if isinstance(value, int | float):
+        return f"the {'integer' if isinstance(value, int) else 'float'} {value}"
+    if isinstance(value, str):
+        return f"the string {quote(value)}"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, datetime.date | datetime.time):
+        return f"the date/time {value.isoformat()}"
+    return type(value).__name__
+
+
+class Problems:
+    """Every problem found in one file, in the order they were found."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.lines: list[str] = []
+
+    def add(self, key: str, problem: str) -> None:
+        self.lines.append(f"{self.path}: {key}: {problem}")
+
+    def raise_if_any(self) -> None:
+        if self.lines:
+            raise ConfigError(self.lines)
+
+
+def read_text(path: Path, missing_ok: bool) -> str | None:
+    """The file's text; None if it does not exist and that is allowed."""
+    try:
+        return path.read_bytes().decode("utf-8")
+    except FileNotFoundError as e:
+        if missing_ok:
+            return None
+        raise ConfigError([f"{path}: cannot read: {e.strerror}"]) from e
+    except OSError as e:
+        raise ConfigError([f"{path}: cannot read: {e.strerror or e}"]) from e
+    except UnicodeDecodeError as e:
+        where = f"byte 0x{e.object[e.start]:02x} at offset {e.start}"
+        raise ConfigError([f"{path}: cannot read: not UTF-8 text ({where})"]) from e
+
+
+def read_toml(text: str, path: Path) -> dict[str, Any]:
+    """The parsed document, or a ConfigError naming the line of the syntax error."""
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        message = str(e)
+        match = _POSITION.search(message)
+        if match is None:
+            raise ConfigError([f"{path}: {message}"]) from e
+        # "at end of document" is the last line, which is where an editor should jump.
+        line = match[1] or max(1, len(text.splitlines()))
+        raise ConfigError([f"{path}: line {line}: {message[: match.start()]}"]) from e
+
+
+class Table:
+    """One TOML table at `key`; getters record problems and fall back to the default."""
+
+    def __init__(
+        self, data: Mapping[str, object], key: str, problems: Problems, known: tuple[str, ...]
+    ) -> None:
+        self._data = data
+        self.key = key  # its own path: "metrics", "workload[3]", "" for the document
+        self.problems = problems
+        for name, value in data.items():
+            if name not in known:
+                what = "table" if isinstance(value, dict) else "key"
+                self.problem(name, f"unknown {what} (known: {', '.join(sorted(known))})")
+
+    def path(self, name: str) -> str:
+        """The full key path of `name` in this table, e.g. workload[3].addresses."""
+        return f"{self.key}.{name}" if self.key else name
+
+    def problem(self, name: str, problem: str) -> None:
+        self.problems.add(self.path(name), problem)
+
+    def has(self, name: str) -> bool:
+        """Whether the file sets this key (so its value was chosen, not defaulted)."""
+        return name in self._data
+
+    def raw(self, name: str) -> object:
+        """The value as the file has it, None if absent: for checks the getters don't make."""
+        return self._data.get(name)
+
+    def _get(self, name: str, expected: str, ok: type) -> object:
+        """The raw value, or None if absent or of the wrong type (then a problem is noted)."""
+        value = self._data.get(name)
+        # bool is an int in Python but not in TOML: `port = true` is a wrong type.
+        if value is None or (isinstance(value, ok) and not isinstance(value, bool)):
+            return value
+        self.problem(name, f"expected {expected}, got {describe(value)}")
+        return None
+
+    def _require(self, name: str) -> None:
+        # A present key of the wrong type already has its problem; only absence is noted here.
+        if not self.has(name):
+            self.problem(name, "missing (required)")
+
+    def string(self, name: str, default: str | None = None) -> str:
+        """A string; default None makes the key required."""
+        value = self._get(name, "a string", str)
+        if isinstance(value, str):
+            return value
+        if default is None:
+            self._require(name)
+            return ""
+        return default
+
+    def parsed(
+        self, name: str, default: T, parse: Callable[[str], T], expected: str = "a string"
+    ) -> T:
+        """A string turned into a value by `parse`, whose ValueError text is the problem."""
+        value = self._get(name, expected, str)
+        if not isinstance(value, str):
+            return default
+        try:
+            return parse(value)
+        except ValueError as e:
+            self.problem(name, str(e))
+            return default
+
+    def nonempty(self, name: str, default: str | None = None) -> str:
+        """A string that must not be "" (names, domains)."""
+        value = self.string(name, default)
+        if self._data.get(name) == "":
+            self.problem(name, "must not be empty")
+        return value
+
+    def integer(self, name: str, default: int | None = None) -> int:
+        """An integer; default None makes the key required."""
+        value = self._get(name, "an integer", int)
+        if isinstance(value, int):
+            return value
+        if default is None:
+            self._require(name)
+            return 0
+        return default
+
+    def boolean(self, name: str, default: bool) -> bool:
+        value = self._data.get(name, default)
+        if isinstance(value, bool):
+            return value
+        self.problem(name, f"expected true or false, got {describe(value)}")
+        return default
+
+    def strings(self, name: str) -> list[tuple[str, str]]:
+        """An array of strings as (key path, value) pairs; a wrong element is noted and skipped."""
+        items = self._get(name, "an array of strings", list)
+        pairs: list[tuple[str, str]] = []
+        for i, item in enumerate(items if isinstance(items, list) else []):
+            if isinstance(item, str):
+                pairs.append((self.path(f"{name}[{i}]"), item))
+            else:
+                self.problem(f"{name}[{i}]", f"expected a string, got {describe(item)}")
+        return pairs
+
+    def table(self, name: str, known: tuple[str, ...]) -> Table:
+        """A sub-table; absent (or wrong) means empty, so every key takes its default."""
+        value = self._get(name, "a table", dict)
+        return Table(
+            value if isinstance(value, dict) else {}, self.path(name), self.problems, known
+        )
+
+    def tables(self, name: str, known: tuple[str, ...]) -> list[Table]:
+        """An array of tables ([[name]] or [{...}, ...]) as key[0], key[1], ..."""
+        items = self._get(name, "an array of tables", list)
+        tables: list[Table] = []
+        for i, item in enumerate(items if isinstance(items, list) else []):
+            key = f"{name}[{i}]"
+            if isinstance(item, dict):
+                tables.append(Table(item, self.path(key), self.problems, known))
+            else:
+                self.problem(key, f"expected a table, got {describe(item)}")
+        return tables
