@@ -1,10 +1,10 @@
 """The exceptions kmeshd raises on purpose; only kmeshd.cli maps them to exit codes.
 
-    KmeshdError
-     ├── ConfigError        exit 78 (EX_CONFIG): bad config or inventory, or a path it
-     │                      sets that is missing or unusable; carries every problem found
-     └── UnavailableError   exit 69 (EX_UNAVAILABLE): the host cannot do what is needed
-                            (no bcc, no kernel headers, no cgroup v2, address in use)
+KmeshdError
+ ├── ConfigError        exit 78 (EX_CONFIG): bad config or inventory, or a path it
+ │                      sets that is missing or unusable; carries every problem found
+ └── UnavailableError   exit 69 (EX_UNAVAILABLE): the host cannot do what is needed
+                        (no bcc, no kernel headers, no cgroup v2, address in use)
 """
 
 from __future__ import annotations

@@ -126,8 +126,20 @@ class FlowCounters:
             self.sent_bytes - other.sent_bytes,
         )
 
+    def __add__(self, other: FlowCounters) -> FlowCounters:
+        return FlowCounters(
+            self.opened + other.opened,
+            self.closed + other.closed,
+            self.failed + other.failed,
+            self.received_bytes + other.received_bytes,
+            self.sent_bytes + other.sent_bytes,
+        )
+
     def is_zero(self) -> bool:
         return self == ZERO
+
+    def any_negative(self) -> bool:
+        return min(self.opened, self.closed, self.failed, self.received_bytes, self.sent_bytes) < 0
 
 
 ZERO = FlowCounters()

@@ -68,7 +68,7 @@ def check_host(release: str | None = None, modules: Path = Path("/lib/modules"))
 
 def import_bcc() -> Any:
     try:
-        import bcc  # type: ignore[import-not-found]
+        import bcc
     except ImportError as exc:
         raise UnavailableError(
             f"the bcc Python bindings cannot be imported ({exc}): "
@@ -160,7 +160,7 @@ class Probe:
     def set_known(self, addresses: Iterable[IPAddress]) -> int:
         """Make the kernel's known-address set equal `addresses`; returns entries refused."""
         want = {encode_address(a) for a in addresses}
-        have = {bytes(k) for k in self._known.keys()}
+        have = {bytes(k) for k in self._known}
         key_type, leaf_type = self._known.Key, self._known.Leaf
         for raw in have - want:
             del self._known[key_type.from_buffer_copy(raw)]

@@ -59,9 +59,7 @@ class Identities:
     services: tuple[Service, ...] = ()
     _by_ip: dict[IPAddress, Workload] = field(init=False, repr=False, compare=False)
     _by_vip: dict[tuple[IPAddress, int], Service] = field(init=False, repr=False, compare=False)
-    _by_target: dict[tuple[str, str, int], Service] = field(
-        init=False, repr=False, compare=False
-    )
+    _by_target: dict[tuple[str, str, int], Service] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         by_ip = {plain_ip(a): w for w in self.workloads for a in w.addresses}

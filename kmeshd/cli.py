@@ -1,0 +1,93 @@
+"""Command line: `kmeshd run | check-config | --version`.
+
+The ONLY place that maps errors to exit codes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import faulthandler
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from kmeshd import __version__
+from kmeshd.config import DEFAULT_CONFIG_PATH, Config, load_config
+from kmeshd.errors import ConfigError, KmeshdError, UnavailableError
+
+EX_OK = 0
+EX_UNAVAILABLE = 69
+EX_CONFIG = 78
+
+log = logging.getLogger("kmeshd")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="kmeshd", description="Node-level TCP telemetry: Kmesh L4 metrics and access logs."
+    )
+    p.add_argument("--version", action="version", version=f"kmeshd {__version__}")
+    verbs = p.add_subparsers(dest="verb", required=True, metavar="VERB")
+    for name, help_text in (
+        ("run", "run the daemon in the foreground (what systemd starts)"),
+        ("check-config", "validate the config and inventory; exit 0 or 78"),
+    ):
+        verb = verbs.add_parser(name, help=help_text)
+        verb.add_argument(
+            "--config",
+            type=Path,
+            default=None,
+            help=f"config file (default {DEFAULT_CONFIG_PATH})",
+        )
+    return p
+
+
+def read_config(path: Path | None) -> Config:
+    return load_config(path or DEFAULT_CONFIG_PATH, explicit=path is not None)
+
+
+def check_config(path: Path | None) -> int:
+    from kmeshd.daemon import load_identities
+
+    config = read_config(path)
+    load_identities(config)
+    print(f"{config.path}: ok")
+    return EX_OK
+
+
+def run(path: Path | None) -> int:
+    from kmeshd.daemon import Daemon
+
+    daemon = Daemon(read_config(path))
+    daemon.install_signals()
+    try:
+        daemon.startup()
+        daemon.run()
+    finally:
+        daemon.shutdown()
+    return EX_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr)
+    faulthandler.enable()  # a watchdog abort leaves a traceback in the journal
+    try:
+        if args.verb == "check-config":
+            return check_config(args.config)
+        return run(args.config)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return EX_CONFIG
+    except UnavailableError as exc:
+        print(f"kmeshd: {exc}", file=sys.stderr)
+        return EX_UNAVAILABLE
+    except KmeshdError as exc:  # pragma: no cover - every error has a subclass above
+        print(f"kmeshd: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

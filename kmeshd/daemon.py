@@ -1,0 +1,296 @@
+"""The only place that wires the stages together: startup() / run() / shutdown().
+
+    probe ──flows──> events.decode_flow ──> aggregate.fold ──> export (HTTP, textfile)
+          └─records─> events.decode_record ──> labels.access_record ──> access-log sinks
+
+Signals only set flags; the main loop acts on them between polls.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import signal
+import sys
+import time
+from pathlib import Path
+from types import FrameType
+
+from prometheus_client import (
+    CollectorRegistry,
+    gc_collector,
+    generate_latest,
+    platform_collector,
+    process_collector,
+)
+
+from kmeshd import __version__, cgroup
+from kmeshd.accesslog_sinks import Fanout, FileSink, JournaldSink, NullSink, Sink
+from kmeshd.aggregate import Aggregate
+from kmeshd.config import Config, load_config, parse_listen
+from kmeshd.errors import ConfigError, UnavailableError
+from kmeshd.events import Stat, decode_flow, decode_record
+from kmeshd.export.http import MetricsServer
+from kmeshd.export.metrics import Health, KmeshCollector, SinkHealth, Snapshot
+from kmeshd.export.textfile import check_directory, write_atomic
+from kmeshd.identity.inventory import load_inventory
+from kmeshd.identity.model import Identities
+from kmeshd.labels import access_record
+from kmeshd.probe import Probe
+from kmeshd.systemd import Notifier
+
+log = logging.getLogger("kmeshd")
+
+POLL_MS = 250  # upper bound on how late a signal or a publish is handled
+LOG_EVERY_S = 60.0  # rate limit for repeated run-time failures
+
+
+def load_identities(config: Config) -> Identities:
+    identities, warnings = load_inventory(
+        config.identity.inventory, config.identity.inventory_explicit
+    )
+    for warning in warnings:
+        log.warning("%s", warning)
+    return identities
+
+
+def prepare_directory(config: Config, key: str, path: Path, explicit: bool) -> None:
+    """Create a default directory that is missing; an explicit one must exist and be writable."""
+    if not path.parent.exists() and not explicit:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    problem = check_directory(path)
+    if problem:
+        raise ConfigError([f"{config.path}: {key}: {problem} (create it or change {key})"])
+
+
+def open_sinks(config: Config) -> Fanout:
+    file_sink: Sink = NullSink("file")
+    if config.accesslog.file:
+        if config.accesslog.file != "-":
+            path = Path(config.accesslog.file)
+            prepare_directory(config, "accesslog.file", path, config.accesslog.file_explicit)
+        file_sink = FileSink(config.accesslog.file)
+    journal: Sink = JournaldSink() if config.accesslog.journald else NullSink("journald")
+    return Fanout([file_sink, journal])
+
+
+def bind_http(config: Config, registry: CollectorRegistry) -> MetricsServer | None:
+    if not config.metrics.listen:
+        return None
+    host, port = parse_listen(config.metrics.listen)
+    try:
+        return MetricsServer(host, port, registry)
+    except OSError as exc:
+        where = f"metrics.listen {config.metrics.listen}"
+        if exc.errno == errno.EADDRINUSE:
+            raise UnavailableError(
+                f"{where}: address already in use: stop the other listener or change "
+                f"metrics.listen in {config.path}"
+            ) from exc
+        raise ConfigError(
+            [f"{config.path}: metrics.listen: cannot listen: {exc.strerror}"]
+        ) from exc
+
+
+class Daemon:
+    def __init__(self, config: Config, notifier: Notifier | None = None) -> None:
+        self.config = config
+        self.notify = notifier or Notifier()
+        self.collector = KmeshCollector()
+        self.aggregate = Aggregate()
+        self.identities = Identities()
+        self.sinks = Fanout([])
+        self.http: MetricsServer | None = None
+        self.probe: Probe | None = None
+        self.known_refused = 0
+        self.textfile_up = True
+        self._stop = False
+        self._reload = False
+        self._wall_offset = 0
+        self._last_complaint: dict[str, float] = {}
+        self._dropped_before: dict[str, int] = {}
+        self._last_publish = 0.0
+        self._publish_seconds = 0.0
+
+    # -- startup -------------------------------------------------------------------------
+
+    def startup(self) -> None:
+        cfg = self.config
+        self.notify.status("loading identities")
+        self.identities = load_identities(cfg)
+        self.sinks = open_sinks(cfg)
+        if cfg.metrics.textfile:
+            path = Path(cfg.metrics.textfile)
+            prepare_directory(cfg, "metrics.textfile", path, cfg.metrics.textfile_explicit)
+        cgroup_dir = cgroup.resolve(cfg.bpf.cgroup, f"{cfg.path}: bpf.cgroup")
+        self.http = bind_http(cfg, self._http_registry())
+        self.notify.status("compiling and attaching the BPF probe")
+        self.notify.extend_timeout(30)
+        self.probe = Probe.start(Path(cfg.bpf.pin_dir), cgroup_dir)
+        self.probe.on_record(self._on_record)
+        self.known_refused = self.probe.set_known(self.identities.known_addresses())
+        self.publish()
+        self.notify.ready(f"probe attached to {cgroup_dir}; {self._listening()}")
+        log.info("kmeshd %s running: probe on %s, %s", __version__, cgroup_dir, self._listening())
+
+    def _listening(self) -> str:
+        return f"/metrics on {self.config.metrics.listen}" if self.http else "no /metrics listener"
+
+    def _http_registry(self) -> CollectorRegistry:
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(self.collector)
+        process_collector.ProcessCollector(registry=registry)
+        platform_collector.PlatformCollector(registry=registry)
+        gc_collector.GCCollector(registry=registry)
+        return registry
+
+    # -- run -----------------------------------------------------------------------------
+
+    def install_signals(self) -> None:
+        signal.signal(signal.SIGTERM, self._on_stop_signal)
+        signal.signal(signal.SIGINT, self._on_stop_signal)
+        signal.signal(signal.SIGHUP, self._on_hup)
+
+    def _on_stop_signal(self, _sig: int, _frame: FrameType | None) -> None:
+        self._stop = True
+
+    def _on_hup(self, _sig: int, _frame: FrameType | None) -> None:
+        self._reload = True
+
+    def run(self) -> None:
+        assert self.probe is not None, "startup() first"
+        next_publish = time.monotonic() + self.config.metrics.interval
+        while not self._stop:
+            wait = max(0.0, min(next_publish - time.monotonic(), POLL_MS / 1000))
+            self._wall_offset = time.time_ns() - time.monotonic_ns()
+            self.probe.poll(int(wait * 1000))
+            if self._reload:
+                self.reload()
+            if time.monotonic() >= next_publish:
+                self.publish()
+                next_publish = max(next_publish + self.config.metrics.interval, time.monotonic())
+            self.notify.watchdog()
+
+    def _on_record(self, raw: bytes) -> None:
+        self.sinks.write(access_record(decode_record(raw), self.identities, self._wall_offset))
+
+    # -- publish -------------------------------------------------------------------------
+
+    def publish(self) -> None:
+        assert self.probe is not None
+        started = time.monotonic()
+        flows = [decode_flow(k, v) for k, v in self.probe.flows()]
+        self.aggregate.fold(flows, self.identities, self.config.metrics.connection_security_policy)
+        stats = self.probe.stats()
+        self._last_publish = time.time()
+        self.collector.update(
+            Snapshot(
+                dict(self.aggregate.workload), dict(self.aggregate.service), self._health(stats)
+            )
+        )
+        self._write_textfile()
+        self._publish_seconds = time.monotonic() - started
+
+    def _health(self, stats: dict[Stat, int]) -> Health:
+        sinks = [
+            SinkHealth(s.name, s.up, s.dropped + self._dropped_before.get(s.name, 0))
+            for s in self.sinks.sinks
+        ]
+        if self.config.metrics.textfile:
+            sinks.append(SinkHealth("textfile", self.textfile_up, 0))
+        return Health(
+            version=__version__,
+            events={
+                "opened": stats[Stat.OPENED],
+                "closed": stats[Stat.CLOSED],
+                "failed": stats[Stat.FAILED],
+            },
+            events_lost=stats[Stat.RINGBUF_LOST],
+            map_full={
+                "flows": stats[Stat.FLOWS_FULL],
+                "sockets": stats[Stat.SOCKS_FULL],
+                "resets": stats[Stat.RESETS_FULL],
+                "known_addrs": self.known_refused,
+            },
+            unattributed=stats[Stat.UNATTRIBUTED] + self.aggregate.unattributed,
+            sinks=tuple(sinks),
+            sources={self.config.identity.source: True},
+            last_publish=self._last_publish,
+            publish_seconds=self._publish_seconds,
+        )
+
+    def textfile_bytes(self) -> bytes:
+        """Only kmesh_* and kmeshd_*: node-exporter exports process_*/python_* itself."""
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(self.collector)
+        return generate_latest(registry)
+
+    def _write_textfile(self) -> None:
+        if not self.config.metrics.textfile:
+            return
+        try:
+            write_atomic(Path(self.config.metrics.textfile), self.textfile_bytes())
+            self.textfile_up = True
+        except OSError as exc:
+            self.textfile_up = False
+            self._complain("textfile", "cannot write %s: %s", self.config.metrics.textfile, exc)
+
+    def _complain(self, what: str, fmt: str, *args: object) -> None:
+        """Log a repeating run-time failure at most once a minute."""
+        now = time.monotonic()
+        if now - self._last_complaint.get(what, -LOG_EVERY_S) >= LOG_EVERY_S:
+            self._last_complaint[what] = now
+            log.error(fmt, *args)
+
+    # -- reload --------------------------------------------------------------------------
+
+    def reload(self) -> None:
+        """SIGHUP: re-read config and inventory; a bad new config keeps the old one."""
+        self._reload = False
+        self.notify.reloading()
+        try:
+            new = load_config(self.config.path, explicit=True)
+            identities = load_identities(new)
+            sinks = open_sinks(new) if new.accesslog != self.config.accesslog else None
+        except ConfigError as exc:
+            for problem in exc.problems:
+                log.error("reload rejected, keeping the running config: %s", problem)
+            self.notify.ready("reload rejected; running the previous config")
+            return
+        self._apply(new, identities, sinks)
+        self.notify.ready("reloaded")
+
+    def _apply(self, new: Config, identities: Identities, sinks: Fanout | None) -> None:
+        for key in ("metrics.listen", "bpf.cgroup", "bpf.pin_dir"):
+            section, name = key.split(".")
+            if getattr(getattr(new, section), name) != getattr(getattr(self.config, section), name):
+                log.warning("%s changed: takes effect after a restart", key)
+        if sinks is not None:
+            for sink in self.sinks.sinks:  # dropped counters carry over: counters never go down
+                self._dropped_before[sink.name] = (
+                    self._dropped_before.get(sink.name, 0) + sink.dropped
+                )
+            old, self.sinks = self.sinks, sinks
+            old.close()
+        else:
+            self.sinks.reopen()
+        self.identities = identities
+        assert self.probe is not None
+        self.known_refused = self.probe.set_known(identities.known_addresses())
+        self.config = new
+        log.info("reloaded %s", new.path)
+
+    # -- shutdown ------------------------------------------------------------------------
+
+    def shutdown(self) -> None:
+        """Final publish, detach, close. Safe after a partial startup."""
+        self.notify.stopping()
+        if self.probe is not None:
+            self.probe.drain()
+            self.publish()
+            self.probe.close(detach=True)
+            self.probe = None
+        if self.http is not None:
+            self.http.close()
+        self.sinks.close()
+        sys.stdout.flush()

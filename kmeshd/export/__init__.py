@@ -1,0 +1,1 @@
+"""Publishing: the Prometheus collector, the /metrics listener and the textfile writer."""

@@ -1,0 +1,149 @@
+"""One prometheus_client Collector over the last published snapshot.
+
+A scrape reads whatever snapshot was swapped in last (one reference assignment), so it
+never waits on the event path or on a publish in progress.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from kmeshd.events import FlowCounters
+from kmeshd.labels import SERVICE_LABELS, WORKLOAD_LABELS, LabelValues
+
+# (field of FlowCounters, family suffix, what it counts) — the seed's ten families.
+FAMILIES = (
+    ("opened", "connections_opened", "The total number of TCP connections opened to a {}"),
+    ("closed", "connections_closed", "The total number of TCP connections closed to a {}"),
+    (
+        "received_bytes",
+        "received_bytes",
+        "The size of the total number of bytes received in response to a {} over a TCP connection",
+    ),
+    (
+        "sent_bytes",
+        "sent_bytes",
+        "The size of the total number of bytes sent in response to a {} over a TCP connection",
+    ),
+    ("failed", "connections_failed", "The total number of TCP connections failed to a {}"),
+)
+
+
+@dataclass(frozen=True)
+class SinkHealth:
+    name: str
+    up: bool
+    dropped: int
+
+
+@dataclass(frozen=True)
+class Health:
+    """The daemon's own state, exported under kmeshd_."""
+
+    version: str = "unknown"
+    events: Mapping[str, int] = field(default_factory=dict)  # kind -> seen by the probe
+    events_lost: int = 0
+    map_full: Mapping[str, int] = field(default_factory=dict)  # map -> refused entries
+    unattributed: int = 0
+    sinks: tuple[SinkHealth, ...] = ()
+    sources: Mapping[str, bool] = field(default_factory=dict)
+    last_publish: float = 0.0
+    publish_seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    workload: Mapping[LabelValues, FlowCounters] = field(default_factory=dict)
+    service: Mapping[LabelValues, FlowCounters] = field(default_factory=dict)
+    health: Health = field(default_factory=Health)
+
+
+class KmeshCollector(Collector):
+    def __init__(self) -> None:
+        self._snapshot = Snapshot()
+
+    def update(self, snapshot: Snapshot) -> None:
+        self._snapshot = snapshot
+
+    def collect(self) -> Iterator[Metric]:
+        snap = self._snapshot
+        yield from _traffic("kmesh_tcp_workload_", "workload", WORKLOAD_LABELS, snap.workload)
+        yield from _traffic("kmesh_tcp_", "service", SERVICE_LABELS, snap.service)
+        yield from _health(snap.health)
+
+
+def _traffic(
+    prefix: str, what: str, labels: tuple[str, ...], totals: Mapping[LabelValues, FlowCounters]
+) -> Iterator[Metric]:
+    for attr, suffix, doc in FAMILIES:
+        family = CounterMetricFamily(prefix + suffix, doc.format(what), labels=labels)
+        for values, counts in totals.items():
+            family.add_metric(values, getattr(counts, attr))
+        yield family
+
+
+def _counter(name: str, doc: str, label: str, values: Mapping[str, int | float]) -> Metric:
+    family = CounterMetricFamily(name, doc, labels=[label])
+    for key, value in sorted(values.items()):
+        family.add_metric([key], value)
+    return family
+
+
+def _gauge(name: str, doc: str, label: str, values: Mapping[str, int | float]) -> Metric:
+    family = GaugeMetricFamily(name, doc, labels=[label])
+    for key, value in sorted(values.items()):
+        family.add_metric([key], value)
+    return family
+
+
+def _health(h: Health) -> Iterator[Metric]:
+    yield _gauge("kmeshd_build_info", "kmeshd version; always 1", "version", {h.version: 1})
+    yield _counter("kmeshd_events_total", "TCP events the probe saw, by kind", "kind", h.events)
+    yield CounterMetricFamily(
+        "kmeshd_events_lost_total",
+        "Access-log records the kernel could not queue (ring buffer full)",
+        value=h.events_lost,
+    )
+    yield _counter(
+        "kmeshd_bpf_map_full_total",
+        "Entries a BPF map refused because it was full, by map",
+        "map",
+        h.map_full,
+    )
+    yield CounterMetricFamily(
+        "kmeshd_connections_unattributed_total",
+        "Connections with neither end a known workload or service; not in kmesh_* families",
+        value=h.unattributed,
+    )
+    yield _counter(
+        "kmeshd_accesslog_records_dropped_total",
+        "Access-log records a sink could not take, by sink",
+        "sink",
+        {s.name: s.dropped for s in h.sinks},
+    )
+    yield _gauge(
+        "kmeshd_sink_up",
+        "1 while the sink works, 0 while it fails",
+        "sink",
+        {s.name: int(s.up) for s in h.sinks},
+    )
+    yield _gauge(
+        "kmeshd_identity_source_up",
+        "1 while the identity source's last sync succeeded, else 0",
+        "source",
+        {k: int(v) for k, v in h.sources.items()},
+    )
+    yield GaugeMetricFamily(
+        "kmeshd_last_publish_timestamp_seconds",
+        "When metrics were last published (Unix time)",
+        value=h.last_publish,
+    )
+    yield GaugeMetricFamily(
+        "kmeshd_publish_duration_seconds",
+        "How long the last publish took",
+        value=h.publish_seconds,
+    )

@@ -1,0 +1,154 @@
+"""Pure: a flow or a connection record plus identities -> metric label sets / access records.
+
+Label names and order are the contract of INTERFACE.md; unknown values are "-".
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+
+from kmeshd.accesslog import AccessRecord
+from kmeshd.events import ConnectionRecord, Direction, FlowKey, Kind
+from kmeshd.identity.model import Identities, IPAddress, Service, Workload
+
+UNKNOWN = "-"
+
+SOURCE_LABELS = (
+    "reporter",
+    "source_workload",
+    "source_canonical_service",
+    "source_canonical_revision",
+    "source_workload_namespace",
+    "source_principal",
+    "source_app",
+    "source_version",
+    "source_cluster",
+)
+DESTINATION_LABELS = (
+    "destination_workload",
+    "destination_canonical_service",
+    "destination_canonical_revision",
+    "destination_workload_namespace",
+    "destination_principal",
+    "destination_app",
+    "destination_version",
+    "destination_cluster",
+    "request_protocol",
+    "response_flags",
+    "connection_security_policy",
+)
+WORKLOAD_LABELS = (
+    *SOURCE_LABELS,
+    "destination_pod_address",
+    "destination_pod_namespace",
+    "destination_pod_name",
+    *DESTINATION_LABELS,
+)
+SERVICE_LABELS = (
+    *SOURCE_LABELS,
+    "destination_service",
+    "destination_service_namespace",
+    "destination_service_name",
+    *DESTINATION_LABELS,
+)
+
+LabelValues = tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Ends:
+    """What is known about both ends of one flow."""
+
+    source: Workload | None
+    destination: Workload | None
+    service: Service | None
+
+    def known(self) -> bool:
+        return self.source is not None or self.destination is not None or self.service is not None
+
+
+def resolve(ids: Identities, client: IPAddress, server: IPAddress, port: int) -> Ends:
+    """A peer that is a service VIP names the service; a pod IP + target port finds it."""
+    destination = ids.workload_at(server)
+    if destination is not None:
+        service = ids.service_of(destination, port)
+    else:
+        service = ids.service_at(server, port)
+    return Ends(ids.workload_at(client), destination, service)
+
+
+def _identity(w: Workload | None) -> LabelValues:
+    """workload, canonical service/revision, namespace, principal, app, version, cluster."""
+    if w is None:
+        return (UNKNOWN,) * 8
+    return (
+        w.workload,
+        w.canonical_service,
+        w.canonical_revision,
+        w.namespace,
+        w.principal,
+        w.canonical_service,
+        w.canonical_revision,
+        w.cluster,
+    )
+
+
+def _reporter(direction: Direction) -> str:
+    return "destination" if direction is Direction.INBOUND else "source"
+
+
+def _pod(w: Workload | None, server: IPAddress) -> LabelValues:
+    if w is None:
+        return (UNKNOWN,) * 3
+    return (str(server), w.namespace, w.name)
+
+
+def _service(s: Service | None) -> LabelValues:
+    if s is None:
+        return (UNKNOWN,) * 3
+    return (s.hostname, s.namespace, s.name)
+
+
+def flow_labels(
+    key: FlowKey, ends: Ends, security_policy: str = "unknown"
+) -> tuple[LabelValues, LabelValues]:
+    """(workload-level, service-level) label values for one flow, in contract order."""
+    head = (_reporter(key.direction), *_identity(ends.source))
+    tail = (*_identity(ends.destination), "tcp", UNKNOWN, security_policy)
+    return (
+        (*head, *_pod(ends.destination, key.server), *tail),
+        (*head, *_service(ends.service), *tail),
+    )
+
+
+def format_address(ip: IPAddress, port: int) -> str:
+    if isinstance(ip, ipaddress.IPv6Address):
+        return f"[{ip}]:{port}"
+    return f"{ip}:{port}"
+
+
+def access_record(rec: ConnectionRecord, ids: Identities, wall_offset_ns: int) -> AccessRecord:
+    """A kernel record -> the access-log record; `wall_offset_ns` = realtime - monotonic."""
+    outbound = rec.direction is Direction.OUTBOUND
+    src, src_port = (rec.local, rec.local_port) if outbound else (rec.remote, rec.remote_port)
+    dst, dst_port = (rec.remote, rec.remote_port) if outbound else (rec.local, rec.local_port)
+    ends = resolve(ids, src, dst, dst_port)
+    return AccessRecord(
+        time_ns=rec.time_ns + wall_offset_ns,
+        src_addr=format_address(src, src_port),
+        src_workload=ends.source.name if ends.source else UNKNOWN,
+        src_namespace=ends.source.namespace if ends.source else UNKNOWN,
+        dst_addr=format_address(dst, dst_port),
+        dst_service=ends.service.hostname if ends.service else UNKNOWN,
+        dst_workload=ends.destination.name if ends.destination else UNKNOWN,
+        dst_namespace=ends.destination.namespace if ends.destination else UNKNOWN,
+        direction=rec.direction.name,
+        sent_bytes=rec.sent_bytes,
+        received_bytes=rec.received_bytes,
+        duration_ns=rec.duration_ns,
+        failure_reason=rec.reason.name.lower() if rec.kind is Kind.FAILED else None,
+        srtt_us=rec.srtt_us,
+        min_rtt_us=rec.min_rtt_us,
+        retransmits=rec.retransmits,
+    )

@@ -1,0 +1,194 @@
+"""The collector, the textfile writer and the /metrics listener."""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import stat
+import urllib.request
+from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from kmeshd.events import FlowCounters
+from kmeshd.export.http import MetricsServer
+from kmeshd.export.metrics import Health, KmeshCollector, SinkHealth, Snapshot
+from kmeshd.export.textfile import check_directory, write_atomic
+from kmeshd.labels import SERVICE_LABELS, WORKLOAD_LABELS
+
+WL = (
+    "destination",
+    "sleep",
+    "sleep",
+    "latest",
+    "default",
+    "-",
+    "sleep",
+    "latest",
+    "Kubernetes",
+    "10.244.0.11",
+    "default",
+    "httpbin-5c5944c58c-v9mlk",
+    "httpbin",
+    "httpbin",
+    "v1",
+    "default",
+    "-",
+    "httpbin",
+    "v1",
+    "Kubernetes",
+    "tcp",
+    "-",
+    "unknown",
+)
+SVC = (*WL[:9], "httpbin.default.svc.cluster.local", "default", "httpbin", *WL[12:])
+
+
+def render(snapshot: Snapshot) -> str:
+    collector = KmeshCollector()
+    collector.update(snapshot)
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(collector)
+    return generate_latest(registry).decode()
+
+
+def snapshot() -> Snapshot:
+    health = Health(
+        version="0.1.0",
+        events={"opened": 2, "closed": 2, "failed": 1},
+        events_lost=3,
+        map_full={"flows": 0, "sockets": 0},
+        unattributed=4,
+        sinks=(SinkHealth("file", True, 0), SinkHealth("journald", False, 7)),
+        sources={"inventory": True},
+        last_publish=1700000000.5,
+        publish_seconds=0.01,
+    )
+    counts = FlowCounters(1, 1, 0, 292, 5)
+    return Snapshot({WL: counts}, {SVC: counts}, health)
+
+
+def samples(text: str) -> dict[str, list[tuple[dict[str, str], float]]]:
+    """name -> [(labels, value)], plus "TYPE:<family>" -> the family's type."""
+    out: dict[str, list[tuple[dict[str, str], float]]] = {}
+    for family in text_string_to_metric_families(text):
+        out[f"TYPE:{family.name}"] = [({"type": family.type}, 0.0)]
+        for s in family.samples:
+            out.setdefault(s.name, []).append((s.labels, s.value))
+    return out
+
+
+@pytest.mark.parametrize(
+    ("name", "labels", "values", "expected"),
+    [
+        ("kmesh_tcp_workload_received_bytes_total", WORKLOAD_LABELS, WL, 292.0),
+        ("kmesh_tcp_workload_sent_bytes_total", WORKLOAD_LABELS, WL, 5.0),
+        ("kmesh_tcp_workload_connections_opened_total", WORKLOAD_LABELS, WL, 1.0),
+        ("kmesh_tcp_workload_connections_closed_total", WORKLOAD_LABELS, WL, 1.0),
+        ("kmesh_tcp_workload_connections_failed_total", WORKLOAD_LABELS, WL, 0.0),
+        ("kmesh_tcp_received_bytes_total", SERVICE_LABELS, SVC, 292.0),
+        ("kmesh_tcp_sent_bytes_total", SERVICE_LABELS, SVC, 5.0),
+        ("kmesh_tcp_connections_opened_total", SERVICE_LABELS, SVC, 1.0),
+        ("kmesh_tcp_connections_closed_total", SERVICE_LABELS, SVC, 1.0),
+        ("kmesh_tcp_connections_failed_total", SERVICE_LABELS, SVC, 0.0),
+    ],
+)
+def test_ten_families_with_contract_labels(
+    name: str, labels: tuple[str, ...], values: tuple[str, ...], expected: float
+) -> None:
+    """Each of the ten families is a counter with exactly the contract's labels and value."""
+    found = samples(render(snapshot()))
+    assert found[f"TYPE:{name.removesuffix('_total')}"] == [({"type": "counter"}, 0.0)]
+    assert found[name] == [(dict(zip(labels, values, strict=True)), expected)]
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        'kmeshd_build_info{version="0.1.0"} 1.0',
+        'kmeshd_events_total{kind="failed"} 1.0',
+        "kmeshd_events_lost_total 3.0",
+        "kmeshd_connections_unattributed_total 4.0",
+        'kmeshd_accesslog_records_dropped_total{sink="journald"} 7.0',
+        'kmeshd_sink_up{sink="journald"} 0.0',
+        'kmeshd_identity_source_up{source="inventory"} 1.0',
+        'kmeshd_bpf_map_full_total{map="flows"} 0.0',
+        "kmeshd_last_publish_timestamp_seconds 1.7000000005e+09",
+    ],
+)
+def test_self_metrics(line: str) -> None:
+    """The daemon's own health is exported under kmeshd_."""
+    assert line + "\n" in render(snapshot())
+
+
+def test_no_process_or_python_families_in_collector_output() -> None:
+    """The collector (what the textfile carries) never emits process_* or python_* families."""
+    names = [
+        line.split()[2] for line in render(snapshot()).splitlines() if line.startswith("# TYPE")
+    ]
+    assert names and all(n.startswith(("kmesh_", "kmeshd_")) for n in names)
+
+
+def test_write_atomic_replaces_with_mode_0644(tmp_path: Path) -> None:
+    """The textfile is replaced whole, world-readable, and no temp file is left behind."""
+    path = tmp_path / "kmeshd.prom"
+    path.write_text("old\n")
+    old_umask = os.umask(0o077)
+    try:
+        write_atomic(path, b"new\n")
+    finally:
+        os.umask(old_umask)
+    assert path.read_bytes() == b"new\n"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+    assert os.listdir(tmp_path) == ["kmeshd.prom"]
+
+
+def test_write_atomic_failure_keeps_old_file(tmp_path: Path) -> None:
+    """A failed write raises and leaves the previous textfile untouched."""
+    path = tmp_path / "kmeshd.prom"
+    path.write_text("old\n")
+    (tmp_path / f".kmeshd.prom.{os.getpid()}.tmp").mkdir()  # the temp name cannot be opened
+    with pytest.raises(OSError):
+        write_atomic(path, b"new\n")
+    assert path.read_text() == "old\n"
+
+
+def test_check_directory_reports_missing(tmp_path: Path) -> None:
+    """A missing textfile directory is named."""
+    assert (
+        check_directory(tmp_path / "nope" / "k.prom")
+        == f"directory {tmp_path / 'nope'} does not exist"
+    )
+    assert check_directory(tmp_path / "k.prom") is None
+
+
+def test_metrics_server_serves_and_reports_port_in_use() -> None:
+    """/metrics answers over real HTTP; a second bind of the same port fails with EADDRINUSE."""
+    collector = KmeshCollector()
+    collector.update(snapshot())
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(collector)
+    server = MetricsServer("127.0.0.1", 0, registry)
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/metrics", timeout=5) as r:
+            assert b"kmesh_tcp_workload_received_bytes_total{" in r.read()
+        with pytest.raises(OSError) as exc:
+            MetricsServer("127.0.0.1", server.port, registry)
+        assert exc.value.errno == errno.EADDRINUSE
+    finally:
+        server.close()
+
+
+def test_metrics_server_binds_ipv6_loopback() -> None:
+    """An IPv6 listen address works (prometheus-client 0.16's own server cannot)."""
+    if not socket.has_ipv6:
+        pytest.fail("no IPv6 in this kernel")
+    server = MetricsServer("::1", 0, CollectorRegistry())
+    try:
+        with urllib.request.urlopen(f"http://[::1]:{server.port}/metrics", timeout=5) as r:
+            assert r.status == 200
+    finally:
+        server.close()

@@ -1,0 +1,299 @@
+"""End to end with real eBPF: network namespaces as pods, the real daemon, exact numbers."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from kmeshd import cgroup
+from kmeshd.probe import remove_pins
+from tests.daemon_proc import Daemon, Samples, parse_metrics, value
+from tests.netns import Pod, is_root, pod_network, sh
+
+pytestmark = [
+    pytest.mark.kernel,
+    pytest.mark.skipif(not is_root(), reason="real eBPF needs root"),
+]
+
+CLIENT = "sleep-7c8f6b9d4-x2x7q"
+SERVER = "httpbin-5c5944c58c-v9mlk"
+SERVICE = "httpbin.default.svc.cluster.local"
+INVENTORY = """
+cluster = "Kubernetes"
+[[workload]]
+name = "sleep-7c8f6b9d4-x2x7q"
+workload = "sleep"
+namespace = "default"
+addresses = ["10.244.77.2", "fd00:77::2"]
+service_account = "sleep"
+[[workload]]
+name = "httpbin-5c5944c58c-v9mlk"
+workload = "httpbin"
+namespace = "default"
+canonical_revision = "v1"
+addresses = ["10.244.77.3", "fd00:77::3"]
+service_account = "httpbin"
+[[service]]
+name = "httpbin"
+namespace = "default"
+ports = [{ port = 8000, target_port = 80 }]
+workloads = ["httpbin"]
+"""
+
+W = "kmesh_tcp_workload_"
+
+
+@pytest.fixture
+def pods() -> Iterator[dict[str, Pod]]:
+    with pod_network(["client", "server"]) as network:
+        yield network
+
+
+@pytest.fixture
+def pin_dir() -> Iterator[Path]:
+    path = Path(f"/sys/fs/bpf/kmeshd-test-{uuid.uuid4().hex[:8]}")
+    yield path
+    remove_pins(path)  # also detaches a link a killed daemon left pinned
+
+
+@pytest.fixture
+def daemon(tmp_path: Path, pin_dir: Path) -> Iterator[Daemon]:
+    d = Daemon(tmp_path, INVENTORY, pin_dir)
+    d.start()
+    yield d
+    d.close()
+
+
+def serve(server: Pod, count: int, bind: str = "0.0.0.0", port: int = 80) -> subprocess.Popen[str]:
+    proc = subprocess.Popen(
+        server.traffic("serve", "--bind", bind, "--port", str(port), "--count", str(count)),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "listening"
+    return proc
+
+
+def run_plan(client: Pod, host: str, plan: list[tuple[int, int, int]], port: int = 80) -> None:
+    spec = ",".join(f"{a}:{b}:{c}" for a, b, c in plan)
+    out = client.run(
+        *client.traffic("connect", "--host", host, "--port", str(port), "--plan", spec)
+    )
+    assert json.loads(out.stdout) == {"connections": len(plan)}
+
+
+def exchange(pods: dict[str, Pod], plan: list[tuple[int, int, int]], ipv6: bool = False) -> None:
+    server = pods["server"]
+    proc = serve(server, len(plan), bind="::" if ipv6 else "0.0.0.0")
+    run_plan(pods["client"], server.ip6 if ipv6 else server.ip4, plan)
+    assert proc.wait(timeout=30) == 0
+
+
+def closed(n: int, **labels: str) -> Callable[[Samples], bool]:
+    def check(s: Samples) -> bool:
+        return (
+            value(s, W + "connections_closed_total", reporter="source", **labels) >= n
+            and value(s, W + "connections_closed_total", reporter="destination", **labels) >= n
+        )
+
+    return check
+
+
+def test_292_byte_request_5_byte_reply_counts_exactly_for_both_reporters(
+    daemon: Daemon, pods: dict[str, Pod]
+) -> None:
+    """A 292-byte request answered by 5 bytes is received 292 / sent 5 for both reporters."""
+    exchange(pods, [(292, 5, 0)])
+    s = daemon.wait_for(closed(1), what="one closed connection")
+    for reporter in ("source", "destination"):
+        labels = {
+            "reporter": reporter,
+            "source_workload": "sleep",
+            "destination_workload": "httpbin",
+        }
+        assert value(s, W + "received_bytes_total", **labels) == 292
+        assert value(s, W + "sent_bytes_total", **labels) == 5
+        assert value(s, W + "connections_opened_total", **labels) == 1
+        assert value(s, W + "connections_closed_total", **labels) == 1
+        assert value(s, W + "connections_failed_total", **labels) == 0
+        assert (
+            value(s, "kmesh_tcp_received_bytes_total", destination_service=SERVICE, **labels) == 292
+        )
+        assert value(s, "kmesh_tcp_sent_bytes_total", destination_service=SERVICE, **labels) == 5
+    pod_labels = {"destination_pod_address": "10.244.77.3", "destination_pod_name": SERVER}
+    assert value(s, W + "received_bytes_total", **pod_labels) == 2 * 292
+    records = wait_records(daemon, 2)
+    by_direction = {r["direction"]: r for r in records}
+    assert set(by_direction) == {"INBOUND", "OUTBOUND"}
+    for r in records:
+        assert (r["sent_bytes"], r["received_bytes"]) == (5, 292)
+        assert r["src.workload"] == CLIENT and r["dst.workload"] == SERVER
+        assert r["dst.service"] == SERVICE and r["dst.addr"] == "10.244.77.3:80"
+        assert r["src.namespace"] == r["dst.namespace"] == "default"
+        assert "failure_reason" not in r
+
+
+def wait_records(daemon: Daemon, n: int, timeout: float = 10) -> list[dict[str, object]]:
+    deadline = time.monotonic() + timeout
+    while len(records := daemon.access_log()) < n and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert len(records) == n, records
+    return records
+
+
+def test_refused_connect_counts_one_failed(daemon: Daemon, pods: dict[str, Pod]) -> None:
+    """A connect answered by RST counts one failed (source only), nothing opened or closed."""
+    out = pods["client"].run(
+        *pods["client"].traffic("fail", "--host", pods["server"].ip4, "--port", "80")
+    )
+    assert json.loads(out.stdout) == {"error": "ECONNREFUSED"}
+    s = daemon.wait_for(lambda s: value(s, W + "connections_failed_total") >= 1, what="failed")
+    time.sleep(0.5)  # a second publish must not add anything
+    s = daemon.samples()
+    assert (
+        value(s, W + "connections_failed_total", reporter="source", destination_workload="httpbin")
+        == 1
+    )
+    assert value(s, W + "connections_failed_total", reporter="destination") == 0
+    assert value(s, W + "connections_opened_total") == 0
+    assert value(s, W + "connections_closed_total") == 0
+    [record] = wait_records(daemon, 1)
+    assert record["failure_reason"] == "refused"
+    assert record["direction"] == "OUTBOUND"
+    assert (record["sent_bytes"], record["received_bytes"]) == (0, 0)
+
+
+def test_timed_out_connect_counts_one_failed(daemon: Daemon, pods: dict[str, Pod]) -> None:
+    """A SYN that is never answered (blackhole, one SYN retry) counts one failed: timeout."""
+    client, server = pods["client"], pods["server"]
+    server.run("iptables", "-A", "INPUT", "-p", "tcp", "--dport", "81", "-j", "DROP")
+    client.run("sysctl", "-qw", "net.ipv4.tcp_syn_retries=1")
+    out = client.run(*client.traffic("fail", "--host", server.ip4, "--port", "81"))
+    assert json.loads(out.stdout) == {"error": "ETIMEDOUT"}
+    s = daemon.wait_for(lambda s: value(s, W + "connections_failed_total") >= 1, what="failed")
+    assert (
+        value(s, W + "connections_failed_total", reporter="source", destination_workload="httpbin")
+        == 1
+    )
+    assert value(s, W + "connections_opened_total") == 0
+    [record] = wait_records(daemon, 1)
+    assert record["failure_reason"] == "timeout"
+
+
+def random_plan(n: int, seed: int) -> list[tuple[int, int, int]]:
+    rng = random.Random(seed)
+    sizes = [9, 10, 1000, 65536, 300_000]
+    plan = []
+    for _ in range(n):
+        request = rng.choice([rng.randint(9, 5000), rng.choice(sizes), rng.randint(9, 400_000)])
+        reply = rng.choice([0, 1, rng.randint(0, 5000), rng.randint(0, 400_000)])
+        plan.append((request, reply, rng.randint(0, 1)))
+    return plan
+
+
+def test_200_connections_of_random_sizes_sum_exactly(daemon: Daemon, pods: dict[str, Pod]) -> None:
+    """200 connections with random sizes and closing orders sum exactly, both reporters."""
+    plan = random_plan(200, seed=20261202)
+    exchange(pods, plan)
+    s = daemon.wait_for(closed(200), what="200 closed connections")
+    for reporter in ("source", "destination"):
+        assert value(s, W + "received_bytes_total", reporter=reporter) == sum(p[0] for p in plan)
+        assert value(s, W + "sent_bytes_total", reporter=reporter) == sum(p[1] for p in plan)
+        assert value(s, W + "connections_opened_total", reporter=reporter) == 200
+        assert value(s, W + "connections_closed_total", reporter=reporter) == 200
+    records = wait_records(daemon, 400)
+    outbound = sorted(
+        (r["received_bytes"], r["sent_bytes"]) for r in records if r["direction"] == "OUTBOUND"
+    )
+    assert outbound == sorted((p[0], p[1]) for p in plan)
+
+
+def test_ipv6_connection_is_reported(daemon: Daemon, pods: dict[str, Pod]) -> None:
+    """An IPv6 connection between pods is counted and logged with bracketed addresses."""
+    exchange(pods, [(1234, 567, 1)], ipv6=True)
+    s = daemon.wait_for(closed(1), what="an IPv6 connection")
+    assert value(s, W + "received_bytes_total", destination_pod_address="fd00:77::3") == 2 * 1234
+    assert value(s, W + "sent_bytes_total", destination_pod_address="fd00:77::3") == 2 * 567
+    records = wait_records(daemon, 2)
+    assert {r["dst.addr"] for r in records} == {"[fd00:77::3]:80"}
+    assert {r["src.workload"] for r in records} == {CLIENT}
+
+
+def attached_probes() -> int:
+    """How many kmeshd sock_ops programs are attached to the cgroup v2 root."""
+    root = cgroup.resolve("auto", "test")
+    out = sh("bpftool", "-j", "cgroup", "show", str(root)).stdout
+    return sum(1 for p in json.loads(out.strip() or "[]") if p.get("name") == "kmeshd_sockops")
+
+
+def test_sigkilled_daemon_restarted_does_not_double_count(
+    tmp_path: Path, pin_dir: Path, pods: dict[str, Pod]
+) -> None:
+    """After SIGKILL the next start replaces the old program: counts continue, never doubled."""
+    before = attached_probes()
+    first = Daemon(tmp_path, INVENTORY, pin_dir)
+    first.start()
+    exchange(pods, [(100, 10, 0)] * 3)
+    first.wait_for(closed(3), what="3 closed")
+    first.kill()
+    assert attached_probes() == before + 1  # the pinned link kept it attached
+    exchange(pods, [(100, 10, 1)] * 2)  # counted by the orphaned program, in pinned maps
+    second = Daemon(tmp_path, INVENTORY, pin_dir)
+    second.start()
+    try:
+        assert attached_probes() == before + 1
+        exchange(pods, [(100, 10, 0)] * 4)
+        s = second.wait_for(closed(9), what="9 closed")
+        time.sleep(0.5)
+        s = second.samples()
+        for reporter in ("source", "destination"):
+            assert value(s, W + "connections_opened_total", reporter=reporter) == 9
+            assert value(s, W + "connections_closed_total", reporter=reporter) == 9
+            assert value(s, W + "received_bytes_total", reporter=reporter) == 900
+            assert value(s, W + "sent_bytes_total", reporter=reporter) == 90
+        assert second.stop() == 0
+        assert attached_probes() == before
+    finally:
+        second.close()
+
+
+def test_sigterm_publishes_detaches_and_exits_zero(daemon: Daemon, pods: dict[str, Pod]) -> None:
+    """SIGTERM: final textfile written, program detached, exit 0 within a few seconds."""
+    before = attached_probes()
+    exchange(pods, [(50, 5, 0)])
+    started = time.monotonic()
+    assert daemon.stop(signal.SIGTERM) == 0
+    assert time.monotonic() - started < 5
+    assert attached_probes() == before - 1
+    final = parse_metrics(daemon.textfile.read_text())  # the last publish saw the connection
+    assert value(final, W + "received_bytes_total", reporter="source") == 50
+    assert value(final, W + "sent_bytes_total", reporter="destination") == 5
+
+
+def test_other_sock_ops_programs_can_attach_below(daemon: Daemon, tmp_path: Path) -> None:
+    """With kmeshd on the root, a program without ALLOW_MULTI still attaches in a child cgroup."""
+    import bcc
+
+    root = cgroup.resolve("auto", "test")
+    child = root / f"kmeshd-test-{uuid.uuid4().hex[:6]}"
+    child.mkdir()
+    b = bcc.BPF(text="int other(struct bpf_sock_ops *ctx) { return 1; }")
+    fn = b.load_func("other", bcc.BPF.SOCK_OPS)
+    fd = os.open(child, os.O_RDONLY)
+    try:
+        b.attach_func(fn, fd, bcc.BPFAttachType.CGROUP_SOCK_OPS)
+        b.detach_func(fn, fd, bcc.BPFAttachType.CGROUP_SOCK_OPS)
+    finally:
+        os.close(fd)
+        b.cleanup()
+        child.rmdir()
