@@ -32,10 +32,11 @@ from kmeshd.errors import ConfigError, UnavailableError
 from kmeshd.events import Stat, decode_flow, decode_record
 from kmeshd.export.http import MetricsServer
 from kmeshd.export.metrics import Health, KmeshCollector, SinkHealth, Snapshot
-from kmeshd.export.textfile import check_directory, write_atomic
+from kmeshd.export.textfile import write_atomic
 from kmeshd.identity.inventory import load_inventory
 from kmeshd.identity.model import Identities
 from kmeshd.labels import access_record
+from kmeshd.paths import check_directory
 from kmeshd.probe import Probe
 from kmeshd.systemd import Notifier
 

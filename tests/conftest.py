@@ -4,9 +4,16 @@ journald or consumer test that silently skips there would hide a broken feature.
 from __future__ import annotations
 
 import os
-from collections.abc import Generator
+import uuid
+from collections.abc import Generator, Iterator
+from pathlib import Path
 
 import pytest
+
+from kmeshd.probe import remove_pins
+from tests.daemon_proc import Daemon
+from tests.e2e import INVENTORY
+from tests.netns import Pod, pod_network
 
 IN_CI = os.environ.get("CI") == "true"
 
@@ -20,3 +27,24 @@ def pytest_runtest_makereport(
     if IN_CI and report.skipped:
         report.outcome = "failed"
         report.longrepr = f"skipped in CI, which counts as a failure: {report.longrepr}"
+
+
+@pytest.fixture
+def pods() -> Iterator[dict[str, Pod]]:
+    with pod_network(["client", "server"]) as network:
+        yield network
+
+
+@pytest.fixture
+def pin_dir() -> Iterator[Path]:
+    path = Path(f"/sys/fs/bpf/kmeshd-test-{uuid.uuid4().hex[:8]}")
+    yield path
+    remove_pins(path)  # also detaches a link a killed daemon left pinned
+
+
+@pytest.fixture
+def daemon(tmp_path: Path, pin_dir: Path) -> Iterator[Daemon]:
+    d = Daemon(tmp_path, INVENTORY, pin_dir)
+    d.start()
+    yield d
+    d.close()

@@ -16,8 +16,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from kmeshd.events import FlowCounters
 from kmeshd.export.http import MetricsServer
 from kmeshd.export.metrics import Health, KmeshCollector, SinkHealth, Snapshot
-from kmeshd.export.textfile import check_directory, write_atomic
+from kmeshd.export.textfile import write_atomic
 from kmeshd.labels import SERVICE_LABELS, WORKLOAD_LABELS
+from kmeshd.paths import check_directory
 
 WL = (
     "destination",

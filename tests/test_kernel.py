@@ -6,107 +6,31 @@ import json
 import os
 import random
 import signal
-import subprocess
 import time
 import uuid
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from kmeshd import cgroup
-from kmeshd.probe import remove_pins
-from tests.daemon_proc import Daemon, Samples, parse_metrics, value
-from tests.netns import Pod, is_root, pod_network, sh
+from tests.daemon_proc import Daemon, parse_metrics, value
+from tests.e2e import (
+    CLIENT,
+    INVENTORY,
+    SERVER,
+    SERVICE,
+    W,
+    attached_probes,
+    closed,
+    exchange,
+    wait_records,
+)
+from tests.netns import Pod, is_root
 
 pytestmark = [
     pytest.mark.kernel,
     pytest.mark.skipif(not is_root(), reason="real eBPF needs root"),
 ]
-
-CLIENT = "sleep-7c8f6b9d4-x2x7q"
-SERVER = "httpbin-5c5944c58c-v9mlk"
-SERVICE = "httpbin.default.svc.cluster.local"
-INVENTORY = """
-cluster = "Kubernetes"
-[[workload]]
-name = "sleep-7c8f6b9d4-x2x7q"
-workload = "sleep"
-namespace = "default"
-addresses = ["10.244.77.2", "fd00:77::2"]
-service_account = "sleep"
-[[workload]]
-name = "httpbin-5c5944c58c-v9mlk"
-workload = "httpbin"
-namespace = "default"
-canonical_revision = "v1"
-addresses = ["10.244.77.3", "fd00:77::3"]
-service_account = "httpbin"
-[[service]]
-name = "httpbin"
-namespace = "default"
-ports = [{ port = 8000, target_port = 80 }]
-workloads = ["httpbin"]
-"""
-
-W = "kmesh_tcp_workload_"
-
-
-@pytest.fixture
-def pods() -> Iterator[dict[str, Pod]]:
-    with pod_network(["client", "server"]) as network:
-        yield network
-
-
-@pytest.fixture
-def pin_dir() -> Iterator[Path]:
-    path = Path(f"/sys/fs/bpf/kmeshd-test-{uuid.uuid4().hex[:8]}")
-    yield path
-    remove_pins(path)  # also detaches a link a killed daemon left pinned
-
-
-@pytest.fixture
-def daemon(tmp_path: Path, pin_dir: Path) -> Iterator[Daemon]:
-    d = Daemon(tmp_path, INVENTORY, pin_dir)
-    d.start()
-    yield d
-    d.close()
-
-
-def serve(server: Pod, count: int, bind: str = "0.0.0.0", port: int = 80) -> subprocess.Popen[str]:
-    proc = subprocess.Popen(
-        server.traffic("serve", "--bind", bind, "--port", str(port), "--count", str(count)),
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert proc.stdout is not None
-    assert proc.stdout.readline().strip() == "listening"
-    return proc
-
-
-def run_plan(client: Pod, host: str, plan: list[tuple[int, int, int]], port: int = 80) -> None:
-    spec = ",".join(f"{a}:{b}:{c}" for a, b, c in plan)
-    out = client.run(
-        *client.traffic("connect", "--host", host, "--port", str(port), "--plan", spec)
-    )
-    assert json.loads(out.stdout) == {"connections": len(plan)}
-
-
-def exchange(pods: dict[str, Pod], plan: list[tuple[int, int, int]], ipv6: bool = False) -> None:
-    server = pods["server"]
-    proc = serve(server, len(plan), bind="::" if ipv6 else "0.0.0.0")
-    run_plan(pods["client"], server.ip6 if ipv6 else server.ip4, plan)
-    assert proc.wait(timeout=30) == 0
-
-
-def closed(n: int, **labels: str) -> Callable[[Samples], bool]:
-    def check(s: Samples) -> bool:
-        return (
-            value(s, W + "connections_closed_total", reporter="source", **labels) >= n
-            and value(s, W + "connections_closed_total", reporter="destination", **labels) >= n
-        )
-
-    return check
 
 
 def test_292_byte_request_5_byte_reply_counts_exactly_for_both_reporters(
@@ -141,14 +65,6 @@ def test_292_byte_request_5_byte_reply_counts_exactly_for_both_reporters(
         assert r["dst.service"] == SERVICE and r["dst.addr"] == "10.244.77.3:80"
         assert r["src.namespace"] == r["dst.namespace"] == "default"
         assert "failure_reason" not in r
-
-
-def wait_records(daemon: Daemon, n: int, timeout: float = 10) -> list[dict[str, object]]:
-    deadline = time.monotonic() + timeout
-    while len(records := daemon.access_log()) < n and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert len(records) == n, records
-    return records
 
 
 def test_refused_connect_counts_one_failed(daemon: Daemon, pods: dict[str, Pod]) -> None:
@@ -227,13 +143,6 @@ def test_ipv6_connection_is_reported(daemon: Daemon, pods: dict[str, Pod]) -> No
     records = wait_records(daemon, 2)
     assert {r["dst.addr"] for r in records} == {"[fd00:77::3]:80"}
     assert {r["src.workload"] for r in records} == {CLIENT}
-
-
-def attached_probes() -> int:
-    """How many kmeshd sock_ops programs are attached to the cgroup v2 root."""
-    root = cgroup.resolve("auto", "test")
-    out = sh("bpftool", "-j", "cgroup", "show", str(root)).stdout
-    return sum(1 for p in json.loads(out.strip() or "[]") if p.get("name") == "kmeshd_sockops")
 
 
 def test_sigkilled_daemon_restarted_does_not_double_count(

@@ -26,19 +26,3 @@ def write_atomic(path: Path, data: bytes) -> None:
     except OSError:
         tmp.unlink(missing_ok=True)
         raise
-
-
-def check_directory(path: Path) -> str | None:
-    """Why the textfile cannot be written there, or None."""
-    directory = path.parent
-    if not directory.is_dir():
-        return f"directory {directory} does not exist"
-    if not os.access(directory, os.W_OK | os.X_OK):
-        return f"directory {directory} is not writable"
-    probe = directory / f".{path.name}.{os.getpid()}.probe"
-    try:
-        probe.touch()
-        probe.unlink()
-    except OSError as exc:  # a read-only mount passes os.access as root
-        return f"directory {directory} is not writable ({exc.strerror})"
-    return None

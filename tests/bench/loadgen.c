@@ -1,0 +1,167 @@
+/* Connection-churn load generator for `make bench`.
+ *
+ *   loadgen serve ADDR PORT THREADS REPLY
+ *       accept forever on SO_REUSEPORT listeners; read the request, write REPLY bytes, close
+ *       (the server closes first, so TIME_WAIT stays on the server side)
+ *   loadgen connect ADDR PORT THREADS SECONDS REQUEST REPLY
+ *       each thread: connect, send REQUEST bytes, read REPLY bytes and EOF, close; repeat.
+ *       Prints "<connections> <request bytes> <reply bytes> <errors>" for the whole run.
+ */
+#define _GNU_SOURCE
+#include <arpa/inet.h>
+#include <errno.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+static struct sockaddr_storage addr;
+static socklen_t addr_len;
+static int port, threads, request, reply;
+static double seconds;
+
+struct result {
+    uint64_t connections, sent, received, errors;
+};
+
+static double now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + ts.tv_nsec / 1e9;
+}
+
+static void parse_addr(const char *text)
+{
+    struct sockaddr_in *v4 = (struct sockaddr_in *)&addr;
+    struct sockaddr_in6 *v6 = (struct sockaddr_in6 *)&addr;
+    memset(&addr, 0, sizeof(addr));
+    if (inet_pton(AF_INET, text, &v4->sin_addr) == 1) {
+        v4->sin_family = AF_INET;
+        v4->sin_port = htons(port);
+        addr_len = sizeof(*v4);
+    } else if (inet_pton(AF_INET6, text, &v6->sin6_addr) == 1) {
+        v6->sin6_family = AF_INET6;
+        v6->sin6_port = htons(port);
+        addr_len = sizeof(*v6);
+    } else {
+        fprintf(stderr, "not an address: %s\n", text);
+        exit(2);
+    }
+}
+
+static int read_n(int fd, char *buf, int want)
+{
+    int got = 0;
+    while (got < want) {
+        int n = read(fd, buf, want - got > 65536 ? 65536 : want - got);
+        if (n <= 0)
+            return -1;
+        got += n;
+    }
+    return got;
+}
+
+static int write_n(int fd, const char *buf, int want)
+{
+    int done = 0;
+    while (done < want) {
+        int n = write(fd, buf + done, want - done > 65536 ? 65536 : want - done);
+        if (n <= 0)
+            return -1;
+        done += n;
+    }
+    return done;
+}
+
+static void *serve_thread(void *arg)
+{
+    (void)arg;
+    static char buf[1 << 16];
+    int one = 1, fd = socket(addr.ss_family, SOCK_STREAM, 0);
+    setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof(one));
+    setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+    if (bind(fd, (struct sockaddr *)&addr, addr_len) || listen(fd, 4096)) {
+        perror("bind/listen");
+        exit(1);
+    }
+    for (;;) {
+        int c = accept(fd, NULL, NULL);
+        if (c < 0)
+            continue;
+        if (read_n(c, buf, request) == request)
+            write_n(c, buf, reply);
+        close(c);
+    }
+    return NULL;
+}
+
+static void *connect_thread(void *arg)
+{
+    struct result *r = arg;
+    char *buf = calloc(1, (request > reply ? request : reply) + 1);
+    double end = now() + seconds;
+    while (now() < end) {
+        int fd = socket(addr.ss_family, SOCK_STREAM, 0);
+        if (connect(fd, (struct sockaddr *)&addr, addr_len) || write_n(fd, buf, request) != request ||
+            read_n(fd, buf, reply) != reply || read(fd, buf, 1) != 0) {
+            r->errors++;
+            close(fd);
+            continue;
+        }
+        close(fd);
+        r->connections++;
+        r->sent += request;
+        r->received += reply;
+    }
+    free(buf);
+    return NULL;
+}
+
+int main(int argc, char **argv)
+{
+    if (argc >= 6 && !strcmp(argv[1], "serve")) {
+        port = atoi(argv[3]);
+        threads = atoi(argv[4]);
+        reply = atoi(argv[5]);
+        request = argc > 6 ? atoi(argv[6]) : 64;
+        parse_addr(argv[2]);
+        pthread_t t[64];
+        for (int i = 0; i < threads && i < 64; i++)
+            pthread_create(&t[i], NULL, serve_thread, NULL);
+        printf("listening\n");
+        fflush(stdout);
+        pthread_join(t[0], NULL);
+        return 0;
+    }
+    if (argc == 8 && !strcmp(argv[1], "connect")) {
+        port = atoi(argv[3]);
+        threads = atoi(argv[4]);
+        seconds = atof(argv[5]);
+        request = atoi(argv[6]);
+        reply = atoi(argv[7]);
+        parse_addr(argv[2]);
+        pthread_t t[64];
+        struct result r[64] = {0}, total = {0};
+        for (int i = 0; i < threads && i < 64; i++)
+            pthread_create(&t[i], NULL, connect_thread, &r[i]);
+        for (int i = 0; i < threads && i < 64; i++) {
+            pthread_join(t[i], NULL);
+            total.connections += r[i].connections;
+            total.sent += r[i].sent;
+            total.received += r[i].received;
+            total.errors += r[i].errors;
+        }
+        printf("%lu %lu %lu %lu\n", total.connections, total.sent, total.received, total.errors);
+        return 0;
+    }
+    fprintf(stderr, "usage: loadgen serve ADDR PORT THREADS REPLY [REQUEST] | "
+                    "loadgen connect ADDR PORT THREADS SECONDS REQUEST REPLY\n");
+    return 2;
+}

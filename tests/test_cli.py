@@ -1,0 +1,161 @@
+"""The command line: exit codes and one-line reasons for bad input at start-up."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from kmeshd import __version__
+from kmeshd.errors import UnavailableError
+from tests.netns import is_root
+
+
+def kmeshd(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "kmeshd.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def config(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "kmeshd.toml"
+    inventory = tmp_path / "inventory.toml"
+    inventory.write_text('[[workload]]\nname = "a"\naddresses = ["10.0.0.1"]\n')
+    path.write_text(f'[identity]\ninventory = "{inventory}"\n' + text)
+    return path
+
+
+def test_version() -> None:
+    """--version prints the version and exits 0."""
+    result = kmeshd("--version")
+    assert (result.returncode, result.stdout) == (0, f"kmeshd {__version__}\n")
+
+
+def test_check_config_ok(tmp_path: Path) -> None:
+    """A valid config and inventory: exit 0 and say so."""
+    path = config(tmp_path, "")
+    result = kmeshd("check-config", "--config", str(path))
+    assert (result.returncode, result.stdout) == (0, f"{path}: ok\n")
+
+
+def test_check_config_reports_every_problem(tmp_path: Path) -> None:
+    """Several problems: exit 78 with one `file: key: problem` line each, config and inventory."""
+    path = config(tmp_path, '[metrics]\ninterval = "5 s"\nport = 1\n')
+    result = kmeshd("check-config", "--config", str(path))
+    assert result.returncode == 78
+    lines = result.stderr.splitlines()
+    assert len(lines) == 2
+    assert lines[0].startswith(f"{path}: metrics.port: unknown key")
+    assert lines[1].startswith(f'{path}: metrics.interval: "5 s" is not a duration')
+
+
+def test_check_config_reports_inventory_problems(tmp_path: Path) -> None:
+    """A bad inventory address fails check-config with the inventory's file and key path."""
+    path = config(tmp_path, "")
+    inventory = tmp_path / "inventory.toml"
+    inventory.write_text('[[workload]]\nname = "a"\naddresses = ["10.0.0.300"]\n')
+    result = kmeshd("check-config", "--config", str(path))
+    assert result.returncode == 78
+    assert (
+        result.stderr
+        == f'{inventory}: workload[0].addresses[0]: "10.0.0.300" is not an IP address\n'
+    )
+
+
+def test_missing_explicit_config_file(tmp_path: Path) -> None:
+    """--config naming a file that does not exist is a config error (78)."""
+    result = kmeshd("check-config", "--config", str(tmp_path / "nope.toml"))
+    assert result.returncode == 78
+    assert str(tmp_path / "nope.toml") in result.stderr
+
+
+@pytest.fixture
+def busy_port() -> Iterator[int]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        yield s.getsockname()[1]
+
+
+def run_fails(tmp_path: Path, text: str) -> subprocess.CompletedProcess[str]:
+    path = config(tmp_path, text + '\n[bpf]\npin_dir = "/sys/fs/bpf/kmeshd-cli-test"\n')
+    return kmeshd("run", "--config", str(path))
+
+
+def test_listen_port_in_use_is_unavailable(tmp_path: Path, busy_port: int) -> None:
+    """metrics.listen on a port in use: exit 69, one line naming the key and the fix."""
+    result = run_fails(tmp_path, f'[metrics]\nlisten = "127.0.0.1:{busy_port}"\ntextfile = ""')
+    assert result.returncode == 69
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"kmeshd: metrics.listen 127.0.0.1:{busy_port}: address already in use: "
+        f"stop the other listener or change metrics.listen in {tmp_path / 'kmeshd.toml'}"
+    )
+
+
+def test_missing_textfile_directory_set_explicitly(tmp_path: Path) -> None:
+    """An explicit textfile in a missing directory: exit 78 naming file, key and directory."""
+    missing = tmp_path / "missing"
+    result = run_fails(tmp_path, f'[metrics]\nlisten = ""\ntextfile = "{missing}/k.prom"')
+    assert result.returncode == 78
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"{tmp_path / 'kmeshd.toml'}: metrics.textfile: directory {missing} does not exist "
+        "(create it or change metrics.textfile)"
+    )
+
+
+@pytest.fixture
+def read_only_dir(tmp_path: Path) -> Iterator[Path]:
+    """A real read-only filesystem (root ignores permission bits)."""
+    if not is_root():
+        pytest.skip("mounting needs root")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "ro", "tmpfs", str(ro)], check=True)
+    yield ro
+    subprocess.run(["umount", str(ro)], check=True)
+
+
+def test_read_only_textfile_directory(tmp_path: Path, read_only_dir: Path) -> None:
+    """A textfile directory on a read-only filesystem: exit 78 with the reason."""
+    result = run_fails(tmp_path, f'[metrics]\nlisten = ""\ntextfile = "{read_only_dir}/k.prom"')
+    assert result.returncode == 78
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"{tmp_path / 'kmeshd.toml'}: metrics.textfile: directory {read_only_dir} is not "
+        "writable (Read-only file system) (create it or change metrics.textfile)"
+    )
+
+
+def test_read_only_accesslog_directory(tmp_path: Path, read_only_dir: Path) -> None:
+    """An access-log directory that cannot be written: exit 78 with the key."""
+    text = f'[metrics]\nlisten = ""\ntextfile = ""\n[accesslog]\nfile = "{read_only_dir}/a.json"'
+    result = run_fails(tmp_path, text)
+    assert result.returncode == 78
+    assert "accesslog.file: directory" in result.stderr and "not writable" in result.stderr
+
+
+def test_cgroup_that_is_not_cgroup2(tmp_path: Path) -> None:
+    """bpf.cgroup naming a plain directory: exit 78 naming the key."""
+    text = f'[metrics]\nlisten = ""\ntextfile = ""\n[bpf]\ncgroup = "{tmp_path}"'
+    path = config(tmp_path, text)
+    result = kmeshd("run", "--config", str(path))
+    assert result.returncode == 78
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"{path}: bpf.cgroup: {tmp_path} is not a cgroup v2 directory"
+    )
+
+
+def test_missing_bcc_names_the_package(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without the bcc bindings the error names python3-bpfcc."""
+    from kmeshd import probe
+
+    monkeypatch.setitem(sys.modules, "bcc", None)
+    with pytest.raises(UnavailableError, match="apt-get install python3-bpfcc"):
+        probe.import_bcc()

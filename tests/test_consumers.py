@@ -1,0 +1,102 @@
+"""Real consumers of what the real daemon publishes: promtool and prometheus-node-exporter."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.daemon_proc import Daemon, free_port, parse_metrics, value
+from tests.e2e import W, closed, exchange
+from tests.netns import Pod, is_root
+
+pytestmark = [
+    pytest.mark.kernel,
+    pytest.mark.consumers,
+    pytest.mark.skipif(not is_root(), reason="real eBPF needs root"),
+]
+
+
+@pytest.fixture
+def traffic_seen(daemon: Daemon, pods: dict[str, Pod]) -> Daemon:
+    exchange(pods, [(292, 5, 0)])
+    daemon.wait_for(closed(1), what="one closed connection")
+    time.sleep(0.5)  # let a publish write the textfile with it
+    return daemon
+
+
+def promtool_check(text: str) -> subprocess.CompletedProcess[str]:
+    tool = shutil.which("promtool")
+    assert tool, "promtool is missing: apt-get install prometheus"
+    return subprocess.run(
+        [tool, "check", "metrics"], input=text, capture_output=True, text=True, check=False
+    )
+
+
+def test_promtool_accepts_http_metrics(traffic_seen: Daemon) -> None:
+    """`promtool check metrics` passes on a real /metrics scrape, lint included."""
+    result = promtool_check(traffic_seen.scrape())
+    assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
+
+
+def test_promtool_accepts_textfile(traffic_seen: Daemon) -> None:
+    """`promtool check metrics` passes on the textfile, which holds only kmesh_/kmeshd_ families."""
+    text = traffic_seen.textfile.read_text()
+    result = promtool_check(text)
+    assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
+    families = {line.split()[2] for line in text.splitlines() if line.startswith("# TYPE")}
+    assert families and all(f.startswith(("kmesh_", "kmeshd_")) for f in families)
+
+
+@pytest.fixture
+def node_exporter(traffic_seen: Daemon) -> Iterator[tuple[str, Path]]:
+    binary = shutil.which("prometheus-node-exporter")
+    assert binary, "apt-get install prometheus-node-exporter"
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            binary,
+            "--collector.disable-defaults",
+            "--collector.textfile",
+            f"--collector.textfile.directory={traffic_seen.textfile.parent}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}/metrics"
+    try:
+        yield wait_http(url), traffic_seen.textfile
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def wait_http(url: str, timeout: float = 10) -> str:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                return str(r.read().decode())
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
+def test_node_exporter_serves_the_textfile_families(node_exporter: tuple[str, Path]) -> None:
+    """A real node-exporter textfile collector serves our families with no scrape error."""
+    text, textfile = node_exporter
+    s = parse_metrics(text)
+    assert value(s, "node_textfile_scrape_error") == 0
+    assert value(s, W + "received_bytes_total", reporter="source") == 292
+    assert value(s, W + "sent_bytes_total", reporter="destination") == 5
+    assert value(s, "kmesh_tcp_connections_opened_total", reporter="destination") == 1
+    assert value(s, "kmeshd_build_info") == 1
+    read = {dict(labels)["file"] for name, labels in s if name == "node_textfile_mtime_seconds"}
+    assert read == {str(textfile)}
