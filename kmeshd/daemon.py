@@ -70,7 +70,11 @@ def open_sinks(config: Config) -> Fanout:
         if config.accesslog.file != "-":
             path = Path(config.accesslog.file)
             prepare_directory(config, "accesslog.file", path, config.accesslog.file_explicit)
-        file_sink = FileSink(config.accesslog.file)
+        try:
+            file_sink = FileSink(config.accesslog.file)
+        except OSError as exc:
+            problem = f"cannot open {config.accesslog.file}: {exc.strerror}"
+            raise ConfigError([f"{config.path}: accesslog.file: {problem}"]) from exc
     journal: Sink = JournaldSink() if config.accesslog.journald else NullSink("journald")
     return Fanout([file_sink, journal])
 

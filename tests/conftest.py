@@ -13,6 +13,7 @@ import pytest
 from kmeshd.probe import remove_pins
 from tests.daemon_proc import Daemon
 from tests.e2e import INVENTORY
+from tests.journald import journald  # noqa: F401  (a fixture for every test module)
 from tests.netns import Pod, pod_network
 
 IN_CI = os.environ.get("CI") == "true"

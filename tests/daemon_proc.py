@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -74,7 +74,13 @@ pin_dir = "{pin_dir}"
         self.proc: subprocess.Popen[str] | None = None
         self.stderr_path = workdir / "kmeshd.stderr"
 
-    def start(self, env: Mapping[str, str] | None = None, timeout: float = 60) -> None:
+    def start(
+        self,
+        env: Mapping[str, str] | None = None,
+        timeout: float = 60,
+        wrapper: Sequence[str] = (),
+    ) -> None:
+        """Start and wait for READY=1; `wrapper` prefixes the command (e.g. nsenter)."""
         notify_path = self.workdir / f"notify-{time.monotonic_ns()}"
         notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         notify.bind(str(notify_path))
@@ -82,7 +88,7 @@ pin_dir = "{pin_dir}"
         full_env = {**os.environ, **(env or {}), "NOTIFY_SOCKET": str(notify_path)}
         with self.stderr_path.open("a") as err:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "kmeshd.cli", "run", "--config", str(self.config)],
+                [*wrapper, sys.executable, "-m", "kmeshd.cli", "run", "--config", str(self.config)],
                 env=full_env,
                 stdout=subprocess.DEVNULL,
                 stderr=err,

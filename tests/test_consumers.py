@@ -11,8 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from kmeshd.accesslog import MESSAGE_ID
 from tests.daemon_proc import Daemon, free_port, parse_metrics, value
-from tests.e2e import W, closed, exchange
+from tests.e2e import CLIENT, INVENTORY, SERVER, SERVICE, W, closed, exchange, wait_records
+from tests.journald import Journald
 from tests.netns import Pod, is_root
 
 pytestmark = [
@@ -100,3 +102,33 @@ def test_node_exporter_serves_the_textfile_families(node_exporter: tuple[str, Pa
     assert value(s, "kmeshd_build_info") == 1
     read = {dict(labels)["file"] for name, labels in s if name == "node_textfile_mtime_seconds"}
     assert read == {str(textfile)}
+
+
+def test_journald_receives_the_daemons_records(
+    journald: Journald, tmp_path: Path, pin_dir: Path, pods: dict[str, Pod]
+) -> None:
+    """journalctl -t kmeshd KMESHD_DST_WORKLOAD=<pod> -o json returns the daemon's records."""
+    daemon = Daemon(tmp_path, INVENTORY, pin_dir, journald=True)
+    # In journald's mount namespace /run/systemd/journal/socket is that journald's socket,
+    # so the daemon finds it at the default path, as on a real host.
+    daemon.start(wrapper=["nsenter", f"--target={journald.pid}", "--mount", f"--wd={Path.cwd()}"])
+    try:
+        exchange(pods, [(292, 5, 0)])
+        wait_records(daemon, 2)
+        entries = journald.query("-t", "kmeshd", f"KMESHD_DST_WORKLOAD={SERVER}")
+        s = daemon.samples()
+    finally:
+        daemon.close()
+    assert sorted(e["KMESHD_DIRECTION"] for e in entries) == ["INBOUND", "OUTBOUND"]
+    for e in entries:
+        assert e["SYSLOG_IDENTIFIER"] == "kmeshd" and e["MESSAGE_ID"] == MESSAGE_ID
+        assert (e["KMESHD_SENT_BYTES"], e["KMESHD_RECEIVED_BYTES"]) == ("5", "292")
+        assert (e["KMESHD_SRC_WORKLOAD"], e["KMESHD_DST_SERVICE"]) == (CLIENT, SERVICE)
+        assert e["MESSAGE"].startswith(f"src.addr={pods['client'].ip4}:")
+        assert e["MESSAGE"].endswith(
+            f"dst.addr=10.244.77.3:80, dst.service={SERVICE}, dst.workload={SERVER}, "
+            f"dst.namespace=default, direction={e['KMESHD_DIRECTION']}, sent_bytes=5, "
+            f"received_bytes=292, duration={e['KMESHD_DURATION']}"
+        )
+    assert value(s, "kmeshd_sink_up", sink="journald") == 1
+    assert value(s, "kmeshd_accesslog_records_dropped_total", sink="journald") == 0

@@ -8,6 +8,7 @@ import random
 import signal
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,7 +26,7 @@ from tests.e2e import (
     exchange,
     wait_records,
 )
-from tests.netns import Pod, is_root
+from tests.netns import Pod, is_root, sh
 
 pytestmark = [
     pytest.mark.kernel,
@@ -196,8 +197,8 @@ def test_other_sock_ops_programs_can_attach_below(daemon: Daemon, tmp_path: Path
     root = cgroup.resolve("auto", "test")
     child = root / f"kmeshd-test-{uuid.uuid4().hex[:6]}"
     child.mkdir()
-    b = bcc.BPF(text="int other(struct bpf_sock_ops *ctx) { return 1; }")
-    fn = b.load_func("other", bcc.BPF.SOCK_OPS)
+    b = bcc.BPF(text=b"int other(struct bpf_sock_ops *ctx) { return 1; }")
+    fn = b.load_func(b"other", bcc.BPF.SOCK_OPS)
     fd = os.open(child, os.O_RDONLY)
     try:
         b.attach_func(fn, fd, bcc.BPFAttachType.CGROUP_SOCK_OPS)
@@ -206,3 +207,118 @@ def test_other_sock_ops_programs_can_attach_below(daemon: Daemon, tmp_path: Path
         os.close(fd)
         b.cleanup()
         child.rmdir()
+
+
+def test_sighup_reopens_the_access_log_and_keeps_counters(
+    daemon: Daemon, pods: dict[str, Pod]
+) -> None:
+    """SIGHUP (logrotate): new records go to a new file, old ones stay, counters don't drop."""
+    exchange(pods, [(100, 1, 0)])
+    daemon.wait_for(closed(1), what="first connection")
+    wait_records(daemon, 2)
+    rotated = daemon.accesslog.with_name("accesslog.json.1")
+    daemon.accesslog.rename(rotated)
+    daemon.send(signal.SIGHUP)
+    time.sleep(0.5)
+    exchange(pods, [(200, 2, 1)])
+    s = daemon.wait_for(closed(2), what="second connection")
+    assert value(s, W + "received_bytes_total", reporter="source") == 300
+    assert len(wait_records(daemon, 2)) == 2  # the new file
+    assert {json.loads(line)["received_bytes"] for line in rotated.read_text().splitlines()} == {
+        100
+    }
+
+
+def test_reload_with_broken_config_keeps_running(daemon: Daemon, pods: dict[str, Pod]) -> None:
+    """A broken config on SIGHUP is rejected with reasons; the old one keeps working."""
+    daemon.config.write_text(daemon.config.read_text().replace('"200ms"', '"soon"'))
+    daemon.send(signal.SIGHUP)
+    time.sleep(0.5)
+    assert daemon.proc is not None and daemon.proc.poll() is None
+    problem = f'{daemon.config}: metrics.interval: "soon" is not a duration'
+    assert f"reload rejected, keeping the running config: {problem}" in daemon.stderr()
+    exchange(pods, [(64, 4, 0)])
+    s = daemon.wait_for(closed(1), what="a connection after the rejected reload")
+    assert value(s, W + "received_bytes_total", reporter="destination") == 64
+
+
+def test_reload_moves_new_counts_to_the_new_owner_only(
+    daemon: Daemon, pods: dict[str, Pod]
+) -> None:
+    """An inventory change on SIGHUP relabels new traffic; the old series keeps its value."""
+    exchange(pods, [(100, 10, 0)])
+    daemon.wait_for(closed(1), what="first connection")
+    inventory = daemon.workdir / "inventory.toml"
+    inventory.write_text(
+        inventory.read_text()
+        .replace('workload = "httpbin"', 'workload = "httpbin2"')
+        .replace('workloads = ["httpbin"]', 'workloads = ["httpbin2"]')
+    )
+    daemon.send(signal.SIGHUP)
+    time.sleep(0.5)
+    exchange(pods, [(40, 4, 0)])
+    s = daemon.wait_for(closed(1, destination_workload="httpbin2"), what="relabelled connection")
+    old = {"reporter": "source", "destination_workload": "httpbin"}
+    assert value(s, W + "received_bytes_total", **old) == 100
+    assert (
+        value(s, W + "received_bytes_total", reporter="source", destination_workload="httpbin2")
+        == 40
+    )
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 64 KiB tmpfs for the access log: a real 'disk full'."""
+    log_dir = tmp_path / "log"
+    log_dir.mkdir(exist_ok=True)
+    sh("mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(log_dir))
+    yield log_dir
+    sh("umount", "-l", str(log_dir))
+
+
+def test_full_disk_drops_records_counted_and_metrics_stay_exact(
+    small_disk: Path, tmp_path: Path, pin_dir: Path, pods: dict[str, Pod]
+) -> None:
+    """With the access-log disk full, records are dropped and counted; metrics stay exact."""
+    daemon = Daemon(tmp_path, INVENTORY, pin_dir)
+    daemon.start()
+    try:
+        plan = [(50, 5, 0)] * 300
+        exchange(pods, plan)
+        s = daemon.wait_for(closed(300), what="300 closed")
+        time.sleep(0.5)
+        s = daemon.samples()
+        assert value(s, W + "received_bytes_total", reporter="source") == 300 * 50
+        dropped = value(s, "kmeshd_accesslog_records_dropped_total", sink="file")
+        written = complete_lines(daemon.accesslog.read_text())  # a cut-off line was dropped
+        assert dropped > 0 and written + dropped == 600
+        assert value(s, "kmeshd_sink_up", sink="file") == 0
+    finally:
+        daemon.close()
+
+
+def complete_lines(text: str) -> int:
+    """JSON lines that are whole (the disk filled up in the middle of one)."""
+    whole = 0
+    for line in text.splitlines():
+        try:
+            json.loads(line)
+            whole += 1
+        except json.JSONDecodeError:
+            pass
+    return whole
+
+
+def test_textfile_directory_removed_at_run_time(daemon: Daemon, pods: dict[str, Pod]) -> None:
+    """An unwritable textfile marks its sink down; /metrics keeps working; it recovers."""
+    directory = daemon.textfile.parent
+    for f in directory.iterdir():
+        f.unlink()
+    directory.rmdir()
+    exchange(pods, [(10, 1, 0)])
+    s = daemon.wait_for(lambda s: value(s, "kmeshd_sink_up", sink="textfile") == 0, what="down")
+    assert value(s, W + "received_bytes_total", reporter="source") == 10
+    directory.mkdir()
+    daemon.wait_for(lambda s: value(s, "kmeshd_sink_up", sink="textfile") == 1, what="up again")
+    assert daemon.textfile.exists()
+    assert daemon.stderr().count("cannot write") == 1  # logged once, not every interval

@@ -1,0 +1,430 @@
+"""The IO end of the access-log chain: sinks that write rendered AccessRecords.
+
+    Sink (protocol)   name, up, dropped; write(r) -> bool, reopen(), close()
+     ├── NullSink      a disabled sink, chosen once at start-up: takes records, writes nothing
+     ├── FileSink      JSON lines through python-json-logger, to a file or "-" (stdout)
+     └── JournaldSink  journald's native protocol on its datagram socket (memfd when large)
+    Fanout            every record to every sink; `sinks` lists the enabled ones for export
+
+write() never raises: a record a sink cannot take is dropped and counted in `dropped`
+(kmeshd_accesslog_records_dropped_total{sink}), `up` says whether the destination works
+(kmeshd_sink_up{sink}), and problems are logged through the "kmeshd" logger at most once
+a minute per sink. Rendering lives in kmeshd.accesslog; nothing here decides content.
+"""
+
+from __future__ import annotations
+
+import array
+import errno
+import fcntl
+import logging
+import os
+import socket
+import struct
+import sys
+import time
+from collections.abc import Callable, Iterable, Mapping
+from typing import IO, Any, Protocol
+
+from kmeshd.accesslog import AccessRecord, fields, journal_fields
+
+try:  # python-json-logger >= 3.1
+    from pythonjsonlogger.json import JsonFormatter
+except ImportError:  # 2.0.x, Debian bookworm's python3-pythonjsonlogger
+    from pythonjsonlogger.jsonlogger import JsonFormatter
+
+log = logging.getLogger("kmeshd")
+
+JOURNAL_SOCKET = "/run/systemd/journal/socket"
+LOG_EVERY_S = 60.0  # at most one log line per sink per minute
+RECONNECT_EVERY_S = 5.0  # how often a down journald sink looks for the socket again
+
+Clock = Callable[[], float]
+
+
+class Sink(Protocol):
+    name: str
+    up: bool
+    dropped: int  # cumulative records this sink could not take
+
+    def write(self, r: AccessRecord) -> bool:
+        """Write one record; False = dropped (and already counted). Never raises."""
+        ...
+
+    def reopen(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class _Throttle:
+    """Lets one log line through per `interval` seconds, so a failing sink cannot flood logs."""
+
+    def __init__(self, interval: float, clock: Clock) -> None:
+        self._interval = interval
+        self._clock = clock
+        self._last: float | None = None
+
+    def ready(self) -> bool:
+        now = self._clock()
+        if self._last is not None and now - self._last < self._interval:
+            return False
+        self._last = now
+        return True
+
+
+class NullSink:
+    """A disabled sink: every record is accepted and goes nowhere."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.up = True
+        self.dropped = 0
+
+    def write(self, r: AccessRecord) -> bool:
+        return True
+
+    def reopen(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+# -- file --------------------------------------------------------------------------------
+
+
+class _FieldsFormatter(JsonFormatter):  # type: ignore[misc]  # untyped library
+    """Renders exactly the dict that was logged: no message, level or logger name added."""
+
+    def __init__(self) -> None:
+        super().__init__(json_ensure_ascii=False)  # "850µs" stays readable
+
+    def add_fields(
+        self,
+        log_record: dict[str, Any],
+        record: logging.LogRecord,
+        message_dict: dict[str, Any],
+    ) -> None:
+        log_record.update(message_dict)
+
+
+def _write_some(stream: IO[bytes], data: bytes) -> int:
+    n = stream.write(data)
+    if n is None:  # a non-blocking raw stream that would block
+        raise BlockingIOError(errno.EAGAIN, os.strerror(errno.EAGAIN))
+    return n
+
+
+class _LineHandler(logging.Handler):
+    """Writes each formatted record as one line to the stream it is given. Errors propagate
+    to the caller (logging.StreamHandler would print them to stderr and carry on)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.setFormatter(_FieldsFormatter())
+        self.stream: IO[bytes] | None = None
+        self._torn = False  # an error cut the last line short
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.stream is None:
+            raise OSError(errno.EBADF, "access log file is not open")
+        line = (self.format(record) + "\n").encode()
+        if self._torn:  # end the fragment first: only that one line is unreadable
+            line = b"\n" + line
+        done = 0
+        try:
+            while done < len(line):  # a raw file may take less than all of it
+                done += _write_some(self.stream, line[done:])
+            self.stream.flush()
+        finally:
+            self._torn = done < len(line) and (done > 0 or self._torn)
+
+
+def _open_0640(path: str, flags: int) -> int:
+    return os.open(path, flags | os.O_CLOEXEC, 0o640)
+
+
+class FileSink:
+    """JSON lines appended to `path`, or to standard output for "-".
+
+    The file is opened at construction (an OSError there is a start-up problem for the
+    caller); afterwards nothing raises: write errors are counted as drops and mark the sink
+    down until a write succeeds again, and a file that cannot be reopened is retried on
+    each write. reopen() follows logrotate: close, open the path anew.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        *,
+        stdout: IO[bytes] | None = None,
+        clock: Clock = time.monotonic,
+        name: str = "file",
+    ) -> None:
+        self.name = name
+        self.path = path
+        self.up = True
+        self.dropped = 0
+        self._stdout = stdout if stdout is not None else sys.stdout.buffer
+        self._throttle = _Throttle(LOG_EVERY_S, clock)
+        self._handler = _LineHandler()
+        # A logger of its own, outside the logging tree: access records never reach the
+        # root logger's handlers, and the daemon's logging config cannot redirect them.
+        self._logger = logging.Logger(f"kmeshd.accesslog.{name}", logging.INFO)
+        self._logger.propagate = False
+        self._logger.addHandler(self._handler)
+        self._handler.stream = self._open()
+
+    def _open(self) -> IO[bytes]:
+        if self.path == "-":
+            return self._stdout
+        # Unbuffered: each line is one write(2) on an O_APPEND file, and a failed write
+        # leaves nothing in a buffer to resurface later.
+        return open(self.path, "ab", buffering=0, opener=_open_0640)
+
+    def write(self, r: AccessRecord) -> bool:
+        try:
+            if self._handler.stream is None:
+                self._handler.stream = self._open()
+            # handle() rather than info(): no logging.disable() or level check can drop a
+            # record uncounted, and no stack walk for a caller's line number per record.
+            record = self._logger.makeRecord(
+                self._logger.name, logging.INFO, __file__, 0, fields(r), (), None
+            )
+            self._logger.handle(record)
+        except (OSError, ValueError) as exc:  # ValueError: a closed stream, unencodable text
+            self.dropped += 1
+            self._set_down(exc)
+            return False
+        self._set_up()
+        return True
+
+    def reopen(self) -> None:
+        if self.path == "-":
+            return
+        self._close_stream()
+        try:
+            self._handler.stream = self._open()
+        except OSError as exc:
+            self._set_down(exc)
+
+    def close(self) -> None:
+        self._close_stream()
+
+    def _close_stream(self) -> None:
+        stream, self._handler.stream = self._handler.stream, None
+        if stream is None:
+            return
+        try:
+            if stream is self._stdout:
+                stream.flush()
+            else:
+                stream.close()
+        except (OSError, ValueError) as exc:
+            self._set_down(exc)
+
+    def _set_down(self, exc: BaseException) -> None:
+        self.up = False
+        if self._throttle.ready():
+            log.error(
+                "access log %s: %s; %d records dropped so far",
+                self._where(),
+                exc,
+                self.dropped,
+            )
+
+    def _set_up(self) -> None:
+        if not self.up:
+            self.up = True
+            if self._throttle.ready():
+                log.warning("access log %s: writing again", self._where())
+
+    def _where(self) -> str:
+        return "standard output" if self.path == "-" else self.path
+
+
+# -- journald ----------------------------------------------------------------------------
+
+
+def encode_native(entry: Mapping[str, str]) -> bytes:
+    """One journal entry in journald's native protocol: "KEY=value\\n" per field, and for a
+    value containing a newline "KEY\\n" + its length (u64 little endian) + value + "\\n"."""
+    parts = []
+    for key, value in entry.items():
+        name, data = key.encode("ascii"), value.encode()
+        if b"\n" in data:
+            parts.append(name + b"\n" + struct.pack("<Q", len(data)) + data + b"\n")
+        else:
+            parts.append(name + b"=" + data + b"\n")
+    return b"".join(parts)
+
+
+_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SEAL
+
+
+def send_memfd(sock: socket.socket, payload: bytes) -> None:
+    """An entry too large for one datagram: write it to a sealed memfd and pass the fd in an
+    empty datagram (SCM_RIGHTS), as sd_journal_sendv() does. journald wants the seals."""
+    fd = os.memfd_create("kmeshd-accesslog", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        done = 0
+        while done < len(payload):
+            done += os.write(fd, payload[done:])
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS)
+        sock.sendmsg([], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))])
+    finally:
+        os.close(fd)
+
+
+SNDBUF = 8 * 1024 * 1024  # what sd-journal asks for
+_SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)  # <asm-generic/socket.h>
+
+
+def journal_socket() -> socket.socket:
+    """A non-blocking datagram socket with sd-journal's 8 MiB send buffer: datagrams are
+    charged to the sender until journald reads them, so a small buffer would turn a burst
+    of records into EAGAIN drops long before journald's queue is full."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.setblocking(False)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, _SO_SNDBUFFORCE, SNDBUF)  # root: past wmem_max
+    except OSError:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SNDBUF)  # capped at wmem_max
+    return sock
+
+
+# send() errors meaning journald is not there (socket gone, nobody listening, restarted).
+_GONE = {errno.ENOENT, errno.ECONNREFUSED, errno.ENOTCONN, errno.ECONNRESET, errno.EPIPE}
+
+
+class JournaldSink:
+    """Journal entries (see kmeshd.accesslog.journal_fields) sent to journald's native socket.
+
+    Sends never block: a busy journald (EAGAIN) costs the record, counted. With no
+    journald the sink is down, warns once, counts every record as dropped and looks for the
+    socket again at most every RECONNECT_EVERY_S, so it recovers when journald appears.
+    """
+
+    def __init__(
+        self,
+        socket_path: str = JOURNAL_SOCKET,
+        *,
+        clock: Clock = time.monotonic,
+        reconnect_every: float = RECONNECT_EVERY_S,
+        name: str = "journald",
+    ) -> None:
+        self.name = name
+        self.socket_path = socket_path
+        self.up = False
+        self.dropped = 0
+        self._clock = clock
+        self._reconnect_every = reconnect_every
+        self._next_connect = clock()
+        self._sock: socket.socket | None = None
+        self._warned_down = False
+        self._throttle = _Throttle(LOG_EVERY_S, clock)
+        self._connect()
+
+    def _connect(self) -> socket.socket | None:
+        now = self._clock()
+        if now < self._next_connect:
+            return None
+        self._next_connect = now + self._reconnect_every
+        sock = journal_socket()
+        try:
+            sock.connect(self.socket_path)
+        except OSError as exc:
+            sock.close()
+            self._set_down(exc)
+            return None
+        self._sock = sock
+        self._set_up()
+        return sock
+
+    def write(self, r: AccessRecord) -> bool:
+        try:
+            payload = encode_native(journal_fields(r))
+            sock = self._sock or self._connect()
+            if sock is None:
+                self.dropped += 1
+                return False
+            self._send(sock, payload)
+        except OSError as exc:
+            self.dropped += 1
+            if exc.errno in _GONE:
+                self._disconnect()
+                self._next_connect = self._clock()  # journald may be back already: retry now
+                self._set_down(exc)
+            elif self._throttle.ready():
+                log.warning("journald: %s; %d records dropped so far", exc, self.dropped)
+            return False
+        except ValueError as exc:  # text that cannot be encoded: this record only
+            self.dropped += 1
+            if self._throttle.ready():
+                log.warning("journald: %s; %d records dropped so far", exc, self.dropped)
+            return False
+        return True
+
+    @staticmethod
+    def _send(sock: socket.socket, payload: bytes) -> None:
+        try:
+            sock.send(payload)
+        except OSError as exc:
+            # Too large for a datagram, or for the kernel to allocate as one: like
+            # sd_journal_sendv(), pass it in a memfd. A busy journald (EAGAIN) is a drop.
+            if exc.errno not in (errno.EMSGSIZE, errno.ENOBUFS):
+                raise
+            send_memfd(sock, payload)
+
+    def reopen(self) -> None:
+        """Connect anew (a restarted journald has a new socket)."""
+        self._disconnect()
+        self._next_connect = self._clock()
+        self._connect()
+
+    def close(self) -> None:
+        self._disconnect()
+
+    def _disconnect(self) -> None:
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            sock.close()
+
+    def _set_down(self, exc: OSError) -> None:
+        was_up, self.up = self.up, False
+        if (was_up or not self._warned_down) and self._throttle.ready():
+            self._warned_down = True
+            log.warning(
+                "journald not reachable at %s (%s): access records to journald are dropped "
+                "and counted until it is",
+                self.socket_path,
+                exc.strerror or exc,
+            )
+
+    def _set_up(self) -> None:
+        if not self.up and self._warned_down and self._throttle.ready():
+            log.warning("journald reachable again at %s", self.socket_path)
+        self.up = True
+
+
+# -- fan-out -----------------------------------------------------------------------------
+
+
+class Fanout:
+    """Every record to every sink. `sinks` holds the enabled ones (NullSinks are left out:
+    a disabled sink has no state worth exporting) for kmeshd_sink_up / records_dropped."""
+
+    def __init__(self, sinks: Iterable[Sink]) -> None:
+        self.sinks: tuple[Sink, ...] = tuple(s for s in sinks if not isinstance(s, NullSink))
+
+    def write(self, r: AccessRecord) -> None:
+        for sink in self.sinks:
+            sink.write(r)
+
+    def reopen(self) -> None:
+        for sink in self.sinks:
+            sink.reopen()
+
+    def close(self) -> None:
+        for sink in self.sinks:
+            sink.close()
