@@ -11,8 +11,8 @@ import time
 
 
 class Notifier:
-    def __init__(self, environ: dict[str, str] | None = None) -> None:
-        env = os.environ if environ is None else environ
+    def __init__(self) -> None:
+        env = os.environ  # sdnotify reads NOTIFY_SOCKET from there too
         self._enabled = bool(env.get("NOTIFY_SOCKET"))
         usec = int(env.get("WATCHDOG_USEC", "0") or 0)
         # Ping at half the watchdog period, as sd_watchdog_enabled(3) advises.
