@@ -56,6 +56,7 @@ class MetricsConfig:
 class AccessLogConfig:
     file: str = "/var/log/kmeshd/accesslog.json"  # "" disables, "-" is standard output
     journald: bool = True
+    max_rate: int = 5000  # records per second user space handles; 0 = no limit
     file_explicit: bool = False  # set in the file: its directory must exist
 
 
@@ -237,8 +238,20 @@ def _accesslog(t: Table, d: AccessLogConfig) -> AccessLogConfig:
     return AccessLogConfig(
         file=t.parsed("file", d.file, file),
         journald=t.boolean("journald", d.journald),
+        max_rate=_max_rate(t, d.max_rate),
         file_explicit=t.has("file"),
     )
+
+
+def _max_rate(t: Table, default: int) -> int:
+    rate = t.integer("max_rate", default)
+    if rate < 0:
+        t.problem(
+            "max_rate",
+            f"must be 0 (no limit) or a positive number of records per second, got {rate}",
+        )
+        return default
+    return rate
 
 
 def _bpf(t: Table, d: BpfConfig) -> BpfConfig:

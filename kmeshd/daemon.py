@@ -38,6 +38,7 @@ from kmeshd.identity.model import Identities
 from kmeshd.labels import access_record
 from kmeshd.paths import check_directory
 from kmeshd.probe import Probe
+from kmeshd.ratelimit import TokenBucket
 from kmeshd.systemd import Notifier
 
 log = logging.getLogger("kmeshd")
@@ -109,6 +110,7 @@ class Daemon:
         self.probe: Probe | None = None
         self.known_refused = 0
         self.textfile_up = True
+        self.budget = TokenBucket(config.accesslog.max_rate)
         self._stop = False
         self._reload = False
         self._wall_offset = 0
@@ -168,7 +170,10 @@ class Daemon:
         while not self._stop:
             wait = max(0.0, min(next_publish - time.monotonic(), POLL_MS / 1000))
             self._wall_offset = time.time_ns() - time.monotonic_ns()
-            self.probe.poll(int(wait * 1000))
+            if self.budget.available():
+                self.probe.poll(int(wait * 1000))
+            else:  # over the access-log budget: leave records queued in the kernel
+                time.sleep(min(wait, self.budget.wait()))
             if self._reload:
                 self.reload()
             if time.monotonic() >= next_publish:
@@ -176,8 +181,9 @@ class Daemon:
                 next_publish = max(next_publish + self.config.metrics.interval, time.monotonic())
             self.notify.watchdog()
 
-    def _on_record(self, raw: bytes) -> None:
+    def _on_record(self, raw: bytes) -> bool:
         self.sinks.write(access_record(decode_record(raw), self.identities, self._wall_offset))
+        return self.budget.take()
 
     # -- publish -------------------------------------------------------------------------
 
@@ -280,6 +286,8 @@ class Daemon:
         else:
             self.sinks.reopen()
         self.identities = identities
+        if new.accesslog.max_rate != self.config.accesslog.max_rate:
+            self.budget = TokenBucket(new.accesslog.max_rate)
         assert self.probe is not None
         self.known_refused = self.probe.set_known(identities.known_addresses())
         self.config = new
@@ -291,6 +299,9 @@ class Daemon:
         """Final publish, detach, close. Safe after a partial startup."""
         self.notify.stopping()
         if self.probe is not None:
+            # Whatever is queued is written, past the budget: at most a ring buffer's worth
+            # (about 40,000 records, a second or two), and nothing is left behind unwritten.
+            self.budget = TokenBucket(0)
             self.probe.drain()
             self.publish()
             self.probe.close(detach=True)

@@ -5,6 +5,7 @@ Label names and order are the contract of INTERFACE.md; unknown values are "-".
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from dataclasses import dataclass
 
@@ -122,10 +123,13 @@ def flow_labels(
     )
 
 
+@functools.lru_cache(maxsize=65536)
+def _host(ip: IPAddress) -> str:
+    return f"[{ip}]" if isinstance(ip, ipaddress.IPv6Address) else str(ip)
+
+
 def format_address(ip: IPAddress, port: int) -> str:
-    if isinstance(ip, ipaddress.IPv6Address):
-        return f"[{ip}]:{port}"
-    return f"{ip}:{port}"
+    return f"{_host(ip)}:{port}"
 
 
 def access_record(rec: ConnectionRecord, ids: Identities, wall_offset_ns: int) -> AccessRecord:

@@ -133,12 +133,12 @@ class Probe:
         link_fd = attach(libbpf, prog.fd, cgroup_dir, pins / "link")
         return cls(bpf, libbpf, link_fd, pins / "link")
 
-    def on_record(self, callback: Callable[[bytes], None]) -> None:
-        """Call `callback(raw record)` for each ring-buffer record consumed by poll()."""
+    def on_record(self, callback: Callable[[bytes], bool]) -> None:
+        """Call `callback(raw record)` for each ring-buffer record poll() consumes; when it
+        returns False, poll() stops and the rest stay queued in the kernel."""
 
         def _cb(_ctx: Any, data: Any, size: int) -> int:
-            callback(ctypes.string_at(data, size))
-            return 0
+            return 0 if callback(ctypes.string_at(data, size)) else -1
 
         self._bpf["records"].open_ring_buffer(_cb)
 

@@ -45,7 +45,13 @@ class Daemon:
     """One kmeshd process with its own config, textfile, access log and pin dir."""
 
     def __init__(
-        self, workdir: Path, inventory: str, pin_dir: Path, *, journald: bool = False
+        self,
+        workdir: Path,
+        inventory: str,
+        pin_dir: Path,
+        *,
+        journald: bool = False,
+        max_rate: int = 0,
     ) -> None:
         self.workdir = workdir
         self.pin_dir = pin_dir
@@ -67,6 +73,7 @@ interval = "200ms"
 [accesslog]
 file = "{self.accesslog}"
 journald = {"true" if journald else "false"}
+max_rate = {max_rate}
 [bpf]
 pin_dir = "{pin_dir}"
 """

@@ -65,6 +65,7 @@ def test_empty_file_is_all_defaults() -> None:
         ("metrics.textfile_explicit", False),
         ("accesslog.file", "/var/log/kmeshd/accesslog.json"),
         ("accesslog.journald", True),
+        ("accesslog.max_rate", 5000),
         ("accesslog.file_explicit", False),
         ("bpf.cgroup", "auto"),
         ("bpf.pin_dir", "/sys/fs/bpf/kmeshd"),
@@ -115,6 +116,8 @@ def test_default(key: str, expected: object) -> None:
         ('[accesslog]\nfile = "/tmp/a.json"', "accesslog.file", "/tmp/a.json"),
         ('[accesslog]\nfile = "/tmp/a.json"', "accesslog.file_explicit", True),
         ("[accesslog]\njournald = false", "accesslog.journald", False),
+        ("[accesslog]\nmax_rate = 0", "accesslog.max_rate", 0),
+        ("[accesslog]\nmax_rate = 20000", "accesslog.max_rate", 20000),
         ('[bpf]\ncgroup = "/sys/fs/cgroup/kubepods"', "bpf.cgroup", "/sys/fs/cgroup/kubepods"),
         ('[bpf]\npin_dir = "/sys/fs/bpf/other"', "bpf.pin_dir", "/sys/fs/bpf/other"),
         ('metrics = { interval = "1m" }', "metrics.interval", 60.0),
@@ -292,6 +295,15 @@ KNOWN_TABLES = "(known: accesslog, bpf, identity, kubernetes, metrics)"
         ),
         ('[kubernetes]\ncluster = ""', "kubernetes.cluster: must not be empty"),
         ("[kubernetes]\nnode_name = [1]", "kubernetes.node_name: expected a string, got an array"),
+        (
+            "[accesslog]\nmax_rate = -1",
+            "accesslog.max_rate: must be 0 (no limit) or a positive number of records per "
+            "second, got -1",
+        ),
+        (
+            '[accesslog]\nmax_rate = "fast"',
+            'accesslog.max_rate: expected an integer, got the string "fast"',
+        ),
         (
             '[accesslog]\njournald = "yes"',
             'accesslog.journald: expected true or false, got the string "yes"',

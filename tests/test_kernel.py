@@ -322,3 +322,23 @@ def test_textfile_directory_removed_at_run_time(daemon: Daemon, pods: dict[str, 
     daemon.wait_for(lambda s: value(s, "kmeshd_sink_up", sink="textfile") == 1, what="up again")
     assert daemon.textfile.exists()
     assert daemon.stderr().count("cannot write") == 1  # logged once, not every interval
+
+
+def test_access_log_budget_delays_records_but_not_metrics(
+    tmp_path: Path, pin_dir: Path, pods: dict[str, Pod]
+) -> None:
+    """Over accesslog.max_rate, records wait in the kernel's ring; metrics are exact at once."""
+    daemon = Daemon(tmp_path, INVENTORY, pin_dir, max_rate=40)
+    daemon.start()
+    ready = time.monotonic()
+    try:
+        exchange(pods, [(20, 2, 0)] * 100)
+        s = daemon.wait_for(closed(100), what="100 closed")
+        assert value(s, W + "received_bytes_total", reporter="source") == 2000
+        allowed = 40 + 40 * (time.monotonic() - ready) + 2  # a burst, then 40 a second
+        assert len(daemon.access_log()) <= min(allowed, 199)
+        records = wait_records(daemon, 200, timeout=15)
+        assert sum(r["received_bytes"] for r in records) == 2 * 2000
+        assert value(daemon.samples(), "kmeshd_events_lost_total") == 0
+    finally:
+        daemon.close()

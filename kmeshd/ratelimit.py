@@ -1,0 +1,45 @@
+"""A token bucket: how many access-log records user space may handle per second.
+
+Records over the budget stay in the kernel's ring buffer; once it is full the kernel drops
+new ones and counts them (kmeshd_events_lost_total). So overload costs counted records,
+never a core of CPU taken from the node's real work.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+
+class TokenBucket:
+    """`rate` tokens per second, at most `rate` saved up (one second's burst); 0 = unlimited."""
+
+    def __init__(self, rate: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.rate = rate
+        self._clock = clock
+        self._tokens = rate
+        self._last = clock()
+
+    def _refill(self) -> None:
+        now = self._clock()
+        self._tokens = min(self.rate, self._tokens + (now - self._last) * self.rate)
+        self._last = now
+
+    def available(self) -> bool:
+        if not self.rate:
+            return True
+        self._refill()
+        return self._tokens >= 1
+
+    def take(self) -> bool:
+        """Spend one token; True while another one is left."""
+        if not self.rate:
+            return True
+        self._tokens -= 1
+        return self._tokens >= 1
+
+    def wait(self) -> float:
+        """Seconds until a token is available (0 when one is)."""
+        if self.available():
+            return 0.0
+        return (1 - self._tokens) / self.rate
