@@ -11,6 +11,7 @@ not know; the sinks (kmeshd.accesslog_sinks) write what these functions render.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -96,10 +97,15 @@ def _utc(time_ns: int) -> tuple[datetime, int]:
     return datetime.fromtimestamp(seconds, tz=UTC), ns
 
 
+@functools.lru_cache(maxsize=4)  # records come in time order: a few seconds at a time
+def _rfc3339_second(seconds: int) -> str:
+    return f"{datetime.fromtimestamp(seconds, tz=UTC):%Y-%m-%dT%H:%M:%S}"
+
+
 def rfc3339(time_ns: int) -> str:
     """RFC 3339 in UTC with all 9 fractional digits: "2024-09-14T08:19:26.552709932Z"."""
-    moment, ns = _utc(time_ns)
-    return f"{moment:%Y-%m-%dT%H:%M:%S}.{ns:09d}Z"
+    seconds, ns = divmod(time_ns, _NS_PER_S)
+    return f"{_rfc3339_second(seconds)}.{ns:09d}Z"
 
 
 def go_time(time_ns: int) -> str:
@@ -135,9 +141,10 @@ def fields(r: AccessRecord) -> dict[str, object]:
     return out
 
 
-def message(r: AccessRecord) -> str:
-    """The seed's text: "src.addr=..., ..., duration=2.733902ms" (+ ", failure_reason=...")."""
-    f = fields(r)
+def message(r: AccessRecord, f: dict[str, object] | None = None) -> str:
+    """The seed's text: "src.addr=..., ..., duration=2.733902ms" (+ ", failure_reason=...");
+    `f` is fields(r) when the caller has it already."""
+    f = fields(r) if f is None else f
     keys = _MESSAGE_KEYS if r.failure_reason is None else (*_MESSAGE_KEYS, "failure_reason")
     return ", ".join(f"{key}={f[key]}" for key in keys)
 
@@ -152,13 +159,21 @@ def journal_key(key: str) -> str:
     return "KMESHD_" + key.upper().replace(".", "_")
 
 
+_JOURNAL_KEYS = {
+    key: journal_key(key)
+    for key in (*_MESSAGE_KEYS, "time", "duration_ns", "srtt_us", "min_rtt_us", "retransmits",
+                "failure_reason")
+}  # fmt: skip
+
+
 def journal_fields(r: AccessRecord) -> dict[str, str]:
     """MESSAGE, MESSAGE_ID, SYSLOG_IDENTIFIER, PRIORITY, then every JSON key as KMESHD_*."""
+    f = fields(r)
     out = {
-        "MESSAGE": message(r),
+        "MESSAGE": message(r, f),
         "MESSAGE_ID": MESSAGE_ID,
         "SYSLOG_IDENTIFIER": SYSLOG_IDENTIFIER,
         "PRIORITY": PRIORITY_INFO,
     }
-    out.update({journal_key(key): str(value) for key, value in fields(r).items()})
+    out.update({_JOURNAL_KEYS[key]: str(value) for key, value in f.items()})
     return out

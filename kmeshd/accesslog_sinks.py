@@ -24,7 +24,7 @@ import struct
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping
-from typing import IO, Any, Protocol
+from typing import IO, Protocol
 
 from kmeshd.accesslog import AccessRecord, fields, journal_fields
 
@@ -93,19 +93,10 @@ class NullSink:
 # -- file --------------------------------------------------------------------------------
 
 
-class _FieldsFormatter(JsonFormatter):  # type: ignore[misc]  # untyped library
-    """Renders exactly the dict that was logged: no message, level or logger name added."""
-
-    def __init__(self) -> None:
-        super().__init__(json_ensure_ascii=False)  # "850µs" stays readable
-
-    def add_fields(
-        self,
-        log_record: dict[str, Any],
-        record: logging.LogRecord,
-        message_dict: dict[str, Any],
-    ) -> None:
-        log_record.update(message_dict)
+# python-json-logger's serializer (its encoder, ensure_ascii off so "850µs" stays
+# readable), called directly: a LogRecord and the logging machinery per access record
+# cost more than rendering it.
+_JSON = JsonFormatter(json_ensure_ascii=False)
 
 
 def _write_some(stream: IO[bytes], data: bytes) -> int:
@@ -115,20 +106,17 @@ def _write_some(stream: IO[bytes], data: bytes) -> int:
     return n
 
 
-class _LineHandler(logging.Handler):
-    """Writes each formatted record as one line to the stream it is given. Errors propagate
-    to the caller (logging.StreamHandler would print them to stderr and carry on)."""
+class _LineWriter:
+    """Writes each line whole to the stream it is given. Errors propagate to the caller."""
 
     def __init__(self) -> None:
-        super().__init__()
-        self.setFormatter(_FieldsFormatter())
         self.stream: IO[bytes] | None = None
         self._torn = False  # an error cut the last line short
 
-    def emit(self, record: logging.LogRecord) -> None:
+    def write_line(self, text: str) -> None:
         if self.stream is None:
             raise OSError(errno.EBADF, "access log file is not open")
-        line = (self.format(record) + "\n").encode()
+        line = (text + "\n").encode()
         if self._torn:  # end the fragment first: only that one line is unreadable
             line = b"\n" + line
         done = 0
@@ -167,12 +155,7 @@ class FileSink:
         self.dropped = 0
         self._stdout = stdout if stdout is not None else sys.stdout.buffer
         self._throttle = _Throttle(LOG_EVERY_S, clock)
-        self._handler = _LineHandler()
-        # A logger of its own, outside the logging tree: access records never reach the
-        # root logger's handlers, and the daemon's logging config cannot redirect them.
-        self._logger = logging.Logger(f"kmeshd.accesslog.{name}", logging.INFO)
-        self._logger.propagate = False
-        self._logger.addHandler(self._handler)
+        self._handler = _LineWriter()
         self._handler.stream = self._open()
 
     def _open(self) -> IO[bytes]:
@@ -186,12 +169,7 @@ class FileSink:
         try:
             if self._handler.stream is None:
                 self._handler.stream = self._open()
-            # handle() rather than info(): no logging.disable() or level check can drop a
-            # record uncounted, and no stack walk for a caller's line number per record.
-            record = self._logger.makeRecord(
-                self._logger.name, logging.INFO, __file__, 0, fields(r), (), None
-            )
-            self._logger.handle(record)
+            self._handler.write_line(_JSON.jsonify_log_record(fields(r)))
         except (OSError, ValueError) as exc:  # ValueError: a closed stream, unencodable text
             self.dropped += 1
             self._set_down(exc)

@@ -15,6 +15,7 @@ import time
 import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -145,7 +146,7 @@ pin_dir = "{pin_dir}"
                 raise AssertionError(f"timed out waiting for {what}:\n{self.scrape()}")
             time.sleep(0.1)
 
-    def access_log(self) -> list[dict[str, object]]:
+    def access_log(self) -> list[dict[str, Any]]:
         if not self.accesslog.exists():
             return []
         lines = self.accesslog.read_text().splitlines()

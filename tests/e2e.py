@@ -6,6 +6,7 @@ import json
 import subprocess
 import time
 from collections.abc import Callable
+from typing import Any
 
 from kmeshd import cgroup
 from tests.daemon_proc import Daemon, Samples, value
@@ -75,7 +76,7 @@ def closed(n: int, **labels: str) -> Callable[[Samples], bool]:
     return check
 
 
-def wait_records(daemon: Daemon, n: int, timeout: float = 10) -> list[dict[str, object]]:
+def wait_records(daemon: Daemon, n: int, timeout: float = 10) -> list[dict[str, Any]]:
     deadline = time.monotonic() + timeout
     while len(records := daemon.access_log()) < n and time.monotonic() < deadline:
         time.sleep(0.1)
