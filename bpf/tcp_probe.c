@@ -62,6 +62,9 @@ BPF_TABLE_PINNED("percpu_array", int, __u64, stats, STAT_COUNT, PIN_DIR "/stats"
 BPF_TABLE_PINNED("lru_hash", __u64, __u8, resets, 16384, PIN_DIR "/resets");
 PINNED_SK_STORAGE(socks, struct sock_state, PIN_DIR "/socks");
 BPF_RINGBUF_OUTPUT(records, RINGBUF_PAGES);
+/* Set by user space: [0] = 1 while an access log wants records. Off, a close costs no
+ * ring-buffer work at all. Not pinned: it belongs to the running daemon's config. */
+BPF_ARRAY(settings, __u32, 1);
 
 static __always_inline void count(int index)
 {
@@ -249,6 +252,13 @@ static __always_inline __u8 failure_reason(struct sock_state *st, int reset)
     return REASON_OTHER;
 }
 
+static __always_inline int records_wanted(void)
+{
+    int zero = 0;
+    __u32 *on = settings.lookup(&zero);
+    return on && *on;
+}
+
 static __always_inline void emit(struct bpf_sock_ops *ctx, struct tuple *t, struct sock_state *st, __u8 kind, __u8 reason,
                                  __u8 flags, __u64 now, __u64 dst_received, __u64 dst_sent)
 {
@@ -307,7 +317,7 @@ static __always_inline void on_close(struct bpf_sock_ops *ctx, struct sock_state
             __sync_fetch_and_add(&c->received_bytes, dst_received);
             __sync_fetch_and_add(&c->sent_bytes, dst_sent);
         }
-        if (tracked)
+        if (tracked && records_wanted())
             emit(ctx, &t, st, KIND_CLOSED, REASON_NONE, flags, now, dst_received, dst_sent);
     } else if (st->direction == DIR_OUTBOUND) {
         count(STAT_FAILED);
@@ -316,7 +326,8 @@ static __always_inline void on_close(struct bpf_sock_ops *ctx, struct sock_state
         } else {
             if ((c = flow_of(&t, DIR_OUTBOUND)))
                 __sync_fetch_and_add(&c->failed, 1);
-            emit(ctx, &t, st, KIND_FAILED, failure_reason(st, reset), flags, now, 0, 0);
+            if (records_wanted())
+                emit(ctx, &t, st, KIND_FAILED, failure_reason(st, reset), flags, now, 0, 0);
         }
     }
     struct bpf_sock *sk = ctx->sk;

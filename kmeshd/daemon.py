@@ -109,6 +109,7 @@ class Daemon:
         self.http: MetricsServer | None = None
         self.probe: Probe | None = None
         self.known_refused = 0
+        self.records_handled = 0
         self.textfile_up = True
         self.budget = TokenBucket(config.accesslog.max_rate)
         self._stop = False
@@ -135,6 +136,7 @@ class Daemon:
         self.notify.extend_timeout(30)
         self.probe = Probe.start(Path(cfg.bpf.pin_dir), cgroup_dir)
         self.probe.on_record(self._on_record)
+        self.probe.want_records(bool(self.sinks.sinks))
         self.known_refused = self.probe.set_known(self.identities.known_addresses())
         self.publish()
         self.notify.ready(f"probe attached to {cgroup_dir}; {self._listening()}")
@@ -182,6 +184,7 @@ class Daemon:
             self.notify.watchdog()
 
     def _on_record(self, raw: bytes) -> bool:
+        self.records_handled += 1
         self.sinks.write(access_record(decode_record(raw), self.identities, self._wall_offset))
         return self.budget.take()
 
@@ -217,6 +220,7 @@ class Daemon:
                 "failed": stats[Stat.FAILED],
             },
             events_lost=stats[Stat.RINGBUF_LOST],
+            records=self.records_handled,
             map_full={
                 "flows": stats[Stat.FLOWS_FULL],
                 "sockets": stats[Stat.SOCKS_FULL],
@@ -276,7 +280,9 @@ class Daemon:
             section, name = key.split(".")
             if getattr(getattr(new, section), name) != getattr(getattr(self.config, section), name):
                 log.warning("%s changed: takes effect after a restart", key)
+        assert self.probe is not None
         if sinks is not None:
+            self.probe.want_records(bool(sinks.sinks))
             for sink in self.sinks.sinks:  # dropped counters carry over: counters never go down
                 self._dropped_before[sink.name] = (
                     self._dropped_before.get(sink.name, 0) + sink.dropped
@@ -288,7 +294,6 @@ class Daemon:
         self.identities = identities
         if new.accesslog.max_rate != self.config.accesslog.max_rate:
             self.budget = TokenBucket(new.accesslog.max_rate)
-        assert self.probe is not None
         self.known_refused = self.probe.set_known(identities.known_addresses())
         self.config = new
         log.info("reloaded %s", new.path)

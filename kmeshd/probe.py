@@ -121,6 +121,7 @@ class Probe:
         self._flows = bpf["flows"]
         self._known = bpf["known_addrs"]
         self._stats = bpf["stats"]
+        self._settings = bpf["settings"]
 
     @classmethod
     def start(cls, pin_dir: Path, cgroup_dir: Path) -> Probe:
@@ -156,6 +157,10 @@ class Probe:
     def stats(self) -> dict[Stat, int]:
         """The per-CPU counters, summed."""
         return {s: sum(self._stats[ctypes.c_int(s)]) for s in Stat}
+
+    def want_records(self, on: bool) -> None:
+        """Whether the kernel queues access-log records at all (off: no ring work)."""
+        self._settings[ctypes.c_int(0)] = ctypes.c_uint32(int(on))
 
     def set_known(self, addresses: Iterable[IPAddress]) -> int:
         """Make the kernel's known-address set equal `addresses`; returns entries refused."""

@@ -53,6 +53,7 @@ class Daemon:
         *,
         journald: bool = False,
         max_rate: int = 0,
+        accesslog_file: bool = True,
     ) -> None:
         self.workdir = workdir
         self.pin_dir = pin_dir
@@ -72,7 +73,7 @@ listen = "127.0.0.1:{self.port}"
 textfile = "{self.textfile}"
 interval = "200ms"
 [accesslog]
-file = "{self.accesslog}"
+file = "{self.accesslog if accesslog_file else ""}"
 journald = {"true" if journald else "false"}
 max_rate = {max_rate}
 [bpf]

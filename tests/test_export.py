@@ -112,6 +112,7 @@ def test_ten_families_with_contract_labels(
         'kmeshd_build_info{version="0.1.0"} 1.0',
         'kmeshd_events_total{kind="failed"} 1.0',
         "kmeshd_events_lost_total 3.0",
+        "kmeshd_accesslog_records_total 0.0",
         "kmeshd_connections_unattributed_total 4.0",
         'kmeshd_accesslog_records_dropped_total{sink="journald"} 7.0',
         'kmeshd_sink_up{sink="journald"} 0.0',

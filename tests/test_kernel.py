@@ -342,3 +342,21 @@ def test_access_log_budget_delays_records_but_not_metrics(
         assert value(daemon.samples(), "kmeshd_events_lost_total") == 0
     finally:
         daemon.close()
+
+
+def test_access_log_off_queues_no_records(
+    tmp_path: Path, pin_dir: Path, pods: dict[str, Pod]
+) -> None:
+    """With no access-log sink the kernel queues no records: none lost, metrics exact."""
+    daemon = Daemon(tmp_path, INVENTORY, pin_dir, accesslog_file=False)
+    daemon.start()
+    try:
+        exchange(pods, [(30, 3, 1)] * 50)
+        s = daemon.wait_for(closed(50), what="50 closed")
+        assert value(s, W + "received_bytes_total", reporter="destination") == 1500
+        assert value(s, "kmeshd_events_lost_total") == 0
+        assert value(s, "kmeshd_accesslog_records_total") == 0
+        assert value(s, "kmeshd_events_total", kind="closed") >= 100
+        assert not daemon.accesslog.exists()
+    finally:
+        daemon.close()

@@ -47,6 +47,7 @@ class Health:
     version: str = "unknown"
     events: Mapping[str, int] = field(default_factory=dict)  # kind -> seen by the probe
     events_lost: int = 0
+    records: int = 0  # access-log records taken from the ring buffer
     map_full: Mapping[str, int] = field(default_factory=dict)  # map -> refused entries
     unattributed: int = 0
     sinks: tuple[SinkHealth, ...] = ()
@@ -107,6 +108,11 @@ def _health(h: Health) -> Iterator[Metric]:
         "kmeshd_events_lost_total",
         "Access-log records the kernel could not queue (ring buffer full)",
         value=h.events_lost,
+    )
+    yield CounterMetricFamily(
+        "kmeshd_accesslog_records_total",
+        "Access-log records taken from the kernel and handed to the sinks",
+        value=h.records,
     )
     yield _counter(
         "kmeshd_bpf_map_full_total",
