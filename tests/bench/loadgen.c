@@ -6,6 +6,12 @@
  *   loadgen connect ADDR PORT THREADS SECONDS REQUEST REPLY
  *       each thread: connect, send REQUEST bytes, read REPLY bytes and EOF, close; repeat.
  *       Prints "<connections> <request bytes> <reply bytes> <errors>" for the whole run.
+ *   loadgen once ADDR PORT REQUEST REPLY
+ *       one connection as above; prints the CLOCK_MONOTONIC time of its close(), in seconds
+ *       (the clock Python's time.monotonic() reads), or exits 1 if the exchange failed.
+ *
+ * `serve` binds and listens on every socket before it prints "listening", so a client
+ * started after that line cannot be refused.
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -80,10 +86,8 @@ static int write_n(int fd, const char *buf, int want)
     return done;
 }
 
-static void *serve_thread(void *arg)
+static int listener(void)
 {
-    (void)arg;
-    static char buf[1 << 16];
     int one = 1, fd = socket(addr.ss_family, SOCK_STREAM, 0);
     setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof(one));
     setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
@@ -91,6 +95,13 @@ static void *serve_thread(void *arg)
         perror("bind/listen");
         exit(1);
     }
+    return fd;
+}
+
+static void *serve_thread(void *arg)
+{
+    int fd = (int)(intptr_t)arg;
+    char *buf = malloc(1 << 16);
     for (;;) {
         int c = accept(fd, NULL, NULL);
         if (c < 0)
@@ -102,20 +113,28 @@ static void *serve_thread(void *arg)
     return NULL;
 }
 
+/* One exchange on a new connection; 0 when the reply and the server's EOF both came. */
+static int exchange(char *buf)
+{
+    int fd = socket(addr.ss_family, SOCK_STREAM, 0);
+    int ok = fd >= 0 && !connect(fd, (struct sockaddr *)&addr, addr_len) &&
+             write_n(fd, buf, request) == request && read_n(fd, buf, reply) == reply &&
+             read(fd, buf, 1) == 0;
+    if (fd >= 0)
+        close(fd);
+    return ok ? 0 : -1;
+}
+
 static void *connect_thread(void *arg)
 {
     struct result *r = arg;
     char *buf = calloc(1, (request > reply ? request : reply) + 1);
     double end = now() + seconds;
     while (now() < end) {
-        int fd = socket(addr.ss_family, SOCK_STREAM, 0);
-        if (connect(fd, (struct sockaddr *)&addr, addr_len) || write_n(fd, buf, request) != request ||
-            read_n(fd, buf, reply) != reply || read(fd, buf, 1) != 0) {
+        if (exchange(buf)) {
             r->errors++;
-            close(fd);
             continue;
         }
-        close(fd);
         r->connections++;
         r->sent += request;
         r->received += reply;
@@ -133,8 +152,11 @@ int main(int argc, char **argv)
         request = argc > 6 ? atoi(argv[6]) : 64;
         parse_addr(argv[2]);
         pthread_t t[64];
+        int fds[64];
         for (int i = 0; i < threads && i < 64; i++)
-            pthread_create(&t[i], NULL, serve_thread, NULL);
+            fds[i] = listener();
+        for (int i = 0; i < threads && i < 64; i++)
+            pthread_create(&t[i], NULL, serve_thread, (void *)(intptr_t)fds[i]);
         printf("listening\n");
         fflush(stdout);
         pthread_join(t[0], NULL);
@@ -161,7 +183,19 @@ int main(int argc, char **argv)
         printf("%lu %lu %lu %lu\n", total.connections, total.sent, total.received, total.errors);
         return 0;
     }
+    if (argc == 6 && !strcmp(argv[1], "once")) {
+        port = atoi(argv[3]);
+        request = atoi(argv[4]);
+        reply = atoi(argv[5]);
+        parse_addr(argv[2]);
+        char *buf = calloc(1, (request > reply ? request : reply) + 1);
+        if (exchange(buf))
+            return 1;
+        printf("%.9f\n", now());
+        return 0;
+    }
     fprintf(stderr, "usage: loadgen serve ADDR PORT THREADS REPLY [REQUEST] | "
-                    "loadgen connect ADDR PORT THREADS SECONDS REQUEST REPLY\n");
+                    "loadgen connect ADDR PORT THREADS SECONDS REQUEST REPLY | "
+                    "loadgen once ADDR PORT REQUEST REPLY\n");
     return 2;
 }
