@@ -285,7 +285,9 @@ static __always_inline void emit(struct bpf_sock_ops *ctx, struct tuple *t, stru
     r->segs_in = ctx->segs_in;
     r->segs_out = ctx->segs_out;
     r->_pad = 0;
-    records.ringbuf_submit(r, 0);
+    /* No wakeup: user space drains the ring on its own tick, so a close never pays for
+     * waking a reader, and records are handled in batches. */
+    records.ringbuf_submit(r, BPF_RB_NO_WAKEUP);
 }
 
 static __always_inline int take_reset(struct bpf_sock_ops *ctx)

@@ -43,7 +43,7 @@ from kmeshd.systemd import Notifier
 
 log = logging.getLogger("kmeshd")
 
-POLL_MS = 250  # upper bound on how late a signal or a publish is handled
+TICK_S = 0.1  # the ring buffer is drained this often; also how late a signal is handled
 LOG_EVERY_S = 60.0  # rate limit for repeated run-time failures
 
 
@@ -170,18 +170,16 @@ class Daemon:
         assert self.probe is not None, "startup() first"
         next_publish = time.monotonic() + self.config.metrics.interval
         while not self._stop:
-            wait = max(0.0, min(next_publish - time.monotonic(), POLL_MS / 1000))
             self._wall_offset = time.time_ns() - time.monotonic_ns()
-            if self.budget.available():
-                self.probe.poll(int(wait * 1000))
-            else:  # over the access-log budget: leave records queued in the kernel
-                time.sleep(min(wait, self.budget.wait()))
+            if self.budget.available():  # else records stay queued in the kernel
+                self.probe.drain()
             if self._reload:
                 self.reload()
             if time.monotonic() >= next_publish:
                 self.publish()
                 next_publish = max(next_publish + self.config.metrics.interval, time.monotonic())
             self.notify.watchdog()
+            time.sleep(max(0.0, min(TICK_S, next_publish - time.monotonic())))
 
     def _on_record(self, raw: bytes) -> bool:
         self.records_handled += 1

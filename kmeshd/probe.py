@@ -143,10 +143,8 @@ class Probe:
 
         self._bpf["records"].open_ring_buffer(_cb)
 
-    def poll(self, timeout_ms: int) -> None:
-        self._bpf.ring_buffer_poll(timeout_ms)
-
     def drain(self) -> None:
+        """Hand every queued record to the callback (until it says stop); never waits."""
         self._bpf.ring_buffer_consume()
 
     def flows(self) -> Iterator[tuple[bytes, bytes]]:

@@ -37,9 +37,3 @@ class TokenBucket:
             return True
         self._tokens -= 1
         return self._tokens >= 1
-
-    def wait(self) -> float:
-        """Seconds until a token is available (0 when one is)."""
-        if self.available():
-            return 0.0
-        return (1 - self._tokens) / self.rate
