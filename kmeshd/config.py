@@ -56,7 +56,7 @@ class MetricsConfig:
 class AccessLogConfig:
     file: str = "/var/log/kmeshd/accesslog.json"  # "" disables, "-" is standard output
     journald: bool = True
-    max_rate: int = 5000  # records per second user space handles; 0 = no limit
+    max_rate: int = 1000  # records per second user space handles; 0 = no limit
     file_explicit: bool = False  # set in the file: its directory must exist
 
 

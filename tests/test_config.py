@@ -65,7 +65,7 @@ def test_empty_file_is_all_defaults() -> None:
         ("metrics.textfile_explicit", False),
         ("accesslog.file", "/var/log/kmeshd/accesslog.json"),
         ("accesslog.journald", True),
-        ("accesslog.max_rate", 5000),
+        ("accesslog.max_rate", 1000),
         ("accesslog.file_explicit", False),
         ("bpf.cgroup", "auto"),
         ("bpf.pin_dir", "/sys/fs/bpf/kmeshd"),
