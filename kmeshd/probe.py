@@ -131,12 +131,16 @@ class Probe:
         bpf = compile_probe(bcc, pins)
         libbpf = _LibBpf()
         prog = bpf.load_func(PROGRAM, bcc.BPF.SOCK_OPS)
-        link_fd = attach(libbpf, prog.fd, cgroup_dir, pins / "link")
+        try:
+            link_fd = attach(libbpf, prog.fd, cgroup_dir, pins / "link")
+        except OSError as exc:
+            bpf.cleanup()
+            raise UnavailableError(f"cannot attach the probe to {cgroup_dir}: {exc}") from exc
         return cls(bpf, libbpf, link_fd, pins / "link")
 
     def on_record(self, callback: Callable[[bytes], bool]) -> None:
-        """Call `callback(raw record)` for each ring-buffer record poll() consumes; when it
-        returns False, poll() stops and the rest stay queued in the kernel."""
+        """Call `callback(raw record)` for each ring-buffer record drain() consumes; when it
+        returns False, drain() stops and the rest stay queued in the kernel."""
 
         def _cb(_ctx: Any, data: Any, size: int) -> int:
             return 0 if callback(ctypes.string_at(data, size)) else -1
