@@ -52,14 +52,18 @@ class Daemon:
         pin_dir: Path,
         *,
         journald: bool = False,
-        max_rate: int = 0,
+        max_rate: int | None = 0,
         accesslog_file: bool = True,
+        textfile: bool = True,
+        interval: str = "200ms",
     ) -> None:
+        """`max_rate` None leaves accesslog.max_rate at its default."""
         self.workdir = workdir
         self.pin_dir = pin_dir
         self.port = free_port()
         self.textfile = workdir / "textfile" / "kmeshd.prom"
         self.accesslog = workdir / "log" / "accesslog.json"
+        self.accesslog_enabled = accesslog_file
         self.config = workdir / "kmeshd.toml"
         self.textfile.parent.mkdir(exist_ok=True)
         self.accesslog.parent.mkdir(exist_ok=True)
@@ -70,12 +74,12 @@ class Daemon:
 inventory = "{workdir / "inventory.toml"}"
 [metrics]
 listen = "127.0.0.1:{self.port}"
-textfile = "{self.textfile}"
-interval = "200ms"
+textfile = "{self.textfile if textfile else ""}"
+interval = "{interval}"
 [accesslog]
 file = "{self.accesslog if accesslog_file else ""}"
 journald = {"true" if journald else "false"}
-max_rate = {max_rate}
+{"" if max_rate is None else f"max_rate = {max_rate}"}
 [bpf]
 pin_dir = "{pin_dir}"
 """

@@ -11,14 +11,13 @@ import random
 import time
 
 from tests.bench.loadgen import Loadgen
-from tests.bench.probes import BenchDaemon
 from tests.bench.scenarios import Scenario
-from tests.daemon_proc import value
+from tests.daemon_proc import Daemon, value
 
 POLL_S = 0.01
 
 
-def closes(daemon: BenchDaemon, scenario: Scenario) -> tuple[int, int]:
+def closes(daemon: Daemon, scenario: Scenario) -> tuple[int, int]:
     """closed_total for (reporter=source, reporter=destination) between the two workloads."""
     samples = daemon.samples()
     ends = {
@@ -33,7 +32,7 @@ def closes(daemon: BenchDaemon, scenario: Scenario) -> tuple[int, int]:
 
 
 def wait_visible(
-    daemon: BenchDaemon, scenario: Scenario, before: tuple[int, int], closed_at: float, bound: float
+    daemon: Daemon, scenario: Scenario, before: tuple[int, int], closed_at: float, bound: float
 ) -> float:
     """Seconds from `closed_at` to the first scrape showing both closes."""
     while True:
@@ -49,7 +48,7 @@ def wait_visible(
 def close_to_metrics(
     loadgen: Loadgen,
     scenario: Scenario,
-    daemon: BenchDaemon,
+    daemon: Daemon,
     samples: int,
     interval: float,
     rng: random.Random,

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tests.bench.loadgen import Churn, Loadgen
-from tests.bench.probes import BenchDaemon, Watcher, cpu_seconds, peak_rss_bytes, sock_ops_attached
+from tests.bench.probes import Watcher, cpu_seconds, peak_rss_bytes, sock_ops_attached
 from tests.bench.scenarios import Scenario
-from tests.daemon_proc import Samples, value
+from tests.daemon_proc import Daemon, Samples, value
 
 SETTLE_S = 0.5  # after the client's last close, the server side's last close is done too
 STALL_S = 3.0  # an access log that has not grown for this long has caught up
@@ -91,7 +91,7 @@ def measure(
     round_no, config = where
     attached = sock_ops_attached()
     pid, daemon = watcher.pid, watcher.daemon
-    lines = LineCounter(daemon.accesslog) if daemon and daemon.accesslog_on else None
+    lines = LineCounter(daemon.accesslog) if daemon and daemon.accesslog_enabled else None
     cpu_before = cpu_seconds(pid) if pid else 0.0
     churn = loadgen.churn(scenario.target, seconds)
     ended = time.time()
@@ -104,7 +104,7 @@ def measure(
 
 
 def check_kmeshd(
-    daemon: BenchDaemon,
+    daemon: Daemon,
     scenario: Scenario,
     churn: Churn,
     ended: float,
@@ -138,7 +138,7 @@ def lost(samples: Samples) -> int:
 
 
 def wait_caught_up(
-    daemon: BenchDaemon, after: float, lines: LineCounter | None, records: int
+    daemon: Daemon, after: float, lines: LineCounter | None, records: int
 ) -> Samples:
     """The first scrape of a publish made after `after` at which the access log (if on)
     holds every record not counted as lost, or at which it had stopped growing."""

@@ -30,7 +30,7 @@ class Watcher:
     """A running probe: its process (None for the baseline) and, for kmeshd, the daemon."""
 
     pid: int | None
-    daemon: BenchDaemon | None = None
+    daemon: Daemon | None = None
 
 
 def cpu_seconds(pid: int) -> float:
@@ -65,47 +65,23 @@ class DaemonSettings:
     accesslog_max_rate: int | None = None  # None: leave accesslog.max_rate at its default
 
 
-class BenchDaemon(Daemon):
-    """tests/daemon_proc.Daemon with the benchmark's config: the default publish interval,
-    no textfile, no journald, the access-log file only when asked for."""
-
-    def __init__(
-        self,
-        workdir: Path,
-        inventory: str,
-        pin_dir: Path,
-        *,
-        accesslog: bool,
-        settings: DaemonSettings,
-    ) -> None:
-        super().__init__(workdir, inventory, pin_dir)
-        self.accesslog_on = accesslog
-        max_rate = settings.accesslog_max_rate
-        self.config.write_text(
-            f"""
-[identity]
-inventory = "{workdir / "inventory.toml"}"
-[metrics]
-listen = "127.0.0.1:{self.port}"
-textfile = ""
-interval = "{settings.interval}"
-[accesslog]
-file = "{self.accesslog if accesslog else ""}"
-journald = false
-{"" if max_rate is None else f"max_rate = {max_rate}"}
-[bpf]
-pin_dir = "{pin_dir}"
-"""
-        )
-
-
 @contextmanager
 def kmeshd(
     workdir: Path, inventory: str, pin_dir: Path, *, accesslog: bool, settings: DaemonSettings
 ) -> Iterator[Watcher]:
     """A started kmeshd; stopped with SIGTERM (its clean path) and its pins removed after."""
     workdir.mkdir(parents=True)
-    daemon = BenchDaemon(workdir, inventory, pin_dir, accesslog=accesslog, settings=settings)
+    # The benchmark's config: the default publish interval, no textfile, no journald, the
+    # access-log file only when asked for.
+    daemon = Daemon(
+        workdir,
+        inventory,
+        pin_dir,
+        accesslog_file=accesslog,
+        textfile=False,
+        interval=settings.interval,
+        max_rate=settings.accesslog_max_rate,
+    )
     try:
         daemon.start()
         assert daemon.proc is not None
