@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import IO, Protocol
 
 from kmeshd.accesslog import AccessRecord, fields, journal_fields
+from kmeshd.ratelimit import LOG_EVERY_S, Throttle
 
 try:  # python-json-logger >= 3.1
     from pythonjsonlogger.json import JsonFormatter
@@ -36,7 +37,6 @@ except ImportError:  # 2.0.x, Debian bookworm's python3-pythonjsonlogger
 log = logging.getLogger("kmeshd")
 
 JOURNAL_SOCKET = "/run/systemd/journal/socket"
-LOG_EVERY_S = 60.0  # at most one log line per sink per minute
 RECONNECT_EVERY_S = 5.0  # how often a down journald sink looks for the socket again
 
 Clock = Callable[[], float]
@@ -54,22 +54,6 @@ class Sink(Protocol):
     def reopen(self) -> None: ...
 
     def close(self) -> None: ...
-
-
-class _Throttle:
-    """Lets one log line through per `interval` seconds, so a failing sink cannot flood logs."""
-
-    def __init__(self, interval: float, clock: Clock) -> None:
-        self._interval = interval
-        self._clock = clock
-        self._last: float | None = None
-
-    def ready(self) -> bool:
-        now = self._clock()
-        if self._last is not None and now - self._last < self._interval:
-            return False
-        self._last = now
-        return True
 
 
 class NullSink:
@@ -154,7 +138,7 @@ class FileSink:
         self.up = True
         self.dropped = 0
         self._stdout = stdout if stdout is not None else sys.stdout.buffer
-        self._throttle = _Throttle(LOG_EVERY_S, clock)
+        self._throttle = Throttle(LOG_EVERY_S, clock)
         self._handler = _LineWriter()
         self._handler.stream = self._open()
 
@@ -300,7 +284,7 @@ class JournaldSink:
         self._next_connect = clock()
         self._sock: socket.socket | None = None
         self._warned_down = False
-        self._throttle = _Throttle(LOG_EVERY_S, clock)
+        self._throttle = Throttle(LOG_EVERY_S, clock)
         self._connect()
 
     def _connect(self) -> socket.socket | None:

@@ -3,7 +3,7 @@
     probe ──flows──> events.decode_flow ──> aggregate.fold ──> export (HTTP, textfile)
           └─records─> events.decode_record ──> labels.access_record ──> access-log sinks
 
-Signals only set flags; the main loop acts on them between polls.
+Signals only set flags; the main loop acts on them on its next tick.
 """
 
 from __future__ import annotations
@@ -38,13 +38,12 @@ from kmeshd.identity.model import Identities
 from kmeshd.labels import access_record
 from kmeshd.paths import check_directory
 from kmeshd.probe import Probe
-from kmeshd.ratelimit import TokenBucket
+from kmeshd.ratelimit import LOG_EVERY_S, Throttle, TokenBucket
 from kmeshd.systemd import Notifier
 
 log = logging.getLogger("kmeshd")
 
 TICK_S = 0.1  # the ring buffer is drained this often; also how late a signal is handled
-LOG_EVERY_S = 60.0  # rate limit for repeated run-time failures
 
 
 def load_identities(config: Config) -> Identities:
@@ -115,7 +114,9 @@ class Daemon:
         self._stop = False
         self._reload = False
         self._wall_offset = 0
-        self._last_complaint: dict[str, float] = {}
+        self._textfile_registry = CollectorRegistry(auto_describe=False)
+        self._textfile_registry.register(self.collector)
+        self._textfile_complaints = Throttle(LOG_EVERY_S)
         self._dropped_before: dict[str, int] = {}
         self._last_publish = 0.0
         self._publish_seconds = 0.0
@@ -234,9 +235,7 @@ class Daemon:
 
     def textfile_bytes(self) -> bytes:
         """Only kmesh_* and kmeshd_*: node-exporter exports process_*/python_* itself."""
-        registry = CollectorRegistry(auto_describe=False)
-        registry.register(self.collector)
-        return generate_latest(registry)
+        return generate_latest(self._textfile_registry)
 
     def _write_textfile(self) -> None:
         if not self.config.metrics.textfile:
@@ -246,14 +245,8 @@ class Daemon:
             self.textfile_up = True
         except OSError as exc:
             self.textfile_up = False
-            self._complain("textfile", "cannot write %s: %s", self.config.metrics.textfile, exc)
-
-    def _complain(self, what: str, fmt: str, *args: object) -> None:
-        """Log a repeating run-time failure at most once a minute."""
-        now = time.monotonic()
-        if now - self._last_complaint.get(what, -LOG_EVERY_S) >= LOG_EVERY_S:
-            self._last_complaint[what] = now
-            log.error(fmt, *args)
+            if self._textfile_complaints.ready():  # once a minute, not every interval
+                log.error("cannot write %s: %s", self.config.metrics.textfile, exc)
 
     # -- reload --------------------------------------------------------------------------
 

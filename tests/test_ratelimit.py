@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from kmeshd.ratelimit import TokenBucket
+from kmeshd.ratelimit import Throttle, TokenBucket
 
 
 class Clock:
@@ -46,3 +46,15 @@ def test_zero_is_unlimited() -> None:
     bucket = TokenBucket(0, Clock())
     assert all(bucket.take() for _ in range(100_000))
     assert bucket.available()
+
+
+def test_throttle_lets_one_line_through_per_interval() -> None:
+    """The first line passes, repeats within the interval don't, the next interval's does."""
+    clock = Clock()
+    throttle = Throttle(60.0, clock)
+    seen = [throttle.ready()]
+    clock.now += 59.9
+    seen.append(throttle.ready())
+    clock.now += 0.1
+    seen.append(throttle.ready())
+    assert seen == [True, False, True]
