@@ -23,13 +23,16 @@
 #define AF_INET 2
 #define AF_INET6 10
 
-/* Socket state kept beside each tracked socket (socket-local storage). */
+/* State of each tracked socket, in a hash map keyed by socket cookie. Not socket-local
+ * storage: creating and freeing that per connection cost about 4% of the host's connection
+ * rate under churn (measured, see README "Overhead"). The price is that the kernel does not
+ * free an entry by itself: the program deletes it at TCP_CLOSE, and kmeshd sweeps out, at
+ * start, entries of sockets that closed while no program was attached (kmeshd/sockdiag.py). */
 #define SF_ESTABLISHED 1
-#define SF_TRACKED 2        /* at least one end was known when the connection started */
-#define SF_OUR_FIN_ACKED 4  /* our FIN was acknowledged: bytes_acked holds one extra */
-#define SF_PEER_FIN 8       /* the peer's FIN was taken in order: bytes_received holds one extra */
-#define SF_PEER_FIN_SEEN 16 /* a FIN arrived while we were closing; see fin_end */
-#define SF_RTO_EXPIRED 32   /* the retransmission timer gave up */
+#define SF_OUR_FIN_ACKED 2  /* our FIN was acknowledged: bytes_acked holds one extra */
+#define SF_PEER_FIN 4       /* the peer's FIN was taken in order: bytes_received holds one extra */
+#define SF_PEER_FIN_SEEN 8 /* a FIN arrived while we were closing; see fin_end */
+#define SF_RTO_EXPIRED 16   /* the retransmission timer gave up */
 
 struct sock_state {
     __u64 start_ns;        /* connect() for OUTBOUND, establishment for INBOUND */
@@ -40,18 +43,6 @@ struct sock_state {
     __u8 _pad;
 };
 
-#define PINNED_SK_STORAGE(_name, _leaf_type, _pinned) \
-struct _name##_table_t { \
-    int key; \
-    _leaf_type leaf; \
-    void *(*sk_storage_get)(void *, void *, int); \
-    int (*sk_storage_delete)(void *); \
-    u32 flags; \
-}; \
-__attribute__((section("maps/sk_storage:" _pinned))) \
-struct _name##_table_t _name = {.flags = BPF_F_NO_PREALLOC}; \
-BPF_ANNOTATE_KV_PAIR(_name, int, _leaf_type)
-
 struct addr16 {
     __u8 a[16];
 };
@@ -60,7 +51,7 @@ BPF_TABLE_PINNED("hash", struct flow_key, struct flow_counters, flows, FLOWS_MAX
 BPF_TABLE_PINNED("hash", struct addr16, __u8, known_addrs, KNOWN_MAX, PIN_DIR "/known_addrs");
 BPF_TABLE_PINNED("percpu_array", int, __u64, stats, STAT_COUNT, PIN_DIR "/stats");
 BPF_TABLE_PINNED("lru_hash", __u64, __u8, resets, 16384, PIN_DIR "/resets");
-PINNED_SK_STORAGE(socks, struct sock_state, PIN_DIR "/socks");
+BPF_TABLE_PINNED("hash", __u64, struct sock_state, socks, SOCKS_MAX, PIN_DIR "/socks");
 BPF_RINGBUF_OUTPUT(records, RINGBUF_PAGES);
 /* Set by user space: [0] = 1 while an access log wants records. Off, a close costs no
  * ring-buffer work at all. Not pinned: it belongs to the running daemon's config. */
@@ -162,15 +153,10 @@ static __always_inline struct flow_counters *flow_of(struct tuple *t, __u8 direc
     return c;
 }
 
-static __always_inline struct sock_state *state_of(struct bpf_sock_ops *ctx, int create)
+static __always_inline struct sock_state *state_of(struct bpf_sock_ops *ctx)
 {
-    struct bpf_sock *sk = ctx->sk;
-    if (!sk)
-        return 0;
-    struct sock_state *st = socks.sk_storage_get(sk, 0, create ? BPF_SK_STORAGE_GET_F_CREATE : 0);
-    if (!st && create)
-        count(STAT_SOCKS_FULL);
-    return st;
+    __u64 cookie = bpf_get_socket_cookie(ctx);
+    return socks.lookup(&cookie);
 }
 
 static __always_inline void watch_socket(struct bpf_sock_ops *ctx)
@@ -179,19 +165,22 @@ static __always_inline void watch_socket(struct bpf_sock_ops *ctx)
                                        BPF_SOCK_OPS_RTO_CB_FLAG);
 }
 
-/* A new connection: remember when, which side, and whether any end is known. */
+/* A new connection. Only one with a known end gets state and callbacks: the rest are
+ * counted once here and cost nothing more. */
 static __always_inline void on_start(struct bpf_sock_ops *ctx, __u8 direction)
 {
-    struct sock_state *st = state_of(ctx, 1);
-    if (!st)
-        return;
-    __builtin_memset(st, 0, sizeof(*st));
-    st->start_ns = bpf_ktime_get_ns();
-    st->direction = direction;
     struct tuple t = {};
     read_tuple(ctx, &t);
-    if (is_known(&t))
-        st->flags |= SF_TRACKED;
+    if (!is_known(&t)) {
+        count(STAT_UNATTRIBUTED);
+        return;
+    }
+    __u64 cookie = bpf_get_socket_cookie(ctx);
+    struct sock_state st = {.start_ns = bpf_ktime_get_ns(), .direction = direction};
+    if (socks.update(&cookie, &st)) {
+        count(STAT_SOCKS_FULL);
+        return;
+    }
     watch_socket(ctx);
 }
 
@@ -199,16 +188,12 @@ static __always_inline void on_established(struct bpf_sock_ops *ctx, __u8 direct
 {
     if (direction == DIR_INBOUND)
         on_start(ctx, direction);
-    struct sock_state *st = state_of(ctx, 0);
+    struct sock_state *st = state_of(ctx);
     if (!st)
         return;
     st->established_ns = bpf_ktime_get_ns();
     st->flags |= SF_ESTABLISHED;
     count(STAT_OPENED);
-    if (!(st->flags & SF_TRACKED)) {
-        count(STAT_UNATTRIBUTED);
-        return;
-    }
     struct tuple t = {};
     read_tuple(ctx, &t);
     struct flow_counters *c = flow_of(&t, direction);
@@ -304,7 +289,6 @@ static __always_inline void on_close(struct bpf_sock_ops *ctx, struct sock_state
     __u64 now = bpf_ktime_get_ns();
     int reset = take_reset(ctx);
     __u8 flags = reset ? RECORD_RESET : 0;
-    int tracked = st->flags & SF_TRACKED;
     struct flow_counters *c = 0;
     struct tuple t = {};
     read_tuple(ctx, &t);
@@ -314,27 +298,22 @@ static __always_inline void on_close(struct bpf_sock_ops *ctx, struct sock_state
         dst_received = st->direction == DIR_OUTBOUND ? sent : received;
         dst_sent = st->direction == DIR_OUTBOUND ? received : sent;
         count(STAT_CLOSED);
-        if (tracked && (c = flow_of(&t, st->direction))) {
+        if ((c = flow_of(&t, st->direction))) {
             __sync_fetch_and_add(&c->closed, 1);
             __sync_fetch_and_add(&c->received_bytes, dst_received);
             __sync_fetch_and_add(&c->sent_bytes, dst_sent);
         }
-        if (tracked && records_wanted())
+        if (records_wanted())
             emit(ctx, &t, st, KIND_CLOSED, REASON_NONE, flags, now, dst_received, dst_sent);
     } else if (st->direction == DIR_OUTBOUND) {
         count(STAT_FAILED);
-        if (!tracked) {
-            count(STAT_UNATTRIBUTED);
-        } else {
-            if ((c = flow_of(&t, DIR_OUTBOUND)))
-                __sync_fetch_and_add(&c->failed, 1);
-            if (records_wanted())
-                emit(ctx, &t, st, KIND_FAILED, failure_reason(st, reset), flags, now, 0, 0);
-        }
+        if ((c = flow_of(&t, DIR_OUTBOUND)))
+            __sync_fetch_and_add(&c->failed, 1);
+        if (records_wanted())
+            emit(ctx, &t, st, KIND_FAILED, failure_reason(st, reset), flags, now, 0, 0);
     }
-    struct bpf_sock *sk = ctx->sk;
-    if (sk)
-        socks.sk_storage_delete(sk);
+    __u64 cookie = bpf_get_socket_cookie(ctx);
+    socks.delete(&cookie);
 }
 
 /* While we close, look at each arriving packet for the peer's FIN and note the
@@ -343,7 +322,7 @@ static __always_inline void on_header(struct bpf_sock_ops *ctx)
 {
     if (!(ctx->skb_tcp_flags & TCPHDR_FIN))
         return;
-    struct sock_state *st = state_of(ctx, 0);
+    struct sock_state *st = state_of(ctx);
     void *data = (void *)(long)ctx->skb_data;
     void *end = (void *)(long)ctx->skb_data_end;
     struct tcphdr *th = data;
@@ -357,7 +336,7 @@ static __always_inline void on_header(struct bpf_sock_ops *ctx)
 static __always_inline void on_state(struct bpf_sock_ops *ctx)
 {
     __u32 old_state = ctx->args[0], new_state = ctx->args[1];
-    struct sock_state *st = state_of(ctx, 0);
+    struct sock_state *st = state_of(ctx);
     if (!st)
         return;
     if (new_state == BPF_TCP_CLOSE_WAIT || new_state == BPF_TCP_CLOSING)
@@ -389,7 +368,7 @@ int kmeshd_sockops(struct bpf_sock_ops *ctx)
         break;
     case BPF_SOCK_OPS_RTO_CB:
         if (ctx->args[2]) {
-            struct sock_state *st = state_of(ctx, 0);
+            struct sock_state *st = state_of(ctx);
             if (st)
                 st->flags |= SF_RTO_EXPIRED;
         }

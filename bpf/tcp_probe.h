@@ -8,7 +8,7 @@
 #ifndef KMESHD_TCP_PROBE_H
 #define KMESHD_TCP_PROBE_H
 
-#define KMESHD_LAYOUT 1
+#define KMESHD_LAYOUT 2
 
 #define DIR_OUTBOUND 1 /* this socket called connect(): the client */
 #define DIR_INBOUND 2  /* this socket was accepted: the server */
@@ -27,10 +27,10 @@
 #define STAT_OPENED 0
 #define STAT_CLOSED 1
 #define STAT_FAILED 2
-#define STAT_UNATTRIBUTED 3   /* connections with neither end in known_addrs */
+#define STAT_UNATTRIBUTED 3   /* connections (and attempts) with neither end in known_addrs */
 #define STAT_RINGBUF_LOST 4   /* access-log records the ring buffer could not take */
 #define STAT_FLOWS_FULL 5     /* flow updates refused: the flows map was full */
-#define STAT_SOCKS_FULL 6     /* sockets not tracked: no socket-storage entry */
+#define STAT_SOCKS_FULL 6     /* sockets not tracked: the socks map was full */
 #define STAT_RESETS_FULL 7    /* resets not remembered: the resets map was full */
 #define STAT_COUNT 8
 

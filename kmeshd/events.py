@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from kmeshd.identity.model import IPAddress, plain_ip
 
-LAYOUT = 1  # KMESHD_LAYOUT in bpf/tcp_probe.h
+LAYOUT = 2  # KMESHD_LAYOUT in bpf/tcp_probe.h
 
 
 class Direction(enum.IntEnum):

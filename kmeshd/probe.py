@@ -10,16 +10,18 @@ lower cgroup keep working. bcc has no link API, hence the few libbpf calls via c
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import logging
 import os
+import re
 import shutil
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from kmeshd import cgroup
+from kmeshd import cgroup, sockdiag
 from kmeshd.errors import UnavailableError
 from kmeshd.events import LAYOUT, Stat, encode_address
 from kmeshd.identity.model import IPAddress
@@ -28,6 +30,7 @@ log = logging.getLogger("kmeshd")
 
 FLOWS_MAX = 65536
 KNOWN_MAX = 65536
+SOCKS_MAX = 131072  # tracked sockets open at once (about 80 bytes of kernel memory each)
 RINGBUF_PAGES = 1024  # 4 MiB: about 40,000 records between two polls
 BPF_CGROUP_SOCK_OPS = 3  # enum bpf_attach_type
 PROGRAM = "kmeshd_sockops"
@@ -129,6 +132,7 @@ class Probe:
         bcc = import_bcc()
         pins = prepare_pin_dir(pin_dir)
         bpf = compile_probe(bcc, pins)
+        sweep_closed_sockets(bpf["socks"], sockdiag.live_cookies)
         libbpf = _LibBpf()
         prog = bpf.load_func(PROGRAM, bcc.BPF.SOCK_OPS)
         try:
@@ -196,7 +200,40 @@ def prepare_pin_dir(pin_dir: Path) -> Path:
         )
     pins = pin_dir / f"v{LAYOUT}"
     pins.mkdir(parents=True, exist_ok=True, mode=0o700)
+    for other in pin_dir.iterdir():
+        if other != pins and re.fullmatch(r"v\d+", other.name):
+            # An older kmeshd's maps and link: its program must not keep counting beside
+            # ours. Unpinning the link detaches it; its counters start again from zero.
+            log.warning("removing the probe and maps of another kmeshd layout in %s", other)
+            remove_pins(other)
     return pins
+
+
+def sweep_closed_sockets(socks: Any, live_cookies: Callable[[], set[int]]) -> int:
+    """Delete the state of sockets that closed while no probe was attached; returns how
+    many. Safe beside a running program (after a SIGKILL the old one still is): the keys
+    are read before the live cookies, and a cookie is never reused, so an entry missing
+    from the live set belongs to a socket that is gone."""
+    stale = {int(k.value) for k in socks}
+    if not stale:
+        return 0
+    try:
+        stale -= live_cookies()
+    except OSError as exc:
+        log.warning(
+            "cannot list live sockets (%s): %d socket-state entries stay until a start "
+            'that can; if the map fills, kmeshd_bpf_map_full_total{map="sockets"} rises',
+            exc,
+            len(stale),
+        )
+        return 0
+    key_type = socks.Key
+    for cookie in stale:
+        with contextlib.suppress(KeyError):  # the old program deleted it meanwhile
+            del socks[key_type(cookie)]
+    if stale:
+        log.info("forgot %d sockets that closed while kmeshd was stopped", len(stale))
+    return len(stale)
 
 
 def is_bpffs(path: Path) -> bool:
@@ -213,6 +250,7 @@ def compile_probe(bcc: Any, pins: Path) -> Any:
         f'-DPIN_DIR="{pins}"',
         f"-DFLOWS_MAX={FLOWS_MAX}",
         f"-DKNOWN_MAX={KNOWN_MAX}",
+        f"-DSOCKS_MAX={SOCKS_MAX}",
         f"-DRINGBUF_PAGES={RINGBUF_PAGES}",
     ]
     try:

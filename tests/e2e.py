@@ -6,9 +6,11 @@ import json
 import subprocess
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from kmeshd import cgroup
+from kmeshd.events import LAYOUT
 from tests.daemon_proc import Daemon, Samples, value
 from tests.netns import Pod, sh
 
@@ -89,3 +91,33 @@ def attached_probes() -> int:
     root = cgroup.resolve("auto", "test")
     out = sh("bpftool", "-j", "cgroup", "show", str(root)).stdout
     return sum(1 for p in json.loads(out.strip() or "[]") if p.get("name") == "kmeshd_sockops")
+
+
+def hold(client: Pod, host: str, request: int, reply: int, port: int) -> subprocess.Popen[str]:
+    """One exchange on a connection that stays open until `release`."""
+    proc = subprocess.Popen(
+        client.traffic(
+            "hold", "--host", host, "--port", str(port),
+            "--request", str(request), "--reply", str(reply),
+        ),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "open"
+    return proc
+
+
+def release(proc: subprocess.Popen[str]) -> None:
+    """Close a held connection (the client closes first) and wait for it."""
+    assert proc.stdin is not None
+    proc.stdin.write("\n")
+    proc.stdin.close()
+    assert proc.wait(timeout=30) == 0
+
+
+def socket_states(pin_dir: Path) -> int:
+    """Entries in the probe's per-socket state map."""
+    out = sh("bpftool", "-j", "map", "dump", "pinned", str(pin_dir / f"v{LAYOUT}" / "socks"))
+    return len(json.loads(out.stdout))

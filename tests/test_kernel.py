@@ -24,6 +24,10 @@ from tests.e2e import (
     attached_probes,
     closed,
     exchange,
+    hold,
+    release,
+    serve,
+    socket_states,
     wait_records,
 )
 from tests.netns import Pod, is_root, sh
@@ -175,6 +179,68 @@ def test_sigkilled_daemon_restarted_does_not_double_count(
         assert attached_probes() == before
     finally:
         second.close()
+
+
+def test_state_of_open_sockets_survives_a_clean_restart_and_closed_ones_are_swept(
+    tmp_path: Path, pin_dir: Path, pods: dict[str, Pod]
+) -> None:
+    """A connection open across stop/start is counted at its close with exact bytes; the
+    state of one that closed while kmeshd was stopped is removed at the next start."""
+    server, client = pods["server"], pods["client"]
+    first = Daemon(tmp_path, INVENTORY, pin_dir)
+    first.start()
+    servers = [serve(server, 1, port=80), serve(server, 1, port=81)]
+    gone = hold(client, server.ip4, 300, 30, port=80)
+    kept = hold(client, server.ip4, 200, 20, port=81)
+    assert socket_states(pin_dir) == 4  # client and server socket of each
+    assert first.stop() == 0
+    release(gone)  # no program attached: nothing deletes its state
+    assert socket_states(pin_dir) == 4
+    second = Daemon(tmp_path, INVENTORY, pin_dir)
+    second.start()
+    try:
+        assert socket_states(pin_dir) == 2
+        release(kept)
+        s = second.wait_for(closed(1), what="the kept connection closed")
+        for reporter in ("source", "destination"):
+            assert value(s, W + "connections_opened_total", reporter=reporter) == 2
+            assert value(s, W + "connections_closed_total", reporter=reporter) == 1
+            assert value(s, W + "received_bytes_total", reporter=reporter) == 200
+            assert value(s, W + "sent_bytes_total", reporter=reporter) == 20
+        assert socket_states(pin_dir) == 0
+        assert [p.wait(timeout=10) for p in servers] == [0, 0]
+    finally:
+        second.close()
+
+
+def test_a_probe_of_an_older_layout_is_removed_at_start(tmp_path: Path, pin_dir: Path) -> None:
+    """An upgrade never leaves the old program counting beside the new one."""
+    import bcc
+
+    from kmeshd.probe import BPF_CGROUP_SOCK_OPS, _LibBpf
+
+    before = attached_probes()
+    old = pin_dir / "v1"
+    old.mkdir(parents=True)
+    b = bcc.BPF(text=b"int kmeshd_sockops(struct bpf_sock_ops *ctx) { return 1; }")
+    fn = b.load_func(b"kmeshd_sockops", bcc.BPF.SOCK_OPS)
+    libbpf = _LibBpf()
+    fd = os.open(cgroup.resolve("auto", "test"), os.O_RDONLY)
+    link = libbpf.check(libbpf.link_create(fn.fd, fd, BPF_CGROUP_SOCK_OPS, None), "link")
+    os.close(fd)
+    libbpf.check(libbpf.obj_pin(link, str(old / "link").encode()), "pin")
+    os.close(link)
+    b.cleanup()
+    assert attached_probes() == before + 1
+    d = Daemon(tmp_path, INVENTORY, pin_dir)
+    d.start()
+    try:
+        assert not old.exists()
+        assert attached_probes() == before + 1
+        assert d.stop() == 0
+        assert attached_probes() == before
+    finally:
+        d.close()
 
 
 def test_sigterm_publishes_detaches_and_exits_zero(daemon: Daemon, pods: dict[str, Pod]) -> None:

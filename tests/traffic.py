@@ -7,6 +7,9 @@ server needs no out-of-band agreement and both closing orders are exercised.
     traffic.py serve --bind ADDR --port P --count K
     traffic.py connect --host H --port P --plan REQ:REPLY:MODE[,...]
     traffic.py fail --host H --port P          (expects the connect to fail)
+    traffic.py hold --host H --port P --request N --reply M
+                                               (one exchange, then the connection stays
+                                                open until a line arrives on stdin)
 """
 
 from __future__ import annotations
@@ -66,6 +69,17 @@ def connect_one(host: str, port: int, request: int, reply: int, mode: int) -> No
             wait_eof(conn)
 
 
+def connect_hold(host: str, port: int, request: int, reply: int) -> None:
+    """Like connect_one with the client closing, but only when told to on stdin."""
+    with socket.create_connection((host, port), timeout=10) as conn:
+        conn.sendall(HEADER.pack(request, reply, 1) + b"q" * (request - HEADER.size))
+        read_exactly(conn, reply)
+        print("open", flush=True)
+        sys.stdin.readline()
+        conn.shutdown(socket.SHUT_WR)
+        wait_eof(conn)
+
+
 def connect_fail(host: str, port: int) -> int:
     """Connect where no connection can be made; print why it failed (errno name)."""
     try:
@@ -100,7 +114,15 @@ def main() -> int:
     f = sub.add_parser("fail")
     f.add_argument("--host", required=True)
     f.add_argument("--port", type=int, required=True)
+    h = sub.add_parser("hold")
+    h.add_argument("--host", required=True)
+    h.add_argument("--port", type=int, required=True)
+    h.add_argument("--request", type=int, required=True)
+    h.add_argument("--reply", type=int, required=True)
     args = p.parse_args()
+    if args.verb == "hold":
+        connect_hold(args.host, args.port, args.request, args.reply)
+        return 0
     if args.verb == "serve":
         serve(args.bind, args.port, args.count)
         return 0
