@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from kmeshd.events import ZERO, FlowCounters, FlowKey
-from kmeshd.identity.model import Identities
+from kmeshd.identity.model import IdentityView
 from kmeshd.labels import LabelValues, flow_labels, resolve
 
 
@@ -28,7 +28,7 @@ class Aggregate:
     def fold(
         self,
         flows: Iterable[tuple[FlowKey, FlowCounters]],
-        ids: Identities,
+        ids: IdentityView,
         security_policy: str = "unknown",
     ) -> None:
         seen: dict[FlowKey, FlowCounters] = {}
@@ -41,7 +41,7 @@ class Aggregate:
                 self._add(key, delta, ids, security_policy)
         self.last = seen
 
-    def _add(self, key: FlowKey, delta: FlowCounters, ids: Identities, policy: str) -> None:
+    def _add(self, key: FlowKey, delta: FlowCounters, ids: IdentityView, policy: str) -> None:
         ends = resolve(ids, key.client, key.server, key.server_port)
         if not ends.known():
             self.unattributed += delta.opened + delta.failed

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from kmeshd.accesslog import AccessRecord
 from kmeshd.events import ConnectionRecord, Direction, FlowKey, Kind
-from kmeshd.identity.model import Identities, IPAddress, Service, Workload
+from kmeshd.identity.model import IdentityView, IPAddress, Service, Workload
 
 UNKNOWN = "-"
 
@@ -69,14 +69,11 @@ class Ends:
         return self.source is not None or self.destination is not None or self.service is not None
 
 
-def resolve(ids: Identities, client: IPAddress, server: IPAddress, port: int) -> Ends:
-    """A peer that is a service VIP names the service; a pod IP + target port finds it."""
-    destination = ids.workload_at(server)
-    if destination is not None:
-        service = ids.service_of(destination, port)
-    else:
-        service = ids.service_at(server, port)
-    return Ends(ids.workload_at(client), destination, service)
+def resolve(ids: IdentityView, client: IPAddress, server: IPAddress, port: int) -> Ends:
+    """A peer that is a service VIP names the service (the client's socket sees the VIP:
+    NAT happens below it); else the service forwarding to that address and target port."""
+    service = ids.service_at(server, port) or ids.service_behind(server, port)
+    return Ends(ids.workload_at(client), ids.workload_at(server), service)
 
 
 def _identity(w: Workload | None) -> LabelValues:
@@ -132,7 +129,7 @@ def format_address(ip: IPAddress, port: int) -> str:
     return f"{_host(ip)}:{port}"
 
 
-def access_record(rec: ConnectionRecord, ids: Identities, wall_offset_ns: int) -> AccessRecord:
+def access_record(rec: ConnectionRecord, ids: IdentityView, wall_offset_ns: int) -> AccessRecord:
     """A kernel record -> the access-log record; `wall_offset_ns` = realtime - monotonic."""
     outbound = rec.direction is Direction.OUTBOUND
     src, src_port = (rec.local, rec.local_port) if outbound else (rec.remote, rec.remote_port)

@@ -199,7 +199,7 @@ workloads = ["httpbin"]
     workload = identities.workload_at(ip_address("::ffff:10.244.0.11"))
     assert workload is not None and workload.name == "httpbin-5c5944c58c-v9mlk"
     assert identities.service_at(ip_address("10.96.0.20"), 8000) == identities.services[0]
-    assert identities.service_of(workload, 80) == identities.services[0]
+    assert identities.service_behind(workload.addresses[0], 80) == identities.services[0]
 
 
 def test_file_order_is_kept() -> None:
@@ -497,4 +497,4 @@ def test_shipped_example_inventory() -> None:
     )
     service = identities.service_at(IPv4Address("10.96.0.20"), 8000)
     assert service is not None and service.workloads == ("httpbin",)
-    assert identities.service_of(httpbin, 80) == service
+    assert identities.service_behind(httpbin.addresses[0], 80) == service

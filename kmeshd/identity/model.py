@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -51,6 +52,22 @@ class Service:
     workloads: tuple[str, ...] = ()  # workload names (Workload.workload) it selects
 
 
+class IdentityView(Protocol):
+    """The questions every identity source answers (the inventory, the Kubernetes cache)."""
+
+    def workload_at(self, ip: IPAddress) -> Workload | None:
+        """The workload instance (pod) with this address."""
+
+    def service_at(self, ip: IPAddress, port: int) -> Service | None:
+        """The service whose virtual IP and port these are."""
+
+    def service_behind(self, ip: IPAddress, port: int) -> Service | None:
+        """The service that forwards to this workload address and target port."""
+
+    def known_addresses(self) -> frozenset[IPAddress]:
+        """The addresses whose connections the kernel tracks."""
+
+
 @dataclass(frozen=True)
 class Identities:
     """An immutable snapshot of what is known; built once per source update."""
@@ -84,9 +101,12 @@ class Identities:
         """The service whose virtual IP and port these are."""
         return self._by_vip.get((plain_ip(ip), port))
 
-    def service_of(self, workload: Workload, target_port: int) -> Service | None:
-        """The service that selects this workload and forwards to this port."""
-        return self._by_target.get((workload.namespace, workload.workload, target_port))
+    def service_behind(self, ip: IPAddress, port: int) -> Service | None:
+        """The service that selects the workload at `ip` and forwards to this port."""
+        workload = self.workload_at(ip)
+        if workload is None:
+            return None
+        return self._by_target.get((workload.namespace, workload.workload, port))
 
     def known_addresses(self) -> frozenset[IPAddress]:
         """Every workload address and service VIP: the kernel counts flows touching these."""
