@@ -1,0 +1,269 @@
+"""The Kubernetes identity cache: what the kubelet and the apiserver said, merged, answering
+the same questions as the static inventory (`IdentityView`).
+
+Updates arrive as whole lists (a kubelet poll, an apiserver list) or single changes (a
+watch event). Nothing is forgotten at once: a pod that every source stopped reporting, or
+that finished (Succeeded/Failed), is *dead* but still answers for its addresses for
+`grace` seconds, because its connections close after it is gone and are published up to
+a metrics interval later. A live pod always beats a dead one for an address (IPs are
+reused), and among equals the newest pod wins. Services and EndpointSlices die the same
+way.
+
+Only the main thread touches the cache (the sources hand it updates through a queue), so
+it needs no locks and every lookup is one or two dict accesses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Iterable
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+from kmeshd.identity.model import IPAddress, Service, Workload, plain_ip
+from kmeshd.identity.objects import Endpoints, Pod
+
+K = TypeVar("K", bound=Hashable)  # an object's key
+C = TypeVar("C", bound=Hashable)  # what an object claims: an address, an address and port
+E = TypeVar("E")
+
+KUBELET = "kubelet"
+APISERVER = "apiserver"
+PODS, SERVICES, SLICES = "pods", "services", "endpointslices"
+
+DEFAULT_GRACE_S = 120.0
+
+
+_SOURCE_SETS: dict[frozenset[str], frozenset[str]] = {}
+
+
+def _shared(sources: frozenset[str]) -> frozenset[str]:
+    """One object per distinct set of sources: 150,000 pods share two or three of them."""
+    return _SOURCE_SETS.setdefault(sources, sources)
+
+
+@dataclass(slots=True, eq=False)
+class _Entry(Generic[E]):
+    """One object and its life: which sources report it, and since when it is dead."""
+
+    value: E
+    sources: frozenset[str] = frozenset()
+    dead_since: float | None = None
+
+    @property
+    def alive(self) -> bool:
+        return self.dead_since is None
+
+
+class _Index(Generic[C, E]):
+    """claim -> the best entry making it, by `rank` (smallest wins). Almost every claim has
+    one claimant, kept in `best` alone; the lists of rivals exist only where there are any."""
+
+    def __init__(self, rank: Callable[[_Entry[E]], Any]) -> None:
+        self._rank = rank
+        self.best: dict[C, _Entry[E]] = {}
+        self._rivals: dict[C, list[_Entry[E]]] = {}  # every claimant, where more than one
+
+    def add(self, key: C, entry: _Entry[E]) -> None:
+        current = self.best.get(key)
+        if current is None:
+            self.best[key] = entry
+            return
+        self._rivals.setdefault(key, [current]).append(entry)
+        self.elect(key)
+
+    def remove(self, key: C, entry: _Entry[E]) -> None:
+        rivals = self._rivals.get(key)
+        if rivals is None:
+            if self.best.get(key) is entry:
+                del self.best[key]
+            return
+        if entry in rivals:
+            rivals.remove(entry)
+        if len(rivals) == 1:
+            del self._rivals[key]
+            self.best[key] = rivals[0]
+        else:
+            self.elect(key)
+
+    def elect(self, key: C) -> None:
+        """Choose again after a claimant's life changed."""
+        rivals = self._rivals.get(key)
+        if rivals:
+            self.best[key] = min(rivals, key=self._rank)
+
+
+def _pod_rank(e: _Entry[Pod]) -> tuple[bool, float, str]:
+    return (not e.alive, -e.value.created, e.value.uid)
+
+
+def _service_rank(e: _Entry[Service]) -> tuple[bool, str, str]:
+    return (not e.alive, e.value.namespace, e.value.name)
+
+
+def _slice_rank(e: _Entry[Endpoints]) -> tuple[bool, str, str, str]:
+    return (not e.alive, e.value.namespace, e.value.service, e.value.name)
+
+
+def _pod_ips(p: Pod) -> tuple[IPAddress, ...]:
+    # A host-network pod's address is its node's, shared with every other such pod and
+    # with the node's own processes: no single pod may claim it.
+    return () if p.host_network else p.workload.addresses
+
+
+def _vip_ports(s: Service) -> list[tuple[IPAddress, int]]:
+    return [(plain_ip(ip), p.port) for ip in s.addresses for p in s.ports]
+
+
+def _endpoints(s: Endpoints) -> list[tuple[IPAddress, int]]:
+    return [(ip, port) for ip in s.addresses for port in s.ports]
+
+
+class _Store(Generic[K, C, E]):
+    """Objects of one kind by key, with the index of their claims; handles life and death."""
+
+    def __init__(
+        self,
+        key: Callable[[E], K],
+        claims: Callable[[E], Iterable[C]],
+        rank: Callable[[_Entry[E]], Any],
+        finished: Callable[[E], bool] = lambda _value: False,
+    ) -> None:
+        self.key, self._claims, self._finished = key, claims, finished
+        self.entries: dict[K, _Entry[E]] = {}
+        self.index: _Index[C, E] = _Index(rank)
+        self._dead: set[K] = set()  # so that gc looks at these, not at every entry
+
+    def put(self, source: str, value: E, now: float) -> None:
+        """`source` reports `value`: alive, unless it is finished (a Succeeded/Failed pod),
+        which is dead from the first time it is seen so."""
+        key = self.key(value)
+        old = self.entries.get(key)
+        entry = _Entry(value, _shared((old.sources if old else frozenset()) | {source}))
+        if self._finished(value):
+            entry.dead_since = old.dead_since if old and old.dead_since is not None else now
+        self._unindex(old)
+        self.entries[key] = entry
+        if entry.alive:
+            self._dead.discard(key)
+        else:
+            self._dead.add(key)
+        for claim in self._claims(value):
+            self.index.add(claim, entry)
+
+    def delete(self, source: str, key: K, now: float) -> None:
+        entry = self.entries.get(key)
+        if entry is None:
+            return
+        entry.sources = _shared(entry.sources - {source})
+        if not entry.sources and entry.alive:
+            entry.dead_since = now
+            self._dead.add(key)
+            for claim in self._claims(entry.value):
+                self.index.elect(claim)
+
+    def replace(self, source: str, values: Iterable[E], now: float) -> None:
+        """The whole list from `source`: what it no longer reports, it deleted."""
+        listed = set()
+        for value in values:
+            listed.add(self.key(value))
+            self.put(source, value, now)
+        for key in [k for k, e in self.entries.items() if source in e.sources and k not in listed]:
+            self.delete(source, key, now)
+
+    def gc(self, now: float, grace: float) -> int:
+        expired = [k for k in self._dead if now - (self.entries[k].dead_since or now) >= grace]
+        for key in expired:
+            self._dead.discard(key)
+            self._unindex(self.entries.pop(key))
+        return len(expired)
+
+    def _unindex(self, entry: _Entry[E] | None) -> None:
+        if entry is not None:
+            for claim in self._claims(entry.value):
+                self.index.remove(claim, entry)
+
+
+class IdentityCache:
+    """Pods, services and endpoint slices from every source; an `IdentityView`."""
+
+    def __init__(self, node: str, grace: float = DEFAULT_GRACE_S) -> None:
+        self.node = node
+        self.grace = grace
+        self.version = 0  # bumped by every change, so users can tell when to recompute
+        self._pods: _Store[str, IPAddress, Pod] = _Store(
+            lambda p: p.uid, _pod_ips, _pod_rank, lambda p: p.terminal
+        )
+        self._services: _Store[tuple[str, str], tuple[IPAddress, int], Service] = _Store(
+            lambda s: (s.namespace, s.name), _vip_ports, _service_rank
+        )
+        self._slices: _Store[tuple[str, str], tuple[IPAddress, int], Endpoints] = _Store(
+            lambda s: (s.namespace, s.name), _endpoints, _slice_rank
+        )
+        self._stores: dict[str, _Store[Any, Any, Any]] = {
+            PODS: self._pods,
+            SERVICES: self._services,
+            SLICES: self._slices,
+        }
+
+    # -- updates: `resource` is PODS, SERVICES or SLICES ----------------------------------
+
+    def put(self, resource: str, source: str, value: Pod | Service | Endpoints, now: float) -> None:
+        """`source` reports this object (new or changed)."""
+        self._stores[resource].put(source, value, now)
+        self.version += 1
+
+    def delete(self, resource: str, source: str, key: Hashable, now: float) -> None:
+        """`source` no longer has the object with this key (a pod's uid, else (namespace,
+        name)); it dies when no source has it."""
+        self._stores[resource].delete(source, key, now)
+        self.version += 1
+
+    def replace(self, resource: str, source: str, values: Iterable[Any], now: float) -> None:
+        """All `source` has of `resource` now: what it no longer lists, it deleted."""
+        self._stores[resource].replace(source, values, now)
+        self.version += 1
+
+    def gc(self, now: float) -> int:
+        """Forget what has been dead longer than the grace period; returns how many."""
+        gone = sum(s.gc(now, self.grace) for s in self._stores.values())
+        if gone:
+            self.version += 1
+        return gone
+
+    # -- lookups (IdentityView) -----------------------------------------------------------
+
+    def workload_at(self, ip: IPAddress) -> Workload | None:
+        entry = self._pods.index.best.get(plain_ip(ip))
+        return entry.value.workload if entry is not None else None
+
+    def service_at(self, ip: IPAddress, port: int) -> Service | None:
+        """The service whose cluster IP and port these are."""
+        entry = self._services.index.best.get((plain_ip(ip), port))
+        return entry.value if entry is not None else None
+
+    def service_behind(self, ip: IPAddress, port: int) -> Service | None:
+        """The service whose EndpointSlices list this address and target port."""
+        entry = self._slices.index.best.get((plain_ip(ip), port))
+        if entry is None:
+            return None
+        service = self._services.entries.get((entry.value.namespace, entry.value.service))
+        return service.value if service is not None else None
+
+    def known_addresses(self) -> frozenset[IPAddress]:
+        """This node's pod addresses and every cluster IP: the sockets worth tracking here
+        have one of these at an end. Remote pods are resolved, but not tracked for."""
+        local = {
+            ip
+            for ip, e in self._pods.index.best.items()
+            if e.value.node == self.node or KUBELET in e.sources
+        }
+        vips = {ip for ip, _port in self._services.index.best}
+        return frozenset(local | vips)
+
+    def counts(self) -> dict[str, int]:
+        """Objects held, by kind (dead ones included): for logs and self-metrics."""
+        return {
+            "pods": len(self._pods.entries),
+            "services": len(self._services.entries),
+            "endpointslices": len(self._slices.entries),
+        }
