@@ -2,7 +2,8 @@
 #   sudo make run     set up what is missing, then run kmeshd in the foreground
 #   sudo make test    set up what is missing, then run every test (BPF tests included)
 #   make check        ruff + mypy + tests (what CI runs)
-#   sudo make bench   overhead benchmark (figures for README and kmeshd(8))
+#   sudo make bench   overhead benchmarks (figures for README and kmeshd(8)); bench-identity
+#                     runs only the Kubernetes identity one
 
 SHELL := /bin/bash
 PYTHON := /usr/bin/python3
@@ -11,12 +12,15 @@ KVER := $(shell uname -r)
 
 # Debian packages: runtime (the versions the .deb depends on) and what the tests drive for real.
 DEBS_RUNTIME := python3-bpfcc python3-prometheus-client python3-sdnotify python3-pythonjsonlogger \
-	python3-requests python3-venv linux-headers-amd64
+	python3-requests python3-yaml python3-venv linux-headers-amd64
 DEBS_TEST := bpftool iproute2 iptables prometheus prometheus-node-exporter systemd gcc make \
 	procps
 DEV_TOOLS := pytest==8.3.4 ruff==0.8.4 mypy==1.13.0
+# Type stubs only: --no-deps, or types-requests would pull a urllib3 2.x that shadows
+# Debian's urllib3 1.26 under Debian's requests.
+TYPE_STUBS := types-PyYAML==6.0.12.20261122 types-requests==2.33.0.20261030
 
-.PHONY: run test check lint typecheck pytest bench venv host-deps kernel-headers clean
+.PHONY: run test check lint typecheck pytest bench bench-identity venv host-deps kernel-headers clean
 
 run: venv kernel-headers
 	$(VENV)/bin/python -m kmeshd.devrun
@@ -38,6 +42,10 @@ pytest:
 
 bench: venv kernel-headers
 	$(VENV)/bin/python -m tests.bench.run $(BENCH_ARGS)
+	$(VENV)/bin/python -m tests.bench.identity $(BENCH_IDENTITY_ARGS)
+
+bench-identity: venv kernel-headers
+	$(VENV)/bin/python -m tests.bench.identity $(BENCH_IDENTITY_ARGS)
 
 venv: $(VENV)/.done
 
@@ -47,7 +55,8 @@ $(VENV)/.done: pyproject.toml | host-deps
 	$(PYTHON) -m venv --system-site-packages $(VENV)
 	$(VENV)/bin/pip install -q --no-deps -e .
 	$(VENV)/bin/pip install -q $(DEV_TOOLS)
-	$(VENV)/bin/python -c "import bcc, prometheus_client, sdnotify, pythonjsonlogger, requests"
+	$(VENV)/bin/pip install -q --no-deps $(TYPE_STUBS)
+	$(VENV)/bin/python -c "import bcc, prometheus_client, sdnotify, pythonjsonlogger, requests, yaml"
 	touch $@
 
 host-deps:
