@@ -15,6 +15,7 @@ from tests.daemon_proc import Daemon
 from tests.e2e import INVENTORY
 from tests.journald import journald  # noqa: F401  (a fixture for every test module)
 from tests.netns import Pod, pod_network
+from tests.tls import tls_files  # noqa: F401  (TLS certificates for the test servers)
 
 IN_CI = os.environ.get("CI") == "true"
 
