@@ -48,10 +48,10 @@ def read_config(path: Path | None) -> Config:
 
 
 def check_config(path: Path | None) -> int:
-    from kmeshd.daemon import load_identities
+    from kmeshd.identity.sources import check_source
 
     config = read_config(path)
-    load_identities(config)
+    check_source(config)
     print(f"{config.path}: ok")
     return EX_OK
 

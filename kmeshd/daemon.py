@@ -33,26 +33,24 @@ from kmeshd.events import Stat, decode_flow, decode_record
 from kmeshd.export.http import MetricsServer
 from kmeshd.export.metrics import Health, KmeshCollector, SinkHealth, Snapshot
 from kmeshd.export.textfile import write_atomic
-from kmeshd.identity.inventory import load_inventory
 from kmeshd.identity.model import Identities
+from kmeshd.identity.sources import (
+    SYNC_TIMEOUT_S,
+    IdentitySource,
+    KubernetesSource,
+    StaticSource,
+    open_source,
+)
 from kmeshd.labels import access_record
 from kmeshd.paths import check_directory
-from kmeshd.probe import Probe
+from kmeshd.probe import Probe, release_freed_memory
 from kmeshd.ratelimit import LOG_EVERY_S, Throttle, TokenBucket
 from kmeshd.systemd import Notifier
 
 log = logging.getLogger("kmeshd")
 
 TICK_S = 0.1  # the ring buffer is drained this often; also how late a signal is handled
-
-
-def load_identities(config: Config) -> Identities:
-    identities, warnings = load_inventory(
-        config.identity.inventory, config.identity.inventory_explicit
-    )
-    for warning in warnings:
-        log.warning("%s", warning)
-    return identities
+KNOWN_EVERY_S = 1.0  # new pod addresses reach the kernel's known set within this
 
 
 def prepare_directory(config: Config, key: str, path: Path, explicit: bool) -> None:
@@ -103,7 +101,10 @@ class Daemon:
         self.notify = notifier or Notifier()
         self.collector = KmeshCollector()
         self.aggregate = Aggregate()
-        self.identities = Identities()
+        self.source: IdentitySource = StaticSource(Identities())
+        self._known_version = -1
+        self._source_status = ""
+        self._known_at = 0.0
         self.sinks = Fanout([])
         self.http: MetricsServer | None = None
         self.probe: Probe | None = None
@@ -126,7 +127,9 @@ class Daemon:
     def startup(self) -> None:
         cfg = self.config
         self.notify.status("loading identities")
-        self.identities = load_identities(cfg)
+        self.source = open_source(cfg)
+        if isinstance(self.source, KubernetesSource):
+            self.source.start()  # syncs while the probe compiles
         self.sinks = open_sinks(cfg)
         if cfg.metrics.textfile:
             path = Path(cfg.metrics.textfile)
@@ -138,10 +141,27 @@ class Daemon:
         self.probe = Probe.start(Path(cfg.bpf.pin_dir), cgroup_dir)
         self.probe.on_record(self._on_record)
         self.probe.want_records(bool(self.sinks.sinks))
-        self.known_refused = self.probe.set_known(self.identities.known_addresses())
+        self.notify.status("waiting for the identity sources")
+        self.source.wait_synced(SYNC_TIMEOUT_S, lambda: self.notify.extend_timeout(5))
+        release_freed_memory()  # the first lists' JSON is garbage now
+        self._update_known(force=True)
         self.publish()
-        self.notify.ready(f"probe attached to {cgroup_dir}; {self._listening()}")
-        log.info("kmeshd %s running: probe on %s, %s", __version__, cgroup_dir, self._listening())
+        self._source_status = self.source.status()
+        status = f"probe attached to {cgroup_dir}; {self._listening()}; {self._source_status}"
+        self.notify.ready(status)
+        log.info("kmeshd %s running: %s", __version__, status)
+
+    def _update_known(self, force: bool = False) -> None:
+        """Hand the kernel the addresses worth tracking when the identities changed, at
+        most once a second: recomputing them over a large cluster costs milliseconds."""
+        assert self.probe is not None
+        now = time.monotonic()
+        if not force and (
+            self.source.version == self._known_version or now - self._known_at < KNOWN_EVERY_S
+        ):
+            return
+        self._known_version, self._known_at = self.source.version, now
+        self.known_refused = self.probe.set_known(self.source.view().known_addresses())
 
     def _listening(self) -> str:
         return f"/metrics on {self.config.metrics.listen}" if self.http else "no /metrics listener"
@@ -176,6 +196,8 @@ class Daemon:
                 self.probe.drain()
             if self._reload:
                 self.reload()
+            self.source.refresh(time.monotonic())
+            self._update_known()
             if time.monotonic() >= next_publish:
                 self.publish()
                 next_publish = max(next_publish + self.config.metrics.interval, time.monotonic())
@@ -184,7 +206,8 @@ class Daemon:
 
     def _on_record(self, raw: bytes) -> bool:
         self.records_handled += 1
-        self.sinks.write(access_record(decode_record(raw), self.identities, self._wall_offset))
+        record = access_record(decode_record(raw), self.source.view(), self._wall_offset)
+        self.sinks.write(record)
         return self.budget.take()
 
     # -- publish -------------------------------------------------------------------------
@@ -193,7 +216,8 @@ class Daemon:
         assert self.probe is not None
         started = time.monotonic()
         flows = [decode_flow(k, v) for k, v in self.probe.flows()]
-        self.aggregate.fold(flows, self.identities, self.config.metrics.connection_security_policy)
+        policy = self.config.metrics.connection_security_policy
+        self.aggregate.fold(flows, self.source.view(), policy)
         stats = self.probe.stats()
         self._last_publish = time.time()
         self.collector.update(
@@ -203,6 +227,14 @@ class Daemon:
         )
         self._write_textfile()
         self._publish_seconds = time.monotonic() - started
+        self._tell_sources()
+
+    def _tell_sources(self) -> None:
+        """STATUS= follows the identity sources: `systemctl status` says what is missing."""
+        status = self.source.status()
+        if status != self._source_status:
+            self._source_status = status
+            self.notify.status(f"running; {status}")
 
     def _health(self, stats: dict[Stat, int]) -> Health:
         sinks = [
@@ -228,7 +260,7 @@ class Daemon:
             },
             unattributed=stats[Stat.UNATTRIBUTED] + self.aggregate.unattributed,
             sinks=tuple(sinks),
-            sources={self.config.identity.source: True},
+            sources=self.source.up(),
             last_publish=self._last_publish,
             publish_seconds=self._publish_seconds,
         )
@@ -256,17 +288,27 @@ class Daemon:
         self.notify.reloading()
         try:
             new = load_config(self.config.path, explicit=True)
-            identities = load_identities(new)
+            source = self._reloaded_source(new)
             sinks = open_sinks(new) if new.accesslog != self.config.accesslog else None
         except ConfigError as exc:
             for problem in exc.problems:
                 log.error("reload rejected, keeping the running config: %s", problem)
             self.notify.ready("reload rejected; running the previous config")
             return
-        self._apply(new, identities, sinks)
+        self._apply(new, source, sinks)
         self.notify.ready("reloaded")
 
-    def _apply(self, new: Config, identities: Identities, sinks: Fanout | None) -> None:
+    def _reloaded_source(self, new: Config) -> IdentitySource:
+        """The inventory is read again; Kubernetes sources are restarted only when their
+        settings changed, keeping the identities already known."""
+        unchanged = (
+            new.identity == self.config.identity and new.kubernetes == self.config.kubernetes
+        )
+        if isinstance(self.source, KubernetesSource) and unchanged:
+            return self.source
+        return open_source(new, previous=self.source)
+
+    def _apply(self, new: Config, source: IdentitySource, sinks: Fanout | None) -> None:
         for key in ("metrics.listen", "bpf.cgroup", "bpf.pin_dir"):
             section, name = key.split(".")
             if getattr(getattr(new, section), name) != getattr(getattr(self.config, section), name):
@@ -282,10 +324,14 @@ class Daemon:
             old.close()
         else:
             self.sinks.reopen()
-        self.identities = identities
+        if source is not self.source:
+            self.source.close()
+            self.source = source
+            if isinstance(source, KubernetesSource):
+                source.start()
         if new.accesslog.max_rate != self.config.accesslog.max_rate:
             self.budget = TokenBucket(new.accesslog.max_rate)
-        self.known_refused = self.probe.set_known(identities.known_addresses())
+        self._update_known(force=True)
         self.config = new
         log.info("reloaded %s", new.path)
 
@@ -304,5 +350,6 @@ class Daemon:
             self.probe = None
         if self.http is not None:
             self.http.close()
+        self.source.close()
         self.sinks.close()
         sys.stdout.flush()

@@ -56,8 +56,10 @@ class Daemon:
         accesslog_file: bool = True,
         textfile: bool = True,
         interval: str = "200ms",
+        kubernetes: str | None = None,
     ) -> None:
-        """`max_rate` None leaves accesslog.max_rate at its default."""
+        """`max_rate` None leaves accesslog.max_rate at its default; `kubernetes`, the body
+        of a [kubernetes] table, makes it the identity source instead of `inventory`."""
         self.workdir = workdir
         self.pin_dir = pin_dir
         self.port = free_port()
@@ -72,6 +74,9 @@ class Daemon:
             f"""
 [identity]
 inventory = "{workdir / "inventory.toml"}"
+source = "{"inventory" if kubernetes is None else "kubernetes"}"
+[kubernetes]
+{kubernetes or ""}
 [metrics]
 listen = "127.0.0.1:{self.port}"
 textfile = "{self.textfile if textfile else ""}"

@@ -103,7 +103,9 @@ def _gauge(name: str, doc: str, label: str, values: Mapping[str, int | float]) -
 
 def _health(h: Health) -> Iterator[Metric]:
     yield _gauge("kmeshd_build_info", "kmeshd version; always 1", "version", {h.version: 1})
-    yield _counter("kmeshd_events_total", "TCP events the probe saw, by kind", "kind", h.events)
+    yield _counter(
+        "kmeshd_events_total", "TCP events of sockets with a known end, by kind", "kind", h.events
+    )
     yield CounterMetricFamily(
         "kmeshd_events_lost_total",
         "Access-log records the kernel could not queue (ring buffer full)",

@@ -1,0 +1,92 @@
+"""The kubelet source: this node's pods from the kubelet's `GET /pods`, every interval.
+
+The kubelet answers for its own pods even while the apiserver is unreachable, and knows
+a pod (and its IP) as soon as it runs it, before the apiserver's watch says so. Each poll
+is the whole list, so a pod missing from it was deleted (from this source's point of
+view: the cache keeps it alive while the apiserver still has it). A failed poll changes
+nothing in the cache.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Mapping
+from typing import Any
+
+from kmeshd.identity.cache import KUBELET, PODS
+from kmeshd.identity.client import ApiError, Client
+from kmeshd.identity.objects import Malformed, Naming, Pod, parse_pod
+from kmeshd.identity.updates import Listed, SourceState, Update
+from kmeshd.ratelimit import LOG_EVERY_S, Backoff, Throttle
+
+log = logging.getLogger("kmeshd")
+
+
+def pods_of(body: Any, naming: Naming) -> tuple[list[Pod], list[str]]:
+    """A PodList body -> its pods and a problem per item skipped. Kubelets starting up
+    send `"items": null`, and some have sent null or empty items: those are no pods, not
+    errors."""
+    if not isinstance(body, Mapping) or body.get("kind", "PodList") != "PodList":
+        raise ApiError(f"not a PodList: {str(body)[:200]}")
+    items = body.get("items") or []
+    if not isinstance(items, list):
+        raise ApiError("items: expected a list")
+    pods: list[Pod] = []
+    problems: list[str] = []
+    for i, obj in enumerate(items):
+        if not obj:
+            continue
+        try:
+            pods.append(parse_pod(obj, naming))
+        except Malformed as exc:
+            problems.append(f"items[{i}]: {exc}")
+    return pods, problems
+
+
+class Poller:
+    """Polls `GET /pods`; runs in its own thread until `stop`."""
+
+    def __init__(
+        self,
+        client: Client,
+        naming: Naming,
+        interval: float,
+        out: queue.Queue[Update],
+        stop: threading.Event,
+        backoff: Backoff | None = None,
+    ) -> None:
+        self.client, self.naming, self.interval = client, naming, interval
+        self.out, self.stop = out, stop
+        self.backoff = backoff or Backoff(cap=interval)
+        self.requests = 0
+        self._malformed = Throttle(LOG_EVERY_S)
+
+    def poll(self) -> None:
+        """One poll; raises ApiError."""
+        self.requests += 1
+        pods, problems = pods_of(self.client.get_json("/pods"), self.naming)
+        if problems and self._malformed.ready():
+            log.warning("kubelet: skipped %d pods: %s", len(problems), "; ".join(problems[:3]))
+        self.out.put(Listed(KUBELET, PODS, tuple(pods)))
+        self.out.put(SourceState(KUBELET, PODS, ""))
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            try:
+                self.poll()
+                self.backoff.reset()
+                delay = self.interval
+            except ApiError as exc:
+                self.out.put(SourceState(KUBELET, PODS, str(exc)))
+                delay = exc.retry_after if exc.retry_after is not None else self.backoff.next()
+            self.stop.wait(delay)
+
+
+def start(
+    client: Client, naming: Naming, interval: float, out: queue.Queue[Update], stop: threading.Event
+) -> Poller:
+    poller = Poller(client, naming, interval, out, stop)
+    threading.Thread(target=poller.run, name="kubelet", daemon=True).start()
+    return poller
