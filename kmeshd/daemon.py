@@ -157,10 +157,10 @@ class Daemon:
         assert self.probe is not None
         now = time.monotonic()
         if not force and (
-            self.source.version == self._known_version or now - self._known_at < KNOWN_EVERY_S
+            self.source.known_version == self._known_version or now - self._known_at < KNOWN_EVERY_S
         ):
             return
-        self._known_version, self._known_at = self.source.version, now
+        self._known_version, self._known_at = self.source.known_version, now
         self.known_refused = self.probe.set_known(self.source.view().known_addresses())
 
     def _listening(self) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from ipaddress import IPv4Address, IPv6Address
 
 from kmeshd.identity.cache import APISERVER, KUBELET, PODS, SERVICES, SLICES, IdentityCache
-from kmeshd.identity.model import Service, ServicePort, Workload
+from kmeshd.identity.model import Service, ServicePort, Workload, ip_key
 from kmeshd.identity.objects import Endpoints, Pod
 
 IP = IPv4Address("10.1.0.5")
@@ -47,7 +47,8 @@ def service(name: str, vip: str = "10.96.0.20", namespace: str = "shop") -> Serv
 def slice_of(
     svc: str, name: str = "", ips: tuple[str, ...] = ("10.1.0.5",), namespace: str = "shop"
 ) -> Endpoints:
-    return Endpoints(namespace, name or f"{svc}-abcde", svc, tuple(map(IPv4Address, ips)), (8080,))
+    keys = tuple(ip_key(IPv4Address(ip)) for ip in ips)
+    return Endpoints(namespace, name or f"{svc}-abcde", (namespace, svc), keys, (8080,))
 
 
 def name_at(cache: IdentityCache, ip: IPv4Address = IP) -> str | None:
@@ -203,12 +204,23 @@ def test_known_addresses_are_this_nodes_pods_and_every_cluster_ip() -> None:
     assert name_at(cache, IPv4Address("10.2.0.5")) == "remote"
 
 
-def test_version_changes_with_every_update() -> None:
-    """The daemon recomputes the kernel's known set only when the version moved."""
+def test_known_version_moves_when_addresses_do_not_when_labels_do() -> None:
+    """The daemon recomputes the kernel's known set only when the version moved: a new
+    address, a source starting to report a pod, an entry forgotten; not a label change."""
     cache = IdentityCache("n1", GRACE)
-    v0 = cache.version
+    v0 = cache.known_version
     cache.put(PODS, APISERVER, pod("a"), now=0)
-    v1 = cache.version
-    cache.gc(now=1)
-    assert v0 < v1 == cache.version
-    assert cache.counts() == {"pods": 1, "services": 0, "endpointslices": 0}
+    v1 = cache.known_version
+    relabelled = pod("a", created=100.0)
+    cache.put(PODS, APISERVER, relabelled, now=1)
+    assert v0 < v1 == cache.known_version
+    cache.put(PODS, KUBELET, relabelled, now=2)
+    v2 = cache.known_version
+    cache.put(PODS, APISERVER, pod("a", ip="10.1.0.6"), now=3)
+    v3 = cache.known_version
+    cache.delete(PODS, APISERVER, "a", now=4)
+    cache.delete(PODS, KUBELET, "a", now=4)
+    assert v1 < v2 < v3 == cache.known_version  # death changes no claim
+    cache.gc(now=4 + GRACE)
+    assert cache.known_version > v3
+    assert cache.counts() == {"pods": 0, "services": 0, "endpointslices": 0}

@@ -19,7 +19,7 @@ from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-from kmeshd.identity.model import IPAddress, Service, Workload, plain_ip
+from kmeshd.identity.model import IPAddress, Service, Workload, ip_key, plain_ip
 from kmeshd.identity.objects import Endpoints, Pod
 
 K = TypeVar("K", bound=Hashable)  # an object's key
@@ -48,6 +48,7 @@ class _Entry(Generic[E]):
     value: E
     sources: frozenset[str] = frozenset()
     dead_since: float | None = None
+    answer: Any = None  # what a lookup returns, kept here to save it a hop through memory
 
     @property
     def alive(self) -> bool:
@@ -100,22 +101,28 @@ def _service_rank(e: _Entry[Service]) -> tuple[bool, str, str]:
     return (not e.alive, e.value.namespace, e.value.name)
 
 
-def _slice_rank(e: _Entry[Endpoints]) -> tuple[bool, str, str, str]:
-    return (not e.alive, e.value.namespace, e.value.service, e.value.name)
+def _slice_rank(e: _Entry[Endpoints]) -> tuple[bool, tuple[str, str], str]:
+    return (not e.alive, e.value.service, e.value.name)
 
 
-def _pod_ips(p: Pod) -> tuple[IPAddress, ...]:
+def _pod_ips(p: Pod) -> tuple[int, ...]:
     # A host-network pod's address is its node's, shared with every other such pod and
     # with the node's own processes: no single pod may claim it.
-    return () if p.host_network else p.workload.addresses
+    return () if p.host_network else tuple(map(ip_key, p.workload.addresses))
 
 
-def _vip_ports(s: Service) -> list[tuple[IPAddress, int]]:
-    return [(plain_ip(ip), p.port) for ip in s.addresses for p in s.ports]
+def _at(key: int, port: int) -> int:
+    """An address key and a port as one int: no tuple per endpoint (150,000 of them in a
+    large cluster), and a faster dict lookup."""
+    return key << 16 | port
 
 
-def _endpoints(s: Endpoints) -> list[tuple[IPAddress, int]]:
-    return [(ip, port) for ip in s.addresses for port in s.ports]
+def _vip_ports(s: Service) -> tuple[int, ...]:
+    return tuple(_at(ip_key(ip), p.port) for ip in s.addresses for p in s.ports)
+
+
+def _endpoints(s: Endpoints) -> tuple[int, ...]:
+    return tuple(_at(ip, port) for ip in s.addresses for port in s.ports)
 
 
 class _Store(Generic[K, C, E]):
@@ -126,29 +133,44 @@ class _Store(Generic[K, C, E]):
         key: Callable[[E], K],
         claims: Callable[[E], Iterable[C]],
         rank: Callable[[_Entry[E]], Any],
+        answer: Callable[[E], Any] = lambda value: value,
         finished: Callable[[E], bool] = lambda _value: False,
     ) -> None:
         self.key, self._claims, self._finished = key, claims, finished
+        self._answer = answer
         self.entries: dict[K, _Entry[E]] = {}
         self.index: _Index[C, E] = _Index(rank)
         self._dead: set[K] = set()  # so that gc looks at these, not at every entry
+        self.claims_changed = 0  # bumped when what entries claim (or who reports them) changed
 
     def put(self, source: str, value: E, now: float) -> None:
         """`source` reports `value`: alive, unless it is finished (a Succeeded/Failed pod),
         which is dead from the first time it is seen so."""
         key = self.key(value)
         old = self.entries.get(key)
-        entry = _Entry(value, _shared((old.sources if old else frozenset()) | {source}))
+        sources = _shared((old.sources if old else frozenset()) | {source})
+        dead_since = None
         if self._finished(value):
-            entry.dead_since = old.dead_since if old and old.dead_since is not None else now
-        self._unindex(old)
-        self.entries[key] = entry
-        if entry.alive:
+            dead_since = old.dead_since if old and old.dead_since is not None else now
+        claims = self._claims(value)
+        if old is not None and self._claims(old.value) == claims:
+            # Most updates change labels or status, not addresses: update in place.
+            if old.sources != sources:
+                self.claims_changed += 1
+            old.value, old.sources, old.dead_since = value, sources, dead_since
+            old.answer = self._answer(value)
+            for claim in claims:
+                self.index.elect(claim)
+        else:
+            self._unindex(old)
+            self.entries[key] = _Entry(value, sources, dead_since, self._answer(value))
+            for claim in claims:
+                self.index.add(claim, self.entries[key])
+            self.claims_changed += 1
+        if dead_since is None:
             self._dead.discard(key)
         else:
             self._dead.add(key)
-        for claim in self._claims(value):
-            self.index.add(claim, entry)
 
     def delete(self, source: str, key: K, now: float) -> None:
         entry = self.entries.get(key)
@@ -175,6 +197,7 @@ class _Store(Generic[K, C, E]):
         for key in expired:
             self._dead.discard(key)
             self._unindex(self.entries.pop(key))
+        self.claims_changed += bool(expired)
         return len(expired)
 
     def _unindex(self, entry: _Entry[E] | None) -> None:
@@ -189,15 +212,14 @@ class IdentityCache:
     def __init__(self, node: str, grace: float = DEFAULT_GRACE_S) -> None:
         self.node = node
         self.grace = grace
-        self.version = 0  # bumped by every change, so users can tell when to recompute
-        self._pods: _Store[str, IPAddress, Pod] = _Store(
-            lambda p: p.uid, _pod_ips, _pod_rank, lambda p: p.terminal
+        self._pods: _Store[str, int, Pod] = _Store(
+            lambda p: p.uid, _pod_ips, _pod_rank, lambda p: p.workload, lambda p: p.terminal
         )
-        self._services: _Store[tuple[str, str], tuple[IPAddress, int], Service] = _Store(
+        self._services: _Store[tuple[str, str], int, Service] = _Store(
             lambda s: (s.namespace, s.name), _vip_ports, _service_rank
         )
-        self._slices: _Store[tuple[str, str], tuple[IPAddress, int], Endpoints] = _Store(
-            lambda s: (s.namespace, s.name), _endpoints, _slice_rank
+        self._slices: _Store[tuple[str, str], int, Endpoints] = _Store(
+            lambda s: (s.namespace, s.name), _endpoints, _slice_rank, lambda s: s.service
         )
         self._stores: dict[str, _Store[Any, Any, Any]] = {
             PODS: self._pods,
@@ -210,54 +232,54 @@ class IdentityCache:
     def put(self, resource: str, source: str, value: Pod | Service | Endpoints, now: float) -> None:
         """`source` reports this object (new or changed)."""
         self._stores[resource].put(source, value, now)
-        self.version += 1
 
     def delete(self, resource: str, source: str, key: Hashable, now: float) -> None:
         """`source` no longer has the object with this key (a pod's uid, else (namespace,
         name)); it dies when no source has it."""
         self._stores[resource].delete(source, key, now)
-        self.version += 1
 
     def replace(self, resource: str, source: str, values: Iterable[Any], now: float) -> None:
         """All `source` has of `resource` now: what it no longer lists, it deleted."""
         self._stores[resource].replace(source, values, now)
-        self.version += 1
 
     def gc(self, now: float) -> int:
         """Forget what has been dead longer than the grace period; returns how many."""
-        gone = sum(s.gc(now, self.grace) for s in self._stores.values())
-        if gone:
-            self.version += 1
-        return gone
+        return sum(s.gc(now, self.grace) for s in self._stores.values())
+
+    @property
+    def known_version(self) -> int:
+        """Changes whenever known_addresses() may have: not on label or status changes."""
+        return self._pods.claims_changed + self._services.claims_changed
 
     # -- lookups (IdentityView) -----------------------------------------------------------
 
     def workload_at(self, ip: IPAddress) -> Workload | None:
-        entry = self._pods.index.best.get(plain_ip(ip))
-        return entry.value.workload if entry is not None else None
+        entry = self._pods.index.best.get(ip_key(ip))
+        return entry.answer if entry is not None else None
 
     def service_at(self, ip: IPAddress, port: int) -> Service | None:
         """The service whose cluster IP and port these are."""
-        entry = self._services.index.best.get((plain_ip(ip), port))
+        entry = self._services.index.best.get(_at(ip_key(ip), port))
         return entry.value if entry is not None else None
 
     def service_behind(self, ip: IPAddress, port: int) -> Service | None:
         """The service whose EndpointSlices list this address and target port."""
-        entry = self._slices.index.best.get((plain_ip(ip), port))
+        entry = self._slices.index.best.get(_at(ip_key(ip), port))
         if entry is None:
             return None
-        service = self._services.entries.get((entry.value.namespace, entry.value.service))
+        service = self._services.entries.get(entry.answer)
         return service.value if service is not None else None
 
     def known_addresses(self) -> frozenset[IPAddress]:
         """This node's pod addresses and every cluster IP: the sockets worth tracking here
         have one of these at an end. Remote pods are resolved, but not tracked for."""
         local = {
-            ip
-            for ip, e in self._pods.index.best.items()
-            if e.value.node == self.node or KUBELET in e.sources
+            plain_ip(ip)
+            for e in self._pods.entries.values()
+            if (e.value.node == self.node or KUBELET in e.sources) and not e.value.host_network
+            for ip in e.value.workload.addresses
         }
-        vips = {ip for ip, _port in self._services.index.best}
+        vips = {plain_ip(ip) for e in self._services.entries.values() for ip in e.value.addresses}
         return frozenset(local | vips)
 
     def counts(self) -> dict[str, int]:

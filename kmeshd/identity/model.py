@@ -22,6 +22,22 @@ def plain_ip(ip: IPAddress) -> IPAddress:
     return ip
 
 
+_V6_TAG = 1 << 128
+
+
+def ip_key(ip: IPAddress) -> int:
+    """An address as a plain int, for the keys of large dicts: an int hashes and compares
+    in C, an ipaddress object in Python, which made lookups several times slower. A
+    v4-mapped address is its IPv4 one; other IPv6 addresses are tagged, so that none
+    equals an IPv4 address."""
+    n = int(ip)
+    if isinstance(ip, ipaddress.IPv4Address):
+        return n
+    if n >> 32 == 0xFFFF:
+        return n & 0xFFFFFFFF
+    return n | _V6_TAG
+
+
 @dataclass(frozen=True, slots=True)
 class Workload:
     """One instance (a pod) and the identity Istio would give it."""

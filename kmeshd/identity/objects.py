@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from kmeshd.identity.model import IPAddress, Service, ServicePort, Workload, plain_ip
+from kmeshd.identity.model import IPAddress, Service, ServicePort, Workload, ip_key, plain_ip
 
 UNKNOWN = "-"
 
@@ -63,8 +63,8 @@ class Endpoints:
 
     namespace: str
     name: str  # the slice's name
-    service: str  # the service it belongs to (label kubernetes.io/service-name)
-    addresses: tuple[IPAddress, ...]
+    service: tuple[str, str]  # (namespace, name) of its service (kubernetes.io/service-name)
+    addresses: tuple[int, ...]  # ip_key() of each address: 28 bytes each, not 84
     ports: tuple[int, ...]  # TCP target ports
 
 
@@ -259,21 +259,22 @@ def parse_endpoint_slice(obj: Any) -> Endpoints:
     endpoints stay: their open connections still belong to the service."""
     if not isinstance(obj, Mapping):
         raise Malformed("not an object")
-    addresses: list[IPAddress] = []
+    addresses: list[int] = []
     for i, endpoint in enumerate(_field(obj, "endpoints", list, [])):
         if not isinstance(endpoint, Mapping):
             raise Malformed(f"endpoints[{i}]: expected an object")
         for j, text in enumerate(_field(endpoint, "addresses", list, [])):
-            addresses.append(_ip(text, f"endpoints[{i}].addresses[{j}]"))
+            addresses.append(ip_key(_ip(text, f"endpoints[{i}].addresses[{j}]")))
     ports = [
         _field(entry, "port", int)
         for entry in _field(obj, "ports", list, [])
         if isinstance(entry, Mapping) and _tcp(entry)
     ]
+    namespace = sys.intern(_required(obj, "metadata.namespace"))
     return Endpoints(
-        namespace=sys.intern(_required(obj, "metadata.namespace")),
+        namespace=namespace,
         name=_required(obj, "metadata.name"),
-        service=_labels(obj).get("kubernetes.io/service-name", ""),
+        service=(namespace, _labels(obj).get("kubernetes.io/service-name", "")),
         addresses=tuple(dict.fromkeys(addresses)),
         ports=tuple(sorted({p for p in ports if p is not None})),
     )

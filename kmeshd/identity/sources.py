@@ -37,7 +37,7 @@ class StaticSource:
 
     def __init__(self, identities: Identities) -> None:
         self.identities = identities
-        self.version = 0
+        self.known_version = 0  # changes only on reload, which replaces the source
 
     def view(self) -> IdentityView:
         return self.identities
@@ -98,8 +98,8 @@ class KubernetesSource:
         self.poller: kubelet.Poller | None = None
 
     @property
-    def version(self) -> int:
-        return self.cache.version
+    def known_version(self) -> int:
+        return self.cache.known_version
 
     def start(self) -> None:
         self.watchers = apiserver.start(self._api, self.naming, self.queue, self._stop)
