@@ -33,6 +33,7 @@
 #define SF_PEER_FIN 4       /* the peer's FIN was taken in order: bytes_received holds one extra */
 #define SF_PEER_FIN_SEEN 8 /* a FIN arrived while we were closing; see fin_end */
 #define SF_RTO_EXPIRED 16   /* the retransmission timer gave up */
+#define SF_RESET 32         /* a RST arrived (set by the tcp_receive_reset tracepoint) */
 
 struct sock_state {
     __u64 start_ns;        /* connect() for OUTBOUND, establishment for INBOUND */
@@ -50,7 +51,6 @@ struct addr16 {
 BPF_TABLE_PINNED("hash", struct flow_key, struct flow_counters, flows, FLOWS_MAX, PIN_DIR "/flows");
 BPF_TABLE_PINNED("hash", struct addr16, __u8, known_addrs, KNOWN_MAX, PIN_DIR "/known_addrs");
 BPF_TABLE_PINNED("percpu_array", int, __u64, stats, STAT_COUNT, PIN_DIR "/stats");
-BPF_TABLE_PINNED("lru_hash", __u64, __u8, resets, 16384, PIN_DIR "/resets");
 BPF_TABLE_PINNED("hash", __u64, struct sock_state, socks, SOCKS_MAX, PIN_DIR "/socks");
 BPF_RINGBUF_OUTPUT(records, RINGBUF_PAGES);
 /* Set by user space: [0] = 1 while an access log wants records. Off, a close costs no
@@ -275,19 +275,11 @@ static __always_inline void emit(struct bpf_sock_ops *ctx, struct tuple *t, stru
     records.ringbuf_submit(r, BPF_RB_NO_WAKEUP);
 }
 
-static __always_inline int take_reset(struct bpf_sock_ops *ctx)
-{
-    __u64 cookie = bpf_get_socket_cookie(ctx);
-    if (!resets.lookup(&cookie))
-        return 0;
-    resets.delete(&cookie);
-    return 1;
-}
-
-static __always_inline void on_close(struct bpf_sock_ops *ctx, struct sock_state *st, __u32 old_state)
+static __always_inline void on_close(struct bpf_sock_ops *ctx, struct sock_state *st, __u32 old_state,
+                                     __u64 cookie)
 {
     __u64 now = bpf_ktime_get_ns();
-    int reset = take_reset(ctx);
+    int reset = st->flags & SF_RESET;
     __u8 flags = reset ? RECORD_RESET : 0;
     struct flow_counters *c = 0;
     struct tuple t = {};
@@ -312,7 +304,6 @@ static __always_inline void on_close(struct bpf_sock_ops *ctx, struct sock_state
         if (records_wanted())
             emit(ctx, &t, st, KIND_FAILED, failure_reason(st, reset), flags, now, 0, 0);
     }
-    __u64 cookie = bpf_get_socket_cookie(ctx);
     socks.delete(&cookie);
 }
 
@@ -336,7 +327,14 @@ static __always_inline void on_header(struct bpf_sock_ops *ctx)
 static __always_inline void on_state(struct bpf_sock_ops *ctx)
 {
     __u32 old_state = ctx->args[0], new_state = ctx->args[1];
-    struct sock_state *st = state_of(ctx);
+    /* SYN_SENT -> ESTABLISHED and CLOSE_WAIT -> LAST_ACK, among others, change nothing
+     * here: return before the socket's state is looked up. */
+    if (new_state != BPF_TCP_CLOSE_WAIT && new_state != BPF_TCP_CLOSING &&
+        new_state != BPF_TCP_FIN_WAIT1 && new_state != BPF_TCP_FIN_WAIT2 &&
+        new_state != BPF_TCP_CLOSE)
+        return;
+    __u64 cookie = bpf_get_socket_cookie(ctx);
+    struct sock_state *st = socks.lookup(&cookie);
     if (!st)
         return;
     if (new_state == BPF_TCP_CLOSE_WAIT || new_state == BPF_TCP_CLOSING)
@@ -346,7 +344,7 @@ static __always_inline void on_state(struct bpf_sock_ops *ctx)
     if (new_state == BPF_TCP_FIN_WAIT1)
         bpf_sock_ops_cb_flags_set(ctx, ctx->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_PARSE_ALL_HDR_OPT_CB_FLAG);
     if (new_state == BPF_TCP_CLOSE)
-        on_close(ctx, st, old_state);
+        on_close(ctx, st, old_state, cookie);
 }
 
 int kmeshd_sockops(struct bpf_sock_ops *ctx)
@@ -381,12 +379,12 @@ int kmeshd_sockops(struct bpf_sock_ops *ctx)
 }
 
 /* The kernel calls this before it closes a socket on a received RST; sock_ops has no
- * callback that says why a socket closed, so remember the socket by its cookie. */
+ * callback that says why a socket closed, so mark the socket's state. */
 TRACEPOINT_PROBE(tcp, tcp_receive_reset)
 {
     __u64 cookie = args->sock_cookie;
-    __u8 one = 1;
-    if (resets.update(&cookie, &one))
-        count(STAT_RESETS_FULL);
+    struct sock_state *st = socks.lookup(&cookie);
+    if (st)
+        st->flags |= SF_RESET;
     return 0;
 }

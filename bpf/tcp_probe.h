@@ -8,7 +8,7 @@
 #ifndef KMESHD_TCP_PROBE_H
 #define KMESHD_TCP_PROBE_H
 
-#define KMESHD_LAYOUT 2
+#define KMESHD_LAYOUT 3
 
 #define DIR_OUTBOUND 1 /* this socket called connect(): the client */
 #define DIR_INBOUND 2  /* this socket was accepted: the server */
@@ -31,8 +31,7 @@
 #define STAT_RINGBUF_LOST 4   /* access-log records the ring buffer could not take */
 #define STAT_FLOWS_FULL 5     /* flow updates refused: the flows map was full */
 #define STAT_SOCKS_FULL 6     /* sockets not tracked: the socks map was full */
-#define STAT_RESETS_FULL 7    /* resets not remembered: the resets map was full */
-#define STAT_COUNT 8
+#define STAT_COUNT 7
 
 /* IPv4 addresses are stored v4-mapped (::ffff:a.b.c.d) so both families share a key. */
 struct flow_key {

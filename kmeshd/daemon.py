@@ -255,7 +255,6 @@ class Daemon:
             map_full={
                 "flows": stats[Stat.FLOWS_FULL],
                 "sockets": stats[Stat.SOCKS_FULL],
-                "resets": stats[Stat.RESETS_FULL],
                 "known_addrs": self.known_refused,
             },
             unattributed=stats[Stat.UNATTRIBUTED] + self.aggregate.unattributed,

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from kmeshd.identity.model import IPAddress, plain_ip
 
-LAYOUT = 2  # KMESHD_LAYOUT in bpf/tcp_probe.h
+LAYOUT = 3  # KMESHD_LAYOUT in bpf/tcp_probe.h
 
 
 class Direction(enum.IntEnum):
@@ -46,7 +46,6 @@ class Stat(enum.IntEnum):
     RINGBUF_LOST = 4
     FLOWS_FULL = 5
     SOCKS_FULL = 6
-    RESETS_FULL = 7
 
 
 RECORD_RESET = 1

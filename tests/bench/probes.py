@@ -183,3 +183,38 @@ def watching(
             yield w
     else:
         raise ValueError(f"unknown configuration {config!r}; known: {', '.join(CONFIGS)}")
+
+
+# -- the probe's own run time --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ProgStats:
+    runs: int
+    run_time_ns: int
+
+
+def prog_stats(name_prefix: str = "kmeshd") -> ProgStats:
+    """run_cnt and run_time_ns summed over the loaded programs named `name_prefix*`
+    (counted only while kernel.bpf_stats_enabled is 1)."""
+    out = subprocess.run(
+        ["bpftool", "-j", "prog", "show"], capture_output=True, text=True, check=True
+    ).stdout
+    progs = [p for p in json.loads(out) if str(p.get("name", "")).startswith(name_prefix)]
+    return ProgStats(
+        sum(int(p.get("run_cnt", 0)) for p in progs),
+        sum(int(p.get("run_time_ns", 0)) for p in progs),
+    )
+
+
+@contextmanager
+def bpf_stats() -> Iterator[None]:
+    """kernel.bpf_stats_enabled on for the block: the kernel times every program run (at
+    the price of two clock reads per run, which is why the timed rounds run without it)."""
+    path = Path("/proc/sys/kernel/bpf_stats_enabled")
+    before = path.read_text().strip()
+    path.write_text("1")
+    try:
+        yield
+    finally:
+        path.write_text(before)

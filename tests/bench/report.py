@@ -218,6 +218,15 @@ def latency_lines(latency: dict[str, Any] | None) -> list[str]:
     ]
 
 
+def cost_lines(costs: list[dict[str, Any]]) -> list[str]:
+    return [
+        f"sock_ops program, timed by the kernel ({c['scenario']}, {c['connections']:,} "
+        f"connections): {c['runs_per_connection']:.1f} runs per connection, "
+        f"{c['ns_per_run']:.0f} ns per run, {c['ns_per_connection'] / 1000:.2f} µs per connection"
+        for c in costs
+    ]
+
+
 def write_json(path: Path, document: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(document, indent=2, default=str) + "\n")

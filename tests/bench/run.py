@@ -42,8 +42,10 @@ window; the order of configurations rotates from round to round. Per run: connec
 /proc/PID/stat over the window) and peak RSS (VmHWM); for kmeshd, the workload counters
 from /metrics after the first publish made after the last close, compared with loadgen's
 count (opened/closed for both reporters = connections, received_bytes = request bytes,
-sent_bytes = reply bytes), and access-log lines vs. lost records. Finally, on an idle
-kmeshd, the delay from a close to its appearance in /metrics.
+sent_bytes = reply bytes), and access-log lines vs. lost records. Then, on an idle
+kmeshd, the delay from a close to its appearance in /metrics; and, per scenario, one more
+churn with kernel.bpf_stats_enabled=1: the sock_ops program's runs and run time per
+connection, as the kernel times them.
 """
 
 from __future__ import annotations
@@ -75,8 +77,10 @@ from tests.bench.probes import (
     CONFIGS,
     DaemonSettings,
     Watcher,
+    bpf_stats,
     ensure_tcplife,
     kmeshd,
+    prog_stats,
     watching,
 )
 from tests.bench.scenarios import SCENARIOS, Scenario, all_scenarios, inventory
@@ -204,6 +208,26 @@ class Bench:
             "max_s": max(delays),
         }
 
+    def program_cost(self, scenario: Scenario) -> dict[str, Any]:
+        """The sock_ops program's own run time per connection, timed by the kernel
+        (bpf_stats) during one churn: steadier than rate ratios on a noisy host."""
+        workdir, pin_dir = self.fresh(f"{scenario.name}-cost")
+        settings = self.daemon_settings()
+        daemon = kmeshd(workdir, self.inventory, pin_dir, accesslog=False, settings=settings)
+        with daemon, bpf_stats():
+            before = prog_stats()
+            churn = self.loadgen.churn(scenario.target, self.args.seconds)
+            after = prog_stats()
+        runs, ns = after.runs - before.runs, after.run_time_ns - before.run_time_ns
+        conns = max(churn.connections, 1)
+        return {
+            "scenario": scenario.name,
+            "connections": churn.connections,
+            "runs_per_connection": runs / conns,
+            "ns_per_run": ns / max(runs, 1),
+            "ns_per_connection": ns / conns,
+        }
+
 
 def settings(args: argparse.Namespace) -> dict[str, Any]:
     return {
@@ -249,8 +273,9 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         runs = bench.rounds(scenarios)
         loop = [s for s in every if s.name == "loopback"]
         latency = bench.latency(loop[0]) if args.latency_samples > 0 else None
+        cost = [bench.program_cost(s) for s in scenarios]
     ended = {"loadavg_end": os.getloadavg(), "code_end": fingerprint()}
-    return started | ended | {"runs": runs, "latency": latency}
+    return started | ended | {"runs": runs, "latency": latency, "program_cost": cost}
 
 
 def stop_on_sigterm() -> None:
@@ -293,6 +318,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     report.write_json(args.out, document)
     print(report.table(summary, runs, describe(args)))
     print("\n".join(["", *report.latency_lines(result["latency"])]))
+    print("\n".join(["", *report.cost_lines(result["program_cost"])]))
     print("\n".join(["", "anomalies:", *(f"  {a}" for a in found or ["none"])]))
     print(f"\nJSON: {args.out}  ({document['elapsed_s']:.0f} s)")
     return 0
