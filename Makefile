@@ -13,7 +13,7 @@ KVER := $(shell uname -r)
 # Debian packages: runtime (the versions the .deb depends on) and what the tests drive for real.
 DEBS_RUNTIME := python3-bpfcc python3-prometheus-client python3-sdnotify python3-pythonjsonlogger \
 	python3-requests python3-yaml python3-venv linux-headers-amd64
-DEBS_TEST := bpftool iproute2 iptables prometheus prometheus-node-exporter systemd gcc make \
+DEBS_TEST := bpftool iproute2 iptables prometheus prometheus-node-exporter systemd gcc make openssl \
 	procps
 DEV_TOOLS := pytest==8.3.4 ruff==0.8.4 mypy==1.13.0
 # Type stubs only: --no-deps, or types-requests would pull a urllib3 2.x that shadows

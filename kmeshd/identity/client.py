@@ -8,6 +8,7 @@ response; the message is what the operator reads in the journal and in STATUS=.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -64,17 +65,23 @@ def _http_error(resp: requests.Response, what: str) -> ApiError:
     return ApiError(f"{status} ({detail})" if detail else status, _retry_after(resp))
 
 
+def _plain(exc: Exception) -> str:
+    """The exception's text without object addresses: the same failure reads the same
+    every time, so that it is logged once, not at every retry."""
+    return re.sub(r" object at 0x[0-9a-f]+", "", str(exc))
+
+
 def _transport_error(exc: requests.RequestException, what: str) -> ApiError:
     if isinstance(exc, requests.exceptions.SSLError):
         return ApiError(
-            f"{what}: TLS failed ({exc}): is the CA in the kubeconfig (or "
+            f"{what}: TLS failed ({_plain(exc)}): is the CA in the kubeconfig (or "
             "kubernetes.kubelet_ca_file) the one that signed the server's certificate?"
         )
     if isinstance(exc, requests.exceptions.ConnectionError):
-        return ApiError(f"{what}: cannot connect ({exc})")
+        return ApiError(f"{what}: cannot connect ({_plain(exc)})")
     if isinstance(exc, requests.exceptions.Timeout):
-        return ApiError(f"{what}: timed out ({exc})")
-    return ApiError(f"{what}: {exc}")
+        return ApiError(f"{what}: timed out ({_plain(exc)})")
+    return ApiError(f"{what}: {_plain(exc)}")
 
 
 class Client:
