@@ -20,10 +20,9 @@ from kmeshd.identity.credentials import Credentials, TokenSource
 from kmeshd.identity.objects import Naming, Pod
 from kmeshd.identity.updates import Changed, Deleted, Listed, SourceState, Update
 from kmeshd.ratelimit import Backoff
-from tests.k8s_server import ApiServer, Cluster, load_into, synthetic_pod_ip
+from tests.k8s_server import TESTDATA, ApiServer, Cluster, load_into, synthetic_pod_ip
 from tests.tls import TlsFiles
 
-TESTDATA = Path(__file__).resolve().parents[2] / "shared" / "testdata" / "k8s"
 PODS = RESOURCES[0]
 PODS_PATH = "/api/v1/pods"
 

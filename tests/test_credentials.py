@@ -21,8 +21,9 @@ from kmeshd.identity.credentials import (
     resolve,
     session,
 )
+from tests.k8s_server import TESTDATA
 
-MINIKUBE = Path("/work/shared/testdata/k8s/kubeconfig-minikube-file-paths-k8stream.yaml")
+MINIKUBE = TESTDATA / "kubeconfig-minikube-file-paths-k8stream.yaml"
 PEM_CA = b"-----BEGIN CERTIFICATE-----\nca\n-----END CERTIFICATE-----\n"
 PEM_CERT = b"-----BEGIN CERTIFICATE-----\nclient\n-----END CERTIFICATE-----\n"
 PEM_KEY = b"-----BEGIN PRIVATE KEY-----\nkey\n-----END PRIVATE KEY-----\n"

@@ -14,6 +14,7 @@ import requests
 from tests.k8s_server import (
     CONTINUE_EXPIRED,
     GARBAGE,
+    TESTDATA,
     ApiServer,
     Cluster,
     FakeKubelet,
@@ -22,10 +23,8 @@ from tests.k8s_server import (
     load_items,
     status_body,
 )
-from tests.tls import TlsFiles, tls_files  # noqa: F401  (the session fixture)
+from tests.tls import TlsFiles
 
-# shared/ lies beside the repository, here and in CI.
-TESTDATA = Path(__file__).resolve().parents[2] / "shared" / "testdata" / "k8s"
 TOKEN = "test-token"
 PODS = "/api/v1/pods"
 SERVICES = "/api/v1/services"
@@ -49,7 +48,7 @@ def cluster() -> Cluster:
 
 
 @pytest.fixture
-def api(cluster: Cluster, tls_files: TlsFiles) -> Iterator[ApiServer]:  # noqa: F811
+def api(cluster: Cluster, tls_files: TlsFiles) -> Iterator[ApiServer]:
     with ApiServer(cluster, tls_files, token=TOKEN, max_watch_seconds=10) as server:
         yield server
 
@@ -250,7 +249,7 @@ def test_bearer_token_and_rotation(api: ApiServer) -> None:
     assert get(api, PODS, token="rotated").status_code == 200
 
 
-def test_client_certificate_authenticates(api: ApiServer, tls_files: TlsFiles) -> None:  # noqa: F811
+def test_client_certificate_authenticates(api: ApiServer, tls_files: TlsFiles) -> None:
     cert = (str(tls_files.client_cert), str(tls_files.client_key))
     assert get(api, PODS, token=None, cert=cert).status_code == 200
     wrong = (str(tls_files.wrong_client_cert), str(tls_files.wrong_client_key))
@@ -337,7 +336,7 @@ def test_stop_refuses_then_start_on_the_same_port(api: ApiServer, cluster: Clust
     assert get(api, PODS).status_code == 200
 
 
-def test_wrong_ca_server_certificate(api: ApiServer, tls_files: TlsFiles) -> None:  # noqa: F811
+def test_wrong_ca_server_certificate(api: ApiServer, tls_files: TlsFiles) -> None:
     api.use_wrong_ca()
     with pytest.raises(requests.exceptions.SSLError):
         get(api, PODS)
@@ -376,7 +375,7 @@ def test_kubelet_serves_a_captured_body_byte_for_byte(path: Path) -> None:
     assert (r.status_code, r.content) == (200, path.read_bytes())
 
 
-def test_kubelet_lists_its_nodes_pods(cluster: Cluster, tls_files: TlsFiles) -> None:  # noqa: F811
+def test_kubelet_lists_its_nodes_pods(cluster: Cluster, tls_files: TlsFiles) -> None:
     cluster.put("pods", pod("here", node="node-a"))
     cluster.put("pods", pod("there", node="node-b"))
     cluster.put("pods", pod("also-here", namespace="kube-system", node="node-a"))
@@ -426,7 +425,7 @@ def test_load_items_of_each_capture_format(cluster: Cluster) -> None:
 # --- scale ----------------------------------------------------------------------------------
 
 
-def test_scale_150k_pods(cluster: Cluster, tls_files: TlsFiles) -> None:  # noqa: F811
+def test_scale_150k_pods(cluster: Cluster, tls_files: TlsFiles) -> None:
     started = time.monotonic()
     cluster.load_synthetic(pods=150_000, services=20_000, nodes=100)
     load_seconds = time.monotonic() - started

@@ -6,7 +6,6 @@ import json
 import queue
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
@@ -17,10 +16,9 @@ from kmeshd.identity.kubelet import Poller, pods_of
 from kmeshd.identity.objects import Naming
 from kmeshd.identity.updates import Listed, SourceState, Update
 from kmeshd.ratelimit import Backoff
-from tests.k8s_server import Cluster, FakeKubelet
+from tests.k8s_server import TESTDATA, Cluster, FakeKubelet
 from tests.tls import TlsFiles
 
-TESTDATA = Path(__file__).resolve().parents[2] / "shared" / "testdata" / "k8s"
 NAMING = Naming()
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from ipaddress import IPv4Address, IPv6Address, ip_address
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,8 +19,8 @@ from kmeshd.identity.objects import (
     parse_service,
     workload_name,
 )
+from tests.k8s_server import TESTDATA
 
-TESTDATA = Path(__file__).resolve().parents[2] / "shared" / "testdata" / "k8s"
 NAMING = Naming(cluster="Kubernetes", trust_domain="example.org", cluster_domain="cluster.local")
 
 
