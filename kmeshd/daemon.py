@@ -128,8 +128,7 @@ class Daemon:
         cfg = self.config
         self.notify.status("loading identities")
         self.source = open_source(cfg)
-        if isinstance(self.source, KubernetesSource):
-            self.source.start()  # syncs while the probe compiles
+        self.source.start()  # Kubernetes sources sync while the probe compiles
         self.sinks = open_sinks(cfg)
         if cfg.metrics.textfile:
             path = Path(cfg.metrics.textfile)
@@ -326,8 +325,7 @@ class Daemon:
         if source is not self.source:
             self.source.close()
             self.source = source
-            if isinstance(source, KubernetesSource):
-                source.start()
+            source.start()
         if new.accesslog.max_rate != self.config.accesslog.max_rate:
             self.budget = TokenBucket(new.accesslog.max_rate)
         self._update_known(force=True)

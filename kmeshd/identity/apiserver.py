@@ -90,7 +90,6 @@ class Watcher:
         self.client, self.resource, self.naming = client, resource, naming
         self.out, self.stop = out, stop
         self.backoff = backoff or Backoff()
-        self.requests = 0
         self._malformed = Throttle(LOG_EVERY_S)
 
     def run(self) -> None:
@@ -121,7 +120,6 @@ class Watcher:
         values: list[Any] = []
         params = {"limit": str(PAGE_SIZE)}
         while True:
-            self.requests += 1
             body = self.client.get_json(self.resource.path, params)
             items = body.get("items") if isinstance(body, Mapping) else None
             version = _resource_version(body)
@@ -160,7 +158,6 @@ class Watcher:
             "allowWatchBookmarks": "true",
             "timeoutSeconds": str(random.randint(*WATCH_SECONDS)),
         }
-        self.requests += 1
         resp = self.client.get(
             self.resource.path, params, stream=True, read_timeout=WATCH_SECONDS[1] + 30
         )

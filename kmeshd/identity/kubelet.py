@@ -60,12 +60,10 @@ class Poller:
         self.client, self.naming, self.interval = client, naming, interval
         self.out, self.stop = out, stop
         self.backoff = backoff or Backoff(cap=interval)
-        self.requests = 0
         self._malformed = Throttle(LOG_EVERY_S)
 
     def poll(self) -> None:
         """One poll; raises ApiError."""
-        self.requests += 1
         pods, problems = pods_of(self.client.get_json("/pods"), self.naming)
         if problems and self._malformed.ready():
             log.warning("kubelet: skipped %d pods: %s", len(problems), "; ".join(problems[:3]))

@@ -39,6 +39,9 @@ class StaticSource:
         self.identities = identities
         self.known_version = 0  # changes only on reload, which replaces the source
 
+    def start(self) -> None:
+        """Nothing to run."""
+
     def view(self) -> IdentityView:
         return self.identities
 
@@ -94,19 +97,15 @@ class KubernetesSource:
         }
         if self._kubelet is not None:
             self.states[(KUBELET, PODS)] = None
-        self.watchers: list[apiserver.Watcher] = []
-        self.poller: kubelet.Poller | None = None
 
     @property
     def known_version(self) -> int:
         return self.cache.known_version
 
     def start(self) -> None:
-        self.watchers = apiserver.start(self._api, self.naming, self.queue, self._stop)
+        apiserver.start(self._api, self.naming, self.queue, self._stop)
         if self._kubelet is not None:
-            self.poller = kubelet.start(
-                self._kubelet, self.naming, self._interval, self.queue, self._stop
-            )
+            kubelet.start(self._kubelet, self.naming, self._interval, self.queue, self._stop)
 
     def view(self) -> IdentityView:
         return self.cache
