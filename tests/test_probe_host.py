@@ -1,4 +1,5 @@
-"""Host checks before bcc runs: kernel version and headers, with messages naming the fix."""
+"""Host checks before bcc runs (kernel version and headers, with messages naming the fix),
+and what is given back after it ran."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from kmeshd.errors import UnavailableError
-from kmeshd.probe import bpf_source_dir, check_host
+from kmeshd.probe import COMPILER_LIBS, bpf_source_dir, check_host, clean_mappings
 
 
 def test_kernel_older_than_5_8_is_unavailable(tmp_path: Path) -> None:
@@ -31,3 +32,40 @@ def test_headers_present_pass(tmp_path: Path) -> None:
 def test_bpf_source_found_in_checkout() -> None:
     """A checkout finds bpf/tcp_probe.c beside the package."""
     assert (bpf_source_dir() / "tcp_probe.c").is_file()
+
+
+SMAPS = """\
+7f0000000000-7f0000100000 r--p 00000000 08:01 1234   /usr/lib/x86_64-linux-gnu/libLLVM-14.so.1
+Rss:                1024 kB
+Private_Dirty:         0 kB
+Anonymous:             0 kB
+7f0000100000-7f0000400000 r-xp 00100000 08:01 1234   /usr/lib/x86_64-linux-gnu/libLLVM-14.so.1
+Rss:                3072 kB
+Private_Dirty:         0 kB
+Anonymous:             0 kB
+7f0000400000-7f0000410000 r--p 00400000 08:01 1234   /usr/lib/x86_64-linux-gnu/libLLVM-14.so.1
+Rss:                  64 kB
+Private_Dirty:        64 kB
+Anonymous:            64 kB
+7f0000500000-7f0000600000 r-xp 00000000 08:01 99     /usr/lib/llvm-14/lib/libclang-cpp.so.14
+Rss:                 512 kB
+Private_Dirty:         0 kB
+Anonymous:             0 kB
+7f0000600000-7f0000700000 r-xp 00000000 08:01 77     /usr/lib/x86_64-linux-gnu/libbcc.so.0.26.0
+Rss:                 512 kB
+Private_Dirty:         0 kB
+Anonymous:             0 kB
+7f0000700000-7f0000800000 rw-p 00000000 00:00 0
+Rss:                   4 kB
+Anonymous:             4 kB
+"""
+
+
+def test_only_unmodified_pages_of_clang_and_llvm_are_released() -> None:
+    """Text and read-only data of libLLVM and libclang, not their relocated (dirty)
+    pages, not other libraries, not anonymous memory."""
+    assert clean_mappings(SMAPS, COMPILER_LIBS) == [
+        (0x7F0000000000, 0x7F0000100000),
+        (0x7F0000100000, 0x7F0000400000),
+        (0x7F0000500000, 0x7F0000600000),
+    ]
