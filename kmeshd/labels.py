@@ -71,9 +71,15 @@ class Ends(NamedTuple):
 
 def resolve(ids: IdentityView, client: IPAddress, server: IPAddress, port: int) -> Ends:
     """A peer that is a service VIP names the service (the client's socket sees the VIP:
-    NAT happens below it); else the service forwarding to that address and target port."""
-    service = ids.service_at(server, port) or ids.service_behind(server, port)
-    return Ends(ids.workload_at(client), ids.workload_at(server), service)
+    NAT happens below it); else the service forwarding to that address and target port.
+    A pod's address is never a VIP, so for a pod the VIP lookup is skipped (lookups are
+    what an event costs at cluster scale)."""
+    destination = ids.workload_at(server)
+    if destination is not None:
+        service = ids.service_behind(server, port)
+    else:
+        service = ids.service_at(server, port) or ids.service_behind(server, port)
+    return Ends(ids.workload_at(client), destination, service)
 
 
 def _identity(w: Workload | None) -> LabelValues:
