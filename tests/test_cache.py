@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from ipaddress import IPv4Address, IPv6Address
 
 from kmeshd.identity.cache import APISERVER, KUBELET, PODS, SERVICES, SLICES, IdentityCache
@@ -224,3 +225,18 @@ def test_known_version_moves_when_addresses_do_not_when_labels_do() -> None:
     cache.gc(now=4 + GRACE)
     assert cache.known_version > v3
     assert cache.counts() == {"pods": 0, "services": 0, "endpointslices": 0}
+
+
+def test_a_changed_pod_answers_with_its_new_identity_at_once() -> None:
+    """An update that keeps the address (a new label, say) is answered at once, also for
+    an address with several claimants."""
+    cache = IdentityCache("n1", GRACE)
+    cache.put(PODS, APISERVER, pod("a", created=10), now=0)
+    cache.put(PODS, APISERVER, pod("b", created=5), now=0)  # an older rival for the IP
+    renamed = pod("a", created=10)
+    renamed = Pod(renamed.uid, "n1", 10, False, False, replace(renamed.workload, workload="v2"))
+    cache.put(PODS, APISERVER, renamed, now=1)
+    w = cache.workload_at(IP)
+    assert w is not None and w.workload == "v2"
+    cache.delete(PODS, APISERVER, "a", now=2)
+    assert name_at(cache) == "b"
