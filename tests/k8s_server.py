@@ -895,3 +895,26 @@ class FakeKubelet(_FakeServer):
 
 def _send_text(h: _Handler, status: int, body: bytes) -> None:
     _send(h, status, body, {"Content-Type": "text/plain; charset=utf-8"})
+
+
+def write_kubeconfig(path: Path, server: str, tls: TlsFiles, token: str = "test-token") -> Path:
+    """A kubeconfig, as kubectl writes one, for `server` with a bearer token."""
+    path.write_text(
+        f"""apiVersion: v1
+kind: Config
+current-context: test
+clusters:
+- name: test
+  cluster:
+    server: {server}
+    certificate-authority: {tls.ca_cert}
+contexts:
+- name: test
+  context: {{cluster: test, user: kmeshd}}
+users:
+- name: kmeshd
+  user:
+    token: {token}
+"""
+    )
+    return path

@@ -13,9 +13,8 @@ import pytest
 
 from tests.daemon_proc import Daemon, value
 from tests.e2e import CLIENT, SERVER, SERVICE, W, closed, exchange, wait_records
-from tests.k8s_server import ApiServer, Cluster, FakeKubelet
+from tests.k8s_server import ApiServer, Cluster, FakeKubelet, write_kubeconfig
 from tests.netns import Pod
-from tests.test_sources import write_kubeconfig
 from tests.tls import TlsFiles
 
 NODE = "kmeshd-test-node"

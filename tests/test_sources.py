@@ -20,32 +20,11 @@ from tests.k8s_server import (
     FakeKubelet,
     synthetic_pod_ip,
     synthetic_service_ip,
+    write_kubeconfig,
 )
 from tests.tls import TlsFiles
 
 NODE = "node-1"
-
-
-def write_kubeconfig(path: Path, server: str, tls: TlsFiles, token: str = "test-token") -> Path:
-    path.write_text(
-        f"""apiVersion: v1
-kind: Config
-current-context: test
-clusters:
-- name: test
-  cluster:
-    server: {server}
-    certificate-authority: {tls.ca_cert}
-contexts:
-- name: test
-  context: {{cluster: test, user: kmeshd}}
-users:
-- name: kmeshd
-  user:
-    token: {token}
-"""
-    )
-    return path
 
 
 class Setup:

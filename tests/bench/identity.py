@@ -52,8 +52,8 @@ from tests.k8s_server import (
     FakeKubelet,
     synthetic_pod_ip,
     synthetic_service_ip,
+    write_kubeconfig,
 )
-from tests.test_sources import write_kubeconfig
 from tests.tls import make_tls
 
 NODE = "node-0"
