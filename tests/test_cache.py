@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import replace
-from ipaddress import IPv4Address, IPv6Address
+from ipaddress import IPv4Address, IPv6Address, ip_address
+
+import pytest
 
 from kmeshd.identity.cache import APISERVER, KUBELET, PODS, SERVICES, SLICES, IdentityCache
 from kmeshd.identity.model import Service, ServicePort, Workload, ip_key
@@ -240,3 +242,17 @@ def test_a_changed_pod_answers_with_its_new_identity_at_once() -> None:
     assert w is not None and w.workload == "v2"
     cache.delete(PODS, APISERVER, "a", now=2)
     assert name_at(cache) == "b"
+
+
+@pytest.mark.parametrize(
+    ("address", "key"),
+    [
+        ("10.1.0.5", 0x0A010005),
+        ("0.0.0.0", 0),
+        ("::ffff:10.1.0.5", 0x0A010005),  # v4-mapped: the IPv4 address's key
+        ("::a01:5", 0x0A010005 | 1 << 128),  # IPv6 whose low bits match: tagged apart
+        ("fd00::1", 0xFD00 << 112 | 1 | 1 << 128),
+    ],
+)
+def test_ip_key(address: str, key: int) -> None:
+    assert ip_key(ip_address(address)) == key

@@ -29,9 +29,13 @@ def ip_key(ip: IPAddress) -> int:
     """An address as a plain int, for the keys of large dicts: an int hashes and compares
     in C, an ipaddress object in Python, which made lookups several times slower. A
     v4-mapped address is its IPv4 one; other IPv6 addresses are tagged, so that none
-    equals an IPv4 address."""
-    n = int(ip)
-    if isinstance(ip, ipaddress.IPv4Address):
+    equals an IPv4 address.
+
+    Reads `_ip`, the int every ipaddress object keeps, rather than calling `int(ip)`: one
+    event resolves three or four keys, and the call made each take 0.16 µs instead of
+    0.07."""
+    n: int = ip._ip  # type: ignore[union-attr]  # not in typeshed; set since Python 3.3
+    if ip.__class__ is ipaddress.IPv4Address:
         return n
     if n >> 32 == 0xFFFF:
         return n & 0xFFFFFFFF
