@@ -1,4 +1,4 @@
-"""Command line: `kmeshd run | check-config | --version`.
+"""Command line: `kmeshd run | check-config | accesslog | --version`.
 
 The ONLY place that maps errors to exit codes.
 """
@@ -40,7 +40,69 @@ def parser() -> argparse.ArgumentParser:
             default=None,
             help=f"config file (default {DEFAULT_CONFIG_PATH})",
         )
+    add_accesslog(verbs)
     return p
+
+
+def add_accesslog(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    a = verbs.add_parser(
+        "accesslog",
+        help="read access logs back from journald",
+        description="Print the access records kmeshd wrote to journald, oldest first. "
+        "Filters combine with AND. Needs read access to the journal: root, or a member "
+        "of the systemd-journal group.",
+    )
+    a.add_argument("-f", "--follow", action="store_true", help="keep printing new records")
+    a.add_argument("--since", metavar="TIME", help='journalctl syntax: "-1h", "today", ...')
+    a.add_argument(
+        "-o",
+        "--output",
+        choices=("text", "json"),
+        default="text",
+        help="text: the seed's line (default); json: the access-log file's objects",
+    )
+    a.add_argument("--src-workload", metavar="POD", help="source instance (pod) name")
+    a.add_argument("--dst-workload", metavar="POD", help="destination instance (pod) name")
+    a.add_argument("--namespace", metavar="NS", help="source or destination namespace")
+    a.add_argument(
+        "--service",
+        metavar="NAME",
+        help="destination service: its hostname, or the hostname's first label",
+    )
+    a.add_argument(
+        "--direction",
+        choices=("inbound", "outbound"),
+        type=str.lower,
+        help="the reporting side: inbound (server) or outbound (client)",
+    )
+    a.add_argument("--failed", action="store_true", help="only connects that failed")
+    a.add_argument(
+        "-D",
+        "--directory",
+        metavar="DIR",
+        help="read the journal files in DIR (journalctl -D), not the system journal",
+    )
+
+
+def accesslog(args: argparse.Namespace) -> int:
+    from kmeshd.accesslog_query import Filters, show
+
+    filters = Filters(
+        src_workload=args.src_workload,
+        dst_workload=args.dst_workload,
+        namespace=args.namespace,
+        service=args.service,
+        direction=args.direction,
+        failed=args.failed,
+        since=args.since,
+        follow=args.follow,
+        directory=args.directory,
+    )
+    status = show(filters, args.output, sys.stdout)
+    if status == 0:
+        return EX_OK
+    # journalctl said why on stderr; keep its status, but never collide with ours.
+    return status if status not in (EX_UNAVAILABLE, EX_CONFIG) else 1
 
 
 def read_config(path: Path | None) -> Config:
@@ -76,6 +138,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.verb == "check-config":
             return check_config(args.config)
+        if args.verb == "accesslog":
+            return accesslog(args)
         return run(args.config)
     except ConfigError as exc:
         for problem in exc.problems:
