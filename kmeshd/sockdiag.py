@@ -10,6 +10,12 @@ The kernel answers sock_diag (NETLINK_SOCK_DIAG) requests only about the network
 namespace the netlink socket was created in, so a worker thread enters each namespace in
 turn (setns affects only the calling thread) and asks there. Namespaces are found through
 the processes in /proc and the nsfs bind mounts (`ip netns`, CNI) in mountinfo.
+
+A process whose /proc/PID/ns/net may not be read (a supervisor with capabilities kmeshd
+lacks) may still be in a namespace already covered. Its /proc/PID/net/tcp{,6} is
+readable and names its sockets by inode: when each of those was in a dump, nothing was
+missed; otherwise the answer would have a gap, and a gap makes live sockets look closed,
+so the whole answer fails instead.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import struct
 import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 NETLINK_SOCK_DIAG = 4
 SOCK_DIAG_BY_FAMILY = 20
@@ -43,6 +50,10 @@ _REQUEST = struct.Struct("=BBBBI48x")
 # inet_diag_msg up to the cookie: family, state, timer, retrans, sport, dport, src, dst, if.
 _COOKIE_OFFSET = 4 + 2 + 2 + 16 + 16 + 4
 _COOKIE = struct.Struct("=II")  # idiag_cookie[2]: low word first, host order
+# Then idiag_expires, idiag_rqueue, idiag_wqueue, idiag_uid, idiag_inode.
+_INODE_OFFSET = _COOKIE_OFFSET + _COOKIE.size + 4 * 4
+_INODE = struct.Struct("=I")
+_PROC_NET_TIME_WAIT = "06"
 
 
 class SockDiagError(OSError):
@@ -75,9 +86,15 @@ def cookie_of(payload: bytes) -> int:
     return int(high) << 32 | int(low)
 
 
-def cookies_from(datagrams: Iterable[bytes]) -> set[int]:
-    """Cookies in a dump's replies, up to its NLMSG_DONE."""
-    cookies: set[int] = set()
+def inode_of(payload: bytes) -> int:
+    """The socket's inode in an inet_diag_msg (what /proc/net/tcp shows)."""
+    (inode,) = _INODE.unpack_from(payload, _INODE_OFFSET)
+    return int(inode)
+
+
+def cookies_from(datagrams: Iterable[bytes]) -> dict[int, int]:
+    """cookie -> inode of the sockets in a dump's replies, up to its NLMSG_DONE."""
+    cookies: dict[int, int] = {}
     for data in datagrams:
         for kind, payload in parse_messages(data):
             if kind == NLMSG_DONE:
@@ -86,7 +103,7 @@ def cookies_from(datagrams: Iterable[bytes]) -> set[int]:
                 (errno,) = struct.unpack_from("=i", payload)
                 raise SockDiagError(-errno, f"sock_diag dump: {os.strerror(-errno)}")
             if kind == SOCK_DIAG_BY_FAMILY:
-                cookies.add(cookie_of(payload))
+                cookies[cookie_of(payload)] = inode_of(payload)
     raise SockDiagError("sock_diag dump ended without NLMSG_DONE")
 
 
@@ -95,14 +112,25 @@ def _replies(sock: socket.socket) -> Iterator[bytes]:
         yield sock.recv(1 << 20)
 
 
-def dump_cookies() -> set[int]:
-    """Cookies of every TCP socket (IPv4 and IPv6) in the calling thread's namespace."""
-    live: set[int] = set()
+def dump_cookies() -> dict[int, int]:
+    """cookie -> inode of every TCP socket (IPv4, IPv6) in the calling thread's namespace."""
+    live: dict[int, int] = {}
     for family in (socket.AF_INET, socket.AF_INET6):
         with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_SOCK_DIAG) as sock:
             sock.send(dump_request(family))
             live |= cookies_from(_replies(sock))
     return live
+
+
+def proc_net_inodes(text: str) -> set[int]:
+    """Inodes of the full sockets in a /proc/net/tcp or tcp6 table (TIME_WAIT and
+    request sockets show inode 0)."""
+    inodes = set()
+    for line in text.splitlines()[1:]:
+        fields = line.split()
+        if len(fields) > 9 and fields[3] != _PROC_NET_TIME_WAIT and fields[9] != "0":
+            inodes.add(int(fields[9]))
+    return inodes
 
 
 def nsfs_mounts(mountinfo: str) -> list[str]:
@@ -131,39 +159,71 @@ def _unescape(path: str) -> str:
     return "".join(out)
 
 
-def namespace_paths(proc: Path = Path("/proc")) -> dict[tuple[int, int], str]:
-    """One path per distinct network namespace: (st_dev, st_ino) -> path to open it."""
-    found: dict[tuple[int, int], str] = {}
-    candidates = [str(p / "ns" / "net") for p in proc.iterdir() if p.name.isdigit()]
-    candidates += nsfs_mounts((proc / "self" / "mountinfo").read_text())
-    for path in candidates:
+class Namespaces(NamedTuple):
+    paths: dict[tuple[int, int], str]  # (st_dev, st_ino) -> a path to open it
+    hidden: list[Path]  # /proc/PID of processes whose namespace may not be read
+
+
+def namespace_paths(proc: Path = Path("/proc")) -> Namespaces:
+    """One path per distinct network namespace, and the processes that hide theirs."""
+    found = Namespaces({}, [])
+    processes = [p for p in proc.iterdir() if p.name.isdigit()]
+    candidates = [(str(p / "ns" / "net"), p) for p in processes]
+    candidates += [(m, None) for m in nsfs_mounts((proc / "self" / "mountinfo").read_text())]
+    for path, process in candidates:
         try:
             st = os.stat(path)
-        except OSError:  # the process exited, or a mount went away: not a namespace now
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # the process exited, or a mount went away: not a namespace now
+        except PermissionError as exc:
+            if process is None:
+                raise SockDiagError(exc.errno, f"cannot read {path}: {exc.strerror}") from exc
+            found.hidden.append(process)
             continue
-        found.setdefault((st.st_dev, st.st_ino), path)
+        found.paths.setdefault((st.st_dev, st.st_ino), path)
     return found
+
+
+def check_hidden(hidden: Iterable[Path], seen_inodes: set[int]) -> None:
+    """Raise SockDiagError unless every socket of each hidden process's namespace was seen."""
+    for process in hidden:
+        try:
+            tables = [(process / "net" / name).read_text() for name in ("tcp", "tcp6")]
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # exited
+        except OSError as exc:
+            raise SockDiagError(
+                exc.errno, f"cannot see the network namespace of {process}: {exc.strerror}"
+            ) from exc
+        unseen = set().union(*map(proc_net_inodes, tables)) - seen_inodes
+        if unseen:
+            raise SockDiagError(
+                f"cannot enter the network namespace of {process} (its /proc/.../ns/net is"
+                f" not readable: CAP_SYS_PTRACE) and {len(unseen)} of its sockets are in no"
+                " namespace that could be"
+            )
 
 
 def live_cookies() -> set[int]:
     """Cookies of every TCP socket on the host. Raises SockDiagError if any namespace
     cannot be read: a partial answer would make live sockets look closed."""
-    result: dict[str, set[int] | BaseException] = {}
+    result: dict[str, dict[int, int] | BaseException] = {}
     worker = threading.Thread(target=_collect, args=(result,), name="kmeshd-sockdiag")
     worker.start()
     worker.join()
     outcome = result["outcome"]
     if isinstance(outcome, BaseException):
         raise outcome
-    return outcome
+    return set(outcome)
 
 
-def _collect(result: dict[str, set[int] | BaseException]) -> None:
+def _collect(result: dict[str, dict[int, int] | BaseException]) -> None:
     """Runs in its own thread, so entering namespaces never moves the daemon's threads."""
     libc = ctypes.CDLL(None, use_errno=True)
-    live: set[int] = set()
+    live: dict[int, int] = {}
     try:
-        for path in namespace_paths().values():
+        namespaces = namespace_paths()
+        for path in namespaces.paths.values():
             fd = os.open(path, os.O_RDONLY)
             try:
                 if libc.setns(fd, CLONE_NEWNET) != 0:
@@ -173,6 +233,7 @@ def _collect(result: dict[str, set[int] | BaseException]) -> None:
             finally:
                 os.close(fd)
             live |= dump_cookies()
+        check_hidden(namespaces.hidden, set(live.values()))
         result["outcome"] = live
     except BaseException as exc:  # handed to the caller's thread
         result["outcome"] = exc

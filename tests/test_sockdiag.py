@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import socket
 import struct
 import sys
 import threading
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -23,10 +25,10 @@ def message(kind: int, payload: bytes) -> bytes:
     return struct.pack("=IHHII", 16 + len(payload), kind, 2, 1, 0) + payload
 
 
-def diag_msg(cookie: int) -> bytes:
-    """An inet_diag_msg (72 bytes) whose only meaningful field is the cookie."""
+def diag_msg(cookie: int, inode: int = 0) -> bytes:
+    """An inet_diag_msg (72 bytes) whose only meaningful fields are the cookie and inode."""
     sockid = bytes(2 + 2 + 16 + 16 + 4) + struct.pack("=II", cookie & 0xFFFFFFFF, cookie >> 32)
-    return bytes([10, 1, 0, 0]) + sockid + bytes(20)
+    return bytes([10, 1, 0, 0]) + sockid + bytes(16) + struct.pack("=I", inode)
 
 
 DONE = message(sockdiag.NLMSG_DONE, struct.pack("=i", 0))
@@ -50,14 +52,14 @@ def test_cookie_is_read_low_word_first(cookie: int) -> None:
 
 
 def test_cookies_across_datagrams_until_done() -> None:
-    first = message(20, diag_msg(5)) + message(20, diag_msg(2**40 + 3))
-    second = message(20, diag_msg(9)) + DONE
-    after = message(20, diag_msg(11))  # never read: the dump ended
-    assert sockdiag.cookies_from([first, second, after]) == {5, 2**40 + 3, 9}
+    first = message(20, diag_msg(5, 100)) + message(20, diag_msg(2**40 + 3, 2**32 - 1))
+    second = message(20, diag_msg(9, 7)) + DONE
+    after = message(20, diag_msg(11, 8))  # never read: the dump ended
+    assert sockdiag.cookies_from([first, second, after]) == {5: 100, 2**40 + 3: 2**32 - 1, 9: 7}
 
 
 def test_an_empty_dump_is_an_empty_set() -> None:
-    assert sockdiag.cookies_from([DONE]) == set()
+    assert sockdiag.cookies_from([DONE]) == {}
 
 
 def test_a_kernel_error_is_raised_with_its_errno() -> None:
@@ -93,6 +95,77 @@ def test_nsfs_mounts_are_network_namespaces_only() -> None:
         "/var/run/netns/cni-1",
         "/run/odd",
     ]
+
+
+PROC_NET_TCP = """\
+  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 00000000:07E8 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1557 1 0
+   1: 0100007F:3AAC 0100007F:07E8 01 00000000:00000000 00:00000000 00000000     0        0 30459 1 0
+   2: 0100007F:3AAD 0100007F:07E8 06 00000000:00000000 03:00000fa0 00000000     0        0 0 3 0
+   3: 0100007F:07E8 0100007F:3AAE 03 00000000:00000000 00:00000000 00000000     0        0 0 1 0
+"""
+
+
+def test_proc_net_inodes_of_full_sockets_only() -> None:
+    """Listening and established sockets by inode; TIME_WAIT and requests have none."""
+    assert sockdiag.proc_net_inodes(PROC_NET_TCP) == {1557, 30459}
+    assert sockdiag.proc_net_inodes(PROC_NET_TCP.splitlines()[0]) == set()
+
+
+def fake_proc(tmp_path: Path, tcp: str | None) -> Path:
+    """/proc with one process, 42, whose ns/net is refused; its net/tcp is `tcp`
+    (None: unreadable, as a directory)."""
+    proc = tmp_path / "proc"
+    (proc / "self").mkdir(parents=True)
+    (proc / "self" / "mountinfo").write_text("")
+    (proc / "42" / "ns").mkdir(parents=True)
+    (proc / "42" / "net").mkdir()
+    if tcp is None:
+        (proc / "42" / "net" / "tcp").mkdir()  # reading it fails like a refusal
+    else:
+        (proc / "42" / "net" / "tcp").write_text(tcp)
+        (proc / "42" / "net" / "tcp6").write_text(tcp.splitlines()[0])
+    return proc
+
+
+@pytest.mark.parametrize(
+    ("error", "hidden"),
+    [(FileNotFoundError, False), (ProcessLookupError, False), (PermissionError, True)],
+)
+def test_a_process_that_hides_its_namespace_is_listed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, error: type[OSError], hidden: bool
+) -> None:
+    """A process that exited is skipped; one whose namespace may not be read (no
+    CAP_SYS_PTRACE, or a supervisor with more privilege) is kept for check_hidden."""
+    proc = fake_proc(tmp_path, PROC_NET_TCP)
+    real_stat = os.stat
+
+    def stat(path: str) -> os.stat_result:
+        if path.endswith("/42/ns/net"):
+            raise error(errno.EACCES if error is PermissionError else errno.ENOENT, "refused")
+        return real_stat(path)
+
+    monkeypatch.setattr(sockdiag.os, "stat", stat)
+    assert sockdiag.namespace_paths(proc) == ({}, [proc / "42"] if hidden else [])
+
+
+def test_a_hidden_namespace_whose_sockets_were_all_seen_is_covered(tmp_path: Path) -> None:
+    sockdiag.check_hidden([fake_proc(tmp_path, PROC_NET_TCP) / "42"], {1557, 30459, 9})
+
+
+def test_a_hidden_namespace_with_an_unseen_socket_fails_the_answer(tmp_path: Path) -> None:
+    """One socket in no dump: its namespace was missed, and the answer has a gap."""
+    with pytest.raises(sockdiag.SockDiagError, match="1 of its sockets are in no namespace"):
+        sockdiag.check_hidden([fake_proc(tmp_path, PROC_NET_TCP) / "42"], {1557})
+
+
+def test_a_hidden_namespace_that_cannot_be_read_fails_the_answer(tmp_path: Path) -> None:
+    with pytest.raises(sockdiag.SockDiagError, match="cannot see the network namespace"):
+        sockdiag.check_hidden([fake_proc(tmp_path, None) / "42"], {1557, 30459})
+
+
+def test_a_hidden_process_that_exited_is_no_gap(tmp_path: Path) -> None:
+    sockdiag.check_hidden([tmp_path / "proc" / "43"], set())
 
 
 class FakeSocks(dict[int, int]):
