@@ -56,7 +56,12 @@ KNOWN_EVERY_S = 1.0  # new pod addresses reach the kernel's known set within thi
 def prepare_directory(config: Config, key: str, path: Path, explicit: bool) -> None:
     """Create a default directory that is missing; an explicit one must exist and be writable."""
     if not path.parent.exists() and not explicit:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        missing = [d for d in (path.parent, *path.parent.parents) if not d.exists()]
+        for directory in reversed(missing):
+            directory.mkdir(exist_ok=True)
+            # 0755 whatever the umask (the unit sets 0027): node-exporter, another user,
+            # must reach the textfile.
+            directory.chmod(0o755)
     problem = check_directory(path)
     if problem:
         raise ConfigError([f"{config.path}: {key}: {problem} (create it or change {key})"])
