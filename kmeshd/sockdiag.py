@@ -168,7 +168,7 @@ def namespace_paths(proc: Path = Path("/proc")) -> Namespaces:
     """One path per distinct network namespace, and the processes that hide theirs."""
     found = Namespaces({}, [])
     processes = [p for p in proc.iterdir() if p.name.isdigit()]
-    candidates = [(str(p / "ns" / "net"), p) for p in processes]
+    candidates: list[tuple[str, Path | None]] = [(str(p / "ns" / "net"), p) for p in processes]
     candidates += [(m, None) for m in nsfs_mounts((proc / "self" / "mountinfo").read_text())]
     for path, process in candidates:
         try:

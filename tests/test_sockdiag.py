@@ -145,7 +145,7 @@ def test_a_process_that_hides_its_namespace_is_listed(
             raise error(errno.EACCES if error is PermissionError else errno.ENOENT, "refused")
         return real_stat(path)
 
-    monkeypatch.setattr(sockdiag.os, "stat", stat)
+    monkeypatch.setattr(os, "stat", stat)
     assert sockdiag.namespace_paths(proc) == ({}, [proc / "42"] if hidden else [])
 
 
