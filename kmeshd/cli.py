@@ -1,4 +1,4 @@
-"""Command line: `kmeshd run | check-config | accesslog | --version`.
+"""Command line: `kmeshd run | check-config | accesslog | sweep-sockets | --version`.
 
 The ONLY place that maps errors to exit codes.
 """
@@ -32,6 +32,11 @@ def parser() -> argparse.ArgumentParser:
     for name, help_text in (
         ("run", "run the daemon in the foreground (what systemd starts)"),
         ("check-config", "validate the config and inventory; exit 0 or 78"),
+        (
+            "sweep-sockets",
+            "forget the state of sockets that closed while kmeshd was stopped (needs"
+            " CAP_SYS_ADMIN and CAP_SYS_PTRACE; the unit runs it after each start)",
+        ),
     ):
         verb = verbs.add_parser(name, help=help_text)
         verb.add_argument(
@@ -118,6 +123,24 @@ def check_config(path: Path | None) -> int:
     return EX_OK
 
 
+def sweep_sockets(path: Path | None) -> int:
+    from kmeshd.probe import NOT_PINNED, sweep_pinned
+
+    config = read_config(path)
+    pins = Path(config.bpf.pin_dir)
+    try:
+        swept = sweep_pinned(pins)
+    except OSError as exc:
+        raise UnavailableError(f"cannot open the pinned socket map: {exc}") from exc
+    if swept == NOT_PINNED:
+        print(f"{pins}: no kmeshd maps pinned there; nothing to sweep")
+    elif swept is None:  # the warning said why; the state is kept, which is safe
+        print(f"{pins}: swept nothing: the live sockets could not all be listed")
+    else:
+        print(f"{pins}: forgot {swept} sockets that closed while kmeshd was stopped")
+    return EX_OK
+
+
 def run(path: Path | None) -> int:
     from kmeshd.daemon import Daemon
 
@@ -140,6 +163,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return check_config(args.config)
         if args.verb == "accesslog":
             return accesslog(args)
+        if args.verb == "sweep-sockets":
+            return sweep_sockets(args.config)
         return run(args.config)
     except ConfigError as exc:
         for problem in exc.problems:

@@ -98,6 +98,10 @@ class _LibBpf:
         self.obj_get.argtypes = [ctypes.c_char_p]
         self.info_by_fd = lib.bpf_obj_get_info_by_fd
         self.info_by_fd.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint32)]
+        self.map_get_next_key = lib.bpf_map_get_next_key
+        self.map_get_next_key.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
+        self.map_delete_elem = lib.bpf_map_delete_elem
+        self.map_delete_elem.argtypes = [ctypes.c_int, ctypes.c_void_p]
 
     @staticmethod
     def check(ret: int, what: str) -> int:
@@ -133,7 +137,14 @@ class Probe:
         bcc = import_bcc()
         pins = prepare_pin_dir(pin_dir)
         bpf = compile_probe(bcc, pins)
-        sweep_closed_sockets(bpf["socks"], sockdiag.live_cookies)
+        if may_enter_namespaces():
+            sweep_closed_sockets(bpf["socks"], sockdiag.live_cookies)
+        else:
+            log.info(
+                "sockets that closed while kmeshd was stopped are left to `kmeshd"
+                " sweep-sockets` (the unit runs it privileged): this process may not enter"
+                " other network namespaces (CAP_SYS_ADMIN, CAP_SYS_PTRACE)"
+            )
         libbpf = _LibBpf()
         prog = bpf.load_func(PROGRAM, bcc.BPF.SOCK_OPS)
         try:
@@ -215,11 +226,12 @@ def prepare_pin_dir(pin_dir: Path) -> Path:
     return pins
 
 
-def sweep_closed_sockets(socks: Any, live_cookies: Callable[[], set[int]]) -> int:
+def sweep_closed_sockets(socks: Any, live_cookies: Callable[[], set[int]]) -> int | None:
     """Delete the state of sockets that closed while no probe was attached; returns how
-    many. Safe beside a running program (after a SIGKILL the old one still is): the keys
-    are read before the live cookies, and a cookie is never reused, so an entry missing
-    from the live set belongs to a socket that is gone."""
+    many, or None when the live sockets could not be listed (then nothing is). Safe
+    beside a running program (after a SIGKILL the old one still is): the keys are read
+    before the live cookies, and a cookie is never reused, so an entry missing from the
+    live set belongs to a socket that is gone."""
     stale = {int(k.value) for k in socks}
     if not stale:
         return 0
@@ -232,7 +244,7 @@ def sweep_closed_sockets(socks: Any, live_cookies: Callable[[], set[int]]) -> in
             exc,
             len(stale),
         )
-        return 0
+        return None
     key_type = socks.Key
     for cookie in stale:
         with contextlib.suppress(KeyError):  # the old program deleted it meanwhile
@@ -240,6 +252,57 @@ def sweep_closed_sockets(socks: Any, live_cookies: Callable[[], set[int]]) -> in
     if stale:
         log.info("forgot %d sockets that closed while kmeshd was stopped", len(stale))
     return len(stale)
+
+
+CAP_SYS_PTRACE, CAP_SYS_ADMIN = 19, 21
+
+
+def may_enter_namespaces(status: Path = Path("/proc/self/status")) -> bool:
+    """Whether this process has the capabilities the sweep needs (see sockdiag)."""
+    for line in status.read_text().splitlines():
+        if line.startswith("CapEff:"):
+            effective = int(line.split()[1], 16)
+            return all(effective >> cap & 1 for cap in (CAP_SYS_PTRACE, CAP_SYS_ADMIN))
+    return False
+
+
+class _PinnedSocks:
+    """The pinned socket-state map, opened by path: what sweep_closed_sockets uses of a
+    bcc table (iteration, Key, del), without compiling the probe."""
+
+    class Key:
+        def __init__(self, value: int) -> None:
+            self.value = value
+
+    def __init__(self, libbpf: _LibBpf, fd: int) -> None:
+        self._libbpf, self._fd = libbpf, fd
+
+    def __iter__(self) -> Iterator[_PinnedSocks.Key]:
+        key, after = ctypes.c_uint64(), None
+        while self._libbpf.map_get_next_key(self._fd, after, ctypes.byref(key)) == 0:
+            yield self.Key(key.value)
+            after = ctypes.byref(ctypes.c_uint64(key.value))
+
+    def __delitem__(self, key: _PinnedSocks.Key) -> None:
+        if self._libbpf.map_delete_elem(self._fd, ctypes.byref(ctypes.c_uint64(key.value))):
+            raise KeyError(key.value)
+
+
+NOT_PINNED = -1
+
+
+def sweep_pinned(pin_dir: Path) -> int | None:
+    """`kmeshd sweep-sockets`: sweep the pinned map of a running (or stopped) kmeshd, as
+    sweep_closed_sockets does; NOT_PINNED when there is no such map."""
+    path = pin_dir / f"v{LAYOUT}" / "socks"
+    if not path.exists():
+        return NOT_PINNED
+    libbpf = _LibBpf()
+    fd = libbpf.check(libbpf.obj_get(str(path).encode()), f"bpf_obj_get {path}")
+    try:
+        return sweep_closed_sockets(_PinnedSocks(libbpf, fd), sockdiag.live_cookies)
+    finally:
+        os.close(fd)
 
 
 def is_bpffs(path: Path) -> bool:

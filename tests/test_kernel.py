@@ -6,6 +6,8 @@ import json
 import os
 import random
 import signal
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -14,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from kmeshd import cgroup
+from kmeshd.probe import remove_pins
 from tests.daemon_proc import Daemon, parse_metrics, value
 from tests.e2e import (
     CLIENT,
@@ -211,6 +214,40 @@ def test_state_of_open_sockets_survives_a_clean_restart_and_closed_ones_are_swep
         assert [p.wait(timeout=10) for p in servers] == [0, 0]
     finally:
         second.close()
+
+
+def test_sweep_sockets_forgets_only_sockets_that_closed(
+    tmp_path: Path, pin_dir: Path, pods: dict[str, Pod]
+) -> None:
+    """`kmeshd sweep-sockets` (the unit's privileged ExecStartPost) removes the state of a
+    connection that closed while kmeshd was stopped and keeps the open one's."""
+    server, client = pods["server"], pods["client"]
+    daemon = Daemon(tmp_path, INVENTORY, pin_dir)
+    daemon.start()
+    servers = [serve(server, 1, port=80), serve(server, 1, port=81)]
+    gone = hold(client, server.ip4, 300, 30, port=80)
+    kept = hold(client, server.ip4, 200, 20, port=81)
+    assert daemon.stop() == 0
+    release(gone)
+    assert socket_states(pin_dir) == 4
+
+    def sweep() -> str:
+        done = subprocess.run(
+            [sys.executable, "-m", "kmeshd.cli", "sweep-sockets", "--config", str(daemon.config)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+        return done.stdout.strip()
+
+    assert sweep() == f"{pin_dir}: forgot 2 sockets that closed while kmeshd was stopped"
+    assert socket_states(pin_dir) == 2
+    assert sweep() == f"{pin_dir}: forgot 0 sockets that closed while kmeshd was stopped"
+    release(kept)
+    assert [p.wait(timeout=10) for p in servers] == [0, 0]
+    remove_pins(pin_dir)
+    assert sweep() == f"{pin_dir}: no kmeshd maps pinned there; nothing to sweep"
 
 
 def test_a_probe_of_an_older_layout_is_removed_at_start(tmp_path: Path, pin_dir: Path) -> None:

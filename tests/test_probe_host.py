@@ -8,7 +8,13 @@ from pathlib import Path
 import pytest
 
 from kmeshd.errors import UnavailableError
-from kmeshd.probe import COMPILER_LIBS, bpf_source_dir, check_host, clean_mappings
+from kmeshd.probe import (
+    COMPILER_LIBS,
+    bpf_source_dir,
+    check_host,
+    clean_mappings,
+    may_enter_namespaces,
+)
 
 
 def test_kernel_older_than_5_8_is_unavailable(tmp_path: Path) -> None:
@@ -69,3 +75,18 @@ def test_only_unmodified_pages_of_clang_and_llvm_are_released() -> None:
         (0x7F0000100000, 0x7F0000400000),
         (0x7F0000500000, 0x7F0000600000),
     ]
+
+
+@pytest.mark.parametrize(
+    ("cap_eff", "expected"),
+    [
+        ("000001ffffffffff", True),  # root, every capability
+        (f"{1 << 21 | 1 << 19:016x}", True),  # CAP_SYS_ADMIN and CAP_SYS_PTRACE only
+        (f"{1 << 39 | 1 << 38 | 1 << 21 | 1 << 12:016x}", False),  # the unit's: no SYS_PTRACE
+        (f"{1 << 19:016x}", False),  # CAP_SYS_PTRACE alone: may look, not enter
+    ],
+)
+def test_may_enter_namespaces(tmp_path: Path, cap_eff: str, expected: bool) -> None:
+    status = tmp_path / "status"
+    status.write_text(f"Name:\tkmeshd\nCapInh:\t0000000000000000\nCapEff:\t{cap_eff}\n")
+    assert may_enter_namespaces(status) is expected
