@@ -109,6 +109,7 @@ class Daemon:
         self.source: IdentitySource = StaticSource(Identities())
         self._known_version = -1
         self._source_status = ""
+        self._reload_note = ""  # why the running config is not the file's, after a rejection
         self._known_at = 0.0
         self.sinks = Fanout([])
         self.http: MetricsServer | None = None
@@ -234,11 +235,15 @@ class Daemon:
         self._tell_sources()
 
     def _tell_sources(self) -> None:
-        """STATUS= follows the identity sources: `systemctl status` says what is missing."""
+        """STATUS= follows the identity sources: `systemctl status` says what is missing,
+        and, until a reload succeeds, that the last one was rejected."""
         status = self.source.status()
         if status != self._source_status:
             self._source_status = status
-            self.notify.status(f"running; {status}")
+            self.notify.status(self._running_status())
+
+    def _running_status(self) -> str:
+        return "; ".join(filter(None, ("running", self._source_status, self._reload_note)))
 
     def _health(self, stats: dict[Stat, int]) -> Health:
         sinks = [
@@ -296,10 +301,14 @@ class Daemon:
         except ConfigError as exc:
             for problem in exc.problems:
                 log.error("reload rejected, keeping the running config: %s", problem)
-            self.notify.ready("reload rejected; running the previous config")
+            # logrotate's SIGHUP still means "reopen": the old file is no longer the log.
+            self.sinks.reopen()
+            self._reload_note = "reload rejected: running the previous config"
+            self.notify.ready(self._running_status())
             return
         self._apply(new, source, sinks)
-        self.notify.ready("reloaded")
+        self._reload_note = ""
+        self.notify.ready(self._running_status())
 
     def _reloaded_source(self, new: Config) -> IdentitySource:
         """The inventory is read again; Kubernetes sources are restarted only when their
