@@ -4,6 +4,8 @@
 #   make check        ruff + mypy + tests (what CI runs)
 #   sudo make bench   overhead benchmarks (figures for README and kmeshd(8)); bench-identity
 #                     runs only the Kubernetes identity one
+#   make man          man pages from their scdoc sources
+#   make deb          build/kmeshd_<version>_all.deb
 
 SHELL := /bin/bash
 PYTHON := /usr/bin/python3
@@ -14,18 +16,28 @@ KVER := $(shell uname -r)
 DEBS_RUNTIME := python3-bpfcc python3-prometheus-client python3-sdnotify python3-pythonjsonlogger \
 	python3-requests python3-yaml python3-venv linux-headers-amd64
 DEBS_TEST := bpftool iproute2 iptables prometheus prometheus-node-exporter systemd gcc make openssl \
-	procps
+	procps scdoc mandoc man-db
+# What `make deb` needs, and the booted-systemd test around the package.
+DEBS_PACKAGE := debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools \
+	debootstrap systemd-container
 DEV_TOOLS := pytest==8.3.4 ruff==0.8.4 mypy==1.13.0
 # Type stubs only: --no-deps, or types-requests would pull a urllib3 2.x that shadows
 # Debian's urllib3 1.26 under Debian's requests.
 TYPE_STUBS := types-PyYAML==6.0.12.20261122 types-requests==2.33.0.20261030
 
-.PHONY: run test check lint typecheck pytest bench bench-identity venv host-deps kernel-headers clean
+VERSION := $(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' kmeshd/__init__.py)
+MAN_PAGES := man/kmeshd.8 man/kmeshd.toml.5
+DEB := build/kmeshd_$(VERSION)_all.deb
+# Reproducible man pages: dated by the last commit, not by the build.
+export SOURCE_DATE_EPOCH ?= $(shell git log -1 --format=%ct 2>/dev/null || date +%s)
+
+.PHONY: run test check lint typecheck pytest bench bench-identity venv host-deps kernel-headers \
+	man deb clean
 
 run: venv kernel-headers
 	$(VENV)/bin/python -m kmeshd.devrun
 
-test: venv kernel-headers
+test: venv kernel-headers man deb
 	$(MAKE) check
 
 check: lint typecheck pytest
@@ -47,6 +59,31 @@ bench: venv kernel-headers
 bench-identity: venv kernel-headers
 	$(VENV)/bin/python -m tests.bench.identity $(BENCH_IDENTITY_ARGS)
 
+man: $(MAN_PAGES)
+
+# scdoc writes paragraph macros mandoc warns about; man/tidy.py mends them.
+man/%: man/%.scd man/tidy.py
+	scdoc < $< | $(PYTHON) man/tidy.py > $@.tmp && mv $@.tmp $@
+
+# The package is built from a staged copy of the tree: packaging/debian as debian/, with
+# the unit, tmpfiles and logrotate files of systemd/ beside it.
+deb: $(DEB)
+
+DEB_SOURCES := pyproject.toml README.md $(shell find kmeshd bpf etc -type f -not -path '*/__pycache__/*') \
+	$(wildcard packaging/debian/* packaging/debian/*/*) $(wildcard systemd/*) $(MAN_PAGES)
+$(DEB): $(DEB_SOURCES) | host-deps
+	rm -rf build/deb && mkdir -p build/deb/kmeshd
+	tar -c --exclude=__pycache__ pyproject.toml README.md kmeshd bpf etc $(MAN_PAGES) \
+		| tar -x -C build/deb/kmeshd
+	cp -a packaging/debian build/deb/kmeshd/debian
+	cp systemd/kmeshd.service systemd/kmeshd.tmpfiles systemd/kmeshd.logrotate \
+		build/deb/kmeshd/debian/
+	# Debian's own python3 (a pyenv one first on PATH has neither debhelper's modules nor bcc).
+	cd build/deb/kmeshd && PATH=/usr/sbin:/usr/bin:/sbin:/bin \
+		dpkg-buildpackage --build=binary --no-sign > ../build.log 2>&1 \
+		|| { tail -n 40 ../build.log; exit 1; }
+	cp build/deb/kmeshd_$(VERSION)_all.deb $@
+
 venv: $(VENV)/.done
 
 # The venv is made by Debian's python3 with --system-site-packages: the bcc bindings exist
@@ -60,7 +97,7 @@ $(VENV)/.done: pyproject.toml | host-deps
 	touch $@
 
 host-deps:
-	@missing=$$(for p in $(DEBS_RUNTIME) $(DEBS_TEST); do \
+	@missing=$$(for p in $(DEBS_RUNTIME) $(DEBS_TEST) $(DEBS_PACKAGE); do \
 		dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 		echo "installing Debian packages:" $$missing; \
@@ -82,4 +119,4 @@ kernel-headers: host-deps
 	@mountpoint -q /sys/kernel/tracing || mount -t tracefs none /sys/kernel/tracing
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache *.egg-info
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache *.egg-info build $(MAN_PAGES)
