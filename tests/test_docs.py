@@ -1,0 +1,132 @@
+"""Man pages and package metadata: built clean, complete, and saying one version."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import os
+import re
+import shutil
+import subprocess
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from kmeshd import __version__
+from kmeshd.cli import parser
+from kmeshd.config import Config
+
+REPO = Path(__file__).resolve().parent.parent
+MAN = REPO / "man"
+# man/tidy.py is a script the Makefile runs, not a module of the package.
+_spec = importlib.util.spec_from_file_location("tidy", MAN / "tidy.py")
+assert _spec is not None and _spec.loader is not None
+_tidy_module = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_tidy_module)
+tidy = _tidy_module.tidy
+
+PAGES = ["kmeshd.8", "kmeshd.toml.5"]
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Each page built the way the Makefile builds it."""
+    if shutil.which("scdoc") is None:
+        pytest.skip("scdoc is missing (make host-deps installs it)")
+    out = tmp_path_factory.mktemp("man")
+    pages = {}
+    for page in PAGES:
+        roff = subprocess.run(
+            ["scdoc"],
+            input=(MAN / f"{page}.scd").read_text(),
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        pages[page] = out / page
+        pages[page].write_text("".join(tidy(roff.splitlines(keepends=True))))
+    return pages
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_mandoc_lint_is_clean(built: dict[str, Path], page: str) -> None:
+    if shutil.which("mandoc") is None:
+        pytest.skip("mandoc is missing (make host-deps installs it)")
+    lint = subprocess.run(
+        ["mandoc", "-Tlint", "-W", "warning", str(built[page])], capture_output=True, text=True
+    )
+    assert (lint.returncode, lint.stdout + lint.stderr) == (0, "")
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_man_warnings_are_none(built: dict[str, Path], page: str) -> None:
+    if shutil.which("man") is None:
+        pytest.skip("man is missing (make host-deps installs man-db)")
+    rendered = subprocess.run(
+        ["man", "--warnings", "-l", str(built[page])],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "MANWIDTH": "80"},
+    )
+    assert (rendered.returncode, rendered.stderr) == (0, "")
+    assert "SEE ALSO" in rendered.stdout
+
+
+@pytest.mark.parametrize(
+    ("lines", "expected"),
+    [
+        ([".SH NAME\n", ".P\n", "text\n"], [".SH NAME\n", "text\n"]),  # after a heading
+        ([".P\n", ".SH X\n"], [".SH X\n"]),  # before one
+        ([".RS 4\n", "a\n", ".P\n", ".RE\n", "b\n"], [".RS 4\n", "a\n", ".RE\n", ".P\n", "b\n"]),
+        ([".RS 4\n", "a\n", ".P\n", ".RE\n", ".SH Y\n"], [".RS 4\n", "a\n", ".RE\n", ".SH Y\n"]),
+        (["a\n", ".P\n", "b\n"], ["a\n", ".P\n", "b\n"]),  # a real paragraph break stays
+        (["a\n", ".P\n"], ["a\n"]),  # at the end
+    ],
+)
+def test_tidy(lines: list[str], expected: list[str]) -> None:
+    assert tidy(lines) == expected
+
+
+def config_keys() -> list[str]:
+    """Every key of kmeshd.toml, as section.key."""
+    sections = [s.name for s in dataclasses.fields(Config) if s.name != "path"]
+    return [
+        f"{section}.{f.name}"
+        for section in sections
+        for f in dataclasses.fields(getattr(Config(), section))
+        if not f.name.endswith("_explicit")  # bookkeeping: was the key set in the file
+    ]
+
+
+def test_every_config_key_is_documented() -> None:
+    """kmeshd.toml(5) has an entry for each key, under its section."""
+    text = (MAN / "kmeshd.toml.5.scd").read_text()
+    sections = dict(re.findall(r"^# \[(\w+)\]\n(.*?)(?=^# )", text, flags=re.M | re.S))
+    missing = [
+        key
+        for key in config_keys()
+        if f"*{key.split('.')[1]}* (" not in sections.get(key.split(".")[0], "")
+    ]
+    assert missing == []
+    assert len(config_keys()) == 20
+
+
+def test_every_command_and_accesslog_option_is_documented() -> None:
+    text = (MAN / "kmeshd.8.scd").read_text()
+    verbs = next(a for a in parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    assert set(verbs) == {"run", "check-config", "accesslog", "sweep-sockets"}
+    for verb in verbs:
+        assert f"*{verb}*" in text, verb
+    for action in verbs["accesslog"]._actions:
+        for option in action.option_strings:
+            if option not in ("-h", "--help"):
+                assert f"*{option}*" in text, option
+
+
+def test_one_version_everywhere() -> None:
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+    changelog = (REPO / "packaging" / "debian" / "changelog").read_text().splitlines()[0]
+    assert pyproject == __version__
+    assert changelog.startswith(f"kmeshd ({__version__}) ")
