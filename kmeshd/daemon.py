@@ -140,18 +140,19 @@ class Daemon:
             path = Path(cfg.metrics.textfile)
             prepare_directory(cfg, "metrics.textfile", path, cfg.metrics.textfile_explicit)
         cgroup_dir = cgroup.resolve(cfg.bpf.cgroup, f"{cfg.path}: bpf.cgroup")
+        if cfg.metrics.listen:
+            self.notify.status(f"listening on {cfg.metrics.listen}")
         self.http = bind_http(cfg, self._http_registry())
-        self.notify.status("compiling and attaching the BPF probe")
-        self.notify.extend_timeout(30)
-        self.probe = Probe.start(Path(cfg.bpf.pin_dir), cgroup_dir)
+        self.notify.extend_timeout(30)  # bcc takes seconds on a small host
+        self.probe = Probe.start(Path(cfg.bpf.pin_dir), cgroup_dir, self.notify.status)
         self.probe.on_record(self._on_record)
         self.probe.want_records(bool(self.sinks.sinks))
         self.notify.status("waiting for the identity sources")
         self.source.wait_synced(SYNC_TIMEOUT_S, lambda: self.notify.extend_timeout(5))
         release_freed_memory()  # the first lists' JSON is garbage now
         self._update_known(force=True)
+        self._source_status = self.source.status()  # READY=1's STATUS says it first
         self.publish()
-        self._source_status = self.source.status()
         status = f"probe attached to {cgroup_dir}; {self._listening()}; {self._source_status}"
         self.notify.ready(status)
         log.info("kmeshd %s running: %s", __version__, status)

@@ -132,10 +132,14 @@ class Probe:
         self._settings = bpf["settings"]
 
     @classmethod
-    def start(cls, pin_dir: Path, cgroup_dir: Path) -> Probe:
+    def start(
+        cls, pin_dir: Path, cgroup_dir: Path, phase: Callable[[str], None] = lambda _: None
+    ) -> Probe:
+        """Compile, load and attach; `phase` hears what it is doing (for STATUS=)."""
         check_host()
         bcc = import_bcc()
         pins = prepare_pin_dir(pin_dir)
+        phase("compiling the BPF probe")
         bpf = compile_probe(bcc, pins)
         if may_enter_namespaces():
             sweep_closed_sockets(bpf["socks"], sockdiag.live_cookies)
@@ -145,6 +149,7 @@ class Probe:
                 " sweep-sockets` (the unit runs it privileged): this process may not enter"
                 " other network namespaces (CAP_SYS_ADMIN, CAP_SYS_PTRACE)"
             )
+        phase(f"attaching the probe to {cgroup_dir}")
         libbpf = _LibBpf()
         prog = bpf.load_func(PROGRAM, bcc.BPF.SOCK_OPS)
         try:

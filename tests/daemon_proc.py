@@ -91,6 +91,7 @@ pin_dir = "{pin_dir}"
         )
         self.proc: subprocess.Popen[str] | None = None
         self.stderr_path = workdir / "kmeshd.stderr"
+        self.notifications: list[str] = []  # sd_notify messages up to READY=1
 
     def start(
         self,
@@ -128,6 +129,7 @@ pin_dir = "{pin_dir}"
                 message = notify.recv(4096).decode()
             except TimeoutError:
                 continue
+            self.notifications.append(message)
             if "READY=1" in message.split("\n"):
                 return
         raise TimeoutError(f"kmeshd not ready in {timeout}s: {self.stderr()}")

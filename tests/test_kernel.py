@@ -280,6 +280,24 @@ def test_a_probe_of_an_older_layout_is_removed_at_start(tmp_path: Path, pin_dir:
         d.close()
 
 
+def test_start_up_reports_each_phase(daemon: Daemon) -> None:
+    """STATUS= at each phase, more start time asked for before bcc compiles, READY=1 last."""
+    lines = [line for message in daemon.notifications for line in message.split("\n")]
+    cgroup_dir = cgroup.resolve("auto", "test")
+    listen = f"127.0.0.1:{daemon.port}"
+    assert lines == [
+        "STATUS=loading identities",
+        f"STATUS=listening on {listen}",
+        "EXTEND_TIMEOUT_USEC=30000000",
+        "STATUS=compiling the BPF probe",
+        f"STATUS=attaching the probe to {cgroup_dir}",
+        "STATUS=waiting for the identity sources",
+        "READY=1",
+        f"STATUS=probe attached to {cgroup_dir}; /metrics on {listen}; identities from the"
+        " inventory",
+    ]
+
+
 def test_sigterm_publishes_detaches_and_exits_zero(daemon: Daemon, pods: dict[str, Pod]) -> None:
     """SIGTERM: final textfile written, program detached, exit 0 within a few seconds."""
     before = attached_probes()
