@@ -240,6 +240,16 @@ def test_start_is_ready_within_bound(container: Container) -> None:
     assert "/sys/fs/bpf/kmeshd: forgot 0 sockets that closed while kmeshd was stopped" in journal
 
 
+def test_offline_exposure_within_goal() -> None:
+    """`systemd-analyze security --offline=yes` on the unit file, as the issue measures it."""
+    if shutil.which("systemd-analyze") is None:
+        pytest.skip("systemd-analyze is missing (package systemd)")
+    unit = REPO / "systemd" / "kmeshd.service"
+    out = run("systemd-analyze", "security", "--offline=yes", "--no-pager", str(unit)).stdout
+    exposure = float(out.strip().splitlines()[-1].split(":")[1].split()[0])
+    assert exposure <= 3.0, out
+
+
 def test_unit_verifies_and_is_confined(container: Container) -> None:
     """systemd-analyze finds nothing to fix, and rates the running unit's exposure <= 3.0."""
     verify = container.sh("systemd-analyze verify --man=no kmeshd.service", check=False)
@@ -249,6 +259,8 @@ def test_unit_verifies_and_is_confined(container: Container) -> None:
     exposure = float(overall.split(":")[1].split()[0])
     print(f"systemd-analyze security kmeshd: {exposure}")
     assert exposure <= 3.0, security
+    # kmeshd's own rate limit counts what it drops; journald's would not.
+    assert container.show("kmeshd", "LogRateLimitIntervalUSec") == {"LogRateLimitIntervalUSec": "0"}
 
 
 def test_traffic_reaches_journal_accesslog_and_textfile(container: Container) -> None:
@@ -421,7 +433,11 @@ def test_watchdog_restarts_a_hung_daemon(container: Container) -> None:
 def test_stop_detaches_the_probe(container: Container) -> None:
     """`systemctl stop`: exit 0 and no sock_ops program left attached (bpftool)."""
     assert sock_ops_attached(container) == 1
+    started = time.monotonic()
     container.sh("systemctl stop kmeshd", timeout=60)
+    took = time.monotonic() - started
+    print(f"systemctl stop kmeshd: {took:.2f} s")
+    assert took < 20  # TimeoutStopSec
     state = container.show("kmeshd", "ActiveState", "Result", "ExecMainStatus")
     assert (state["ActiveState"], state["Result"], state["ExecMainStatus"]) == (
         "inactive",
