@@ -1,22 +1,27 @@
 """One timed churn under one probe, and, for kmeshd, what it reported about that churn.
 
 The timed window is the load generator's own run. For kmeshd the benchmark then waits
-for a publish that started after the last close (and, with the access log on, until the
-log holds every record not counted as lost), scrapes /metrics once, and compares.
+until the kernel has closed every socket of the churn (a client socket stays in LAST_ACK
+until its FIN is acknowledged, and under load that may take a retransmission, seconds
+after the load generator exited), then for a publish that started after that (and, with
+the access log on, until the log holds every record not counted as lost), scrapes
+/metrics once, and compares.
 """
 
 from __future__ import annotations
 
+import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.bench.loadgen import Churn, Loadgen
+from tests.bench.loadgen import Churn, Loadgen, Target, in_netns
 from tests.bench.probes import Watcher, cpu_seconds, peak_rss_bytes, sock_ops_attached
 from tests.bench.scenarios import Scenario
 from tests.daemon_proc import Daemon, Samples, value
 
-SETTLE_S = 0.5  # after the client's last close, the server side's last close is done too
+SETTLE_S = 0.5  # after the last socket closed, a publish that started later saw it
+SOCKETS_CLOSED_TIMEOUT_S = 60.0
 STALL_S = 3.0  # an access log that has not grown for this long has caught up
 CATCH_UP_TIMEOUT_S = 180.0
 POLL_S = 0.2
@@ -115,7 +120,8 @@ def check_kmeshd(
     in_window = lines.count() if lines else None
     publish_age = ended - value(daemon.samples(), "kmeshd_last_publish_timestamp_seconds")
     records = 2 * churn.connections
-    samples = wait_caught_up(daemon, ended + SETTLE_S, lines, records)
+    closed = wait_sockets_closed(scenario.target)
+    samples = wait_caught_up(daemon, closed + SETTLE_S, lines, records)
     return KmeshdReport(
         counters=workload_counters(samples, scenario),
         expected=expected_counters(churn),
@@ -128,6 +134,28 @@ def check_kmeshd(
         caught_up_s=time.time() - ended,
         cpu_seconds_caught_up=cpu_seconds(daemon.proc.pid) - cpu_before,
     )
+
+
+def open_sockets(target: Target) -> int:
+    """Sockets of the churn not yet closed, on both sides (TIME_WAIT and the listener
+    are closed as far as kmeshd is concerned)."""
+    count = 0
+    for netns in {target.client_netns, target.server_netns}:
+        out = subprocess.run(
+            in_netns(netns, "ss", "-Htan", "state", "all", "exclude", "time-wait", "exclude",
+                     "listening", f"( dport = :{target.port} or sport = :{target.port} )"),
+            capture_output=True, text=True, check=True,
+        ).stdout  # fmt: skip
+        count += len(out.splitlines())
+    return count
+
+
+def wait_sockets_closed(target: Target) -> float:
+    """When the last socket of the churn closed (time.time())."""
+    deadline = time.monotonic() + SOCKETS_CLOSED_TIMEOUT_S
+    while open_sockets(target) and time.monotonic() < deadline:
+        time.sleep(POLL_S)
+    return time.time()
 
 
 def lost(samples: Samples) -> int:
