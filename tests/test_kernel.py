@@ -184,21 +184,30 @@ def test_sigkilled_daemon_restarted_does_not_double_count(
         second.close()
 
 
+def one_closed_while_stopped(
+    tmp_path: Path, pin_dir: Path, pods: dict[str, Pod]
+) -> tuple[list[subprocess.Popen[str]], subprocess.Popen[str]]:
+    """Two connections opened under a kmeshd that then stops; the first closes while none
+    runs, so its state is left in the map. Returns the servers and the open connection."""
+    server, client = pods["server"], pods["client"]
+    daemon = Daemon(tmp_path, INVENTORY, pin_dir)
+    daemon.start()
+    servers = [serve(server, 1, port=80), serve(server, 1, port=81)]
+    gone = hold(client, server.ip4, 300, 30, port=80)
+    kept = hold(client, server.ip4, 200, 20, port=81)
+    assert socket_states(pin_dir) == 4  # client and server socket of each
+    assert daemon.stop() == 0
+    release(gone)  # no program attached: nothing deletes its state
+    assert socket_states(pin_dir) == 4
+    return servers, kept
+
+
 def test_state_of_open_sockets_survives_a_clean_restart_and_closed_ones_are_swept(
     tmp_path: Path, pin_dir: Path, pods: dict[str, Pod]
 ) -> None:
     """A connection open across stop/start is counted at its close with exact bytes; the
     state of one that closed while kmeshd was stopped is removed at the next start."""
-    server, client = pods["server"], pods["client"]
-    first = Daemon(tmp_path, INVENTORY, pin_dir)
-    first.start()
-    servers = [serve(server, 1, port=80), serve(server, 1, port=81)]
-    gone = hold(client, server.ip4, 300, 30, port=80)
-    kept = hold(client, server.ip4, 200, 20, port=81)
-    assert socket_states(pin_dir) == 4  # client and server socket of each
-    assert first.stop() == 0
-    release(gone)  # no program attached: nothing deletes its state
-    assert socket_states(pin_dir) == 4
+    servers, kept = one_closed_while_stopped(tmp_path, pin_dir, pods)
     second = Daemon(tmp_path, INVENTORY, pin_dir)
     second.start()
     try:
@@ -221,19 +230,12 @@ def test_sweep_sockets_forgets_only_sockets_that_closed(
 ) -> None:
     """`kmeshd sweep-sockets` (the unit's privileged ExecStartPost) removes the state of a
     connection that closed while kmeshd was stopped and keeps the open one's."""
-    server, client = pods["server"], pods["client"]
-    daemon = Daemon(tmp_path, INVENTORY, pin_dir)
-    daemon.start()
-    servers = [serve(server, 1, port=80), serve(server, 1, port=81)]
-    gone = hold(client, server.ip4, 300, 30, port=80)
-    kept = hold(client, server.ip4, 200, 20, port=81)
-    assert daemon.stop() == 0
-    release(gone)
-    assert socket_states(pin_dir) == 4
+    servers, kept = one_closed_while_stopped(tmp_path, pin_dir, pods)
+    config = Daemon(tmp_path, INVENTORY, pin_dir).config
 
     def sweep() -> str:
         done = subprocess.run(
-            [sys.executable, "-m", "kmeshd.cli", "sweep-sockets", "--config", str(daemon.config)],
+            [sys.executable, "-m", "kmeshd.cli", "sweep-sockets", "--config", str(config)],
             capture_output=True,
             text=True,
             timeout=60,
