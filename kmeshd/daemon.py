@@ -59,7 +59,7 @@ def prepare_directory(config: Config, key: str, path: Path, explicit: bool) -> N
         missing = [d for d in (path.parent, *path.parent.parents) if not d.exists()]
         for directory in reversed(missing):
             directory.mkdir(exist_ok=True)
-            # 0755 whatever the umask (the unit sets 0027): node-exporter, another user,
+            # 0755 whatever the umask (the unit sets 0077): node-exporter, another user,
             # must reach the textfile.
             directory.chmod(0o755)
     problem = check_directory(path)
