@@ -431,6 +431,23 @@ def test_watchdog_restarts_a_hung_daemon(container: Container) -> None:
         container.sh("systemctl daemon-reload")
 
 
+def test_upgrade_restarts_a_running_kmeshd(container: Container) -> None:
+    """Installing the package over itself (an upgrade, as dpkg sees it) restarts the
+    running kmeshd, so no old process goes on with new modules; counting carries on."""
+    pid = main_pid(container)
+    before = opened(container)
+    assert before is not None
+    container.sh(f"dpkg -i /root/{DEB.name}", timeout=120)
+    wait_for(
+        lambda: main_pid(container) not in (0, pid)
+        and container.show("kmeshd", "ActiveState")["ActiveState"] == "active",
+        "kmeshd restarted by the upgrade",
+    )
+    assert sock_ops_attached(container) == 1
+    connect(container, 2)
+    wait_for(lambda: opened(container) == before + 2, "two connections counted once")
+
+
 def test_stop_detaches_the_probe(container: Container) -> None:
     """`systemctl stop`: exit 0 and no sock_ops program left attached (bpftool)."""
     assert sock_ops_attached(container) == 1
@@ -456,3 +473,14 @@ def test_package_contents(container: Container) -> None:
         assert (container.root / page).stat().st_size > 1000
     textfile_dir = container.root / "var/lib/prometheus/node-exporter"
     assert textfile_dir.stat().st_mode & 0o777 == 0o755
+
+
+def test_removing_the_package_stops_kmeshd(container: Container) -> None:
+    """`apt-get remove`: the daemon stops and detaches; the config stays (conffiles)."""
+    container.sh("systemctl start kmeshd", timeout=READY_WITHIN_S + 30)
+    assert sock_ops_attached(container) == 1
+    container.sh("DEBIAN_FRONTEND=noninteractive apt-get remove -y -q kmeshd", timeout=120)
+    assert container.show("kmeshd", "ActiveState")["ActiveState"] == "inactive"
+    assert sock_ops_attached(container) == 0
+    assert (container.root / "etc/kmeshd/kmeshd.toml").exists()
+    assert not (container.root / "usr/bin/kmeshd").exists()
