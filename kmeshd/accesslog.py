@@ -159,11 +159,12 @@ def journal_key(key: str) -> str:
     return "KMESHD_" + key.upper().replace(".", "_")
 
 
-_JOURNAL_KEYS = {
-    key: journal_key(key)
-    for key in (*_MESSAGE_KEYS, "time", "duration_ns", "srtt_us", "min_rtt_us", "retransmits",
-                "failure_reason")
-}  # fmt: skip
+# Every key of fields(), in its order (failure_reason only on failed connects).
+JSON_KEYS = (
+    "time", *_MESSAGE_KEYS, "duration_ns", "srtt_us", "min_rtt_us", "retransmits",
+    "failure_reason",
+)  # fmt: skip
+_JOURNAL_KEYS = {key: journal_key(key) for key in JSON_KEYS}
 
 
 def journal_fields(r: AccessRecord) -> dict[str, str]:

@@ -20,20 +20,18 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TextIO
 
-from kmeshd.accesslog import MESSAGE_ID, go_time, journal_key
+from kmeshd.accesslog import JSON_KEYS, MESSAGE_ID, go_time, journal_key
 from kmeshd.errors import UnavailableError
+from kmeshd.events import Reason
 
-FAILURE_REASONS = ("refused", "timeout", "other")
+# The failure_reason values a failed connect's record can carry (the access record's
+# reason is the probe's, lower-cased).
+FAILURE_REASONS = tuple(r.name.lower() for r in Reason if r is not Reason.NONE)
 
 # JSON keys whose journal values are decimal integers (everything else is text).
 _INTEGERS = frozenset(
     {"sent_bytes", "received_bytes", "duration_ns", "srtt_us", "min_rtt_us", "retransmits"}
 )
-_KEYS = (
-    "time", "src.addr", "src.workload", "src.namespace", "dst.addr", "dst.service",
-    "dst.workload", "dst.namespace", "direction", "sent_bytes", "received_bytes", "duration",
-    "duration_ns", "srtt_us", "min_rtt_us", "retransmits", "failure_reason",
-)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -96,7 +94,7 @@ def wanted(entry: Mapping[str, object], f: Filters) -> bool:
 def record_fields(entry: Mapping[str, object]) -> dict[str, object]:
     """A journal entry -> the access record's JSON object, as the file sink writes it."""
     out: dict[str, object] = {}
-    for key in _KEYS:
+    for key in JSON_KEYS:
         value = entry.get(journal_key(key))
         if value is None:
             continue

@@ -7,6 +7,7 @@ from dataclasses import replace
 import pytest
 
 from kmeshd.accesslog import (
+    JSON_KEYS,
     MESSAGE_ID,
     AccessRecord,
     fields,
@@ -308,3 +309,9 @@ def test_go_duration_uses_the_micro_sign() -> None:
 def test_times(ns: int, rfc: str, go: str) -> None:
     """JSON time keeps 9 digits; the text line trims zeros like Go's Time.String()."""
     assert (rfc3339(ns), go_time(ns)) == (rfc, go)
+
+
+def test_json_keys_name_every_field_in_order() -> None:
+    """JSON_KEYS (what journal fields and `kmeshd accesslog` read back) is fields()'s order."""
+    assert tuple(fields(FAILED)) == JSON_KEYS
+    assert tuple(fields(SEED)) == JSON_KEYS[:-1]  # a normal close has no failure_reason
