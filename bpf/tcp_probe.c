@@ -23,39 +23,44 @@
 #define AF_INET 2
 #define AF_INET6 10
 
-/* State of each tracked socket, in a hash map keyed by socket cookie. Not socket-local
- * storage: creating and freeing that per connection cost about 4% of the host's connection
- * rate under churn (measured, see README "Overhead"). The price is that the kernel does not
- * free an entry by itself: the program deletes it at TCP_CLOSE, and kmeshd sweeps out, at
- * start, entries of sockets that closed while no program was attached (kmeshd/sockdiag.py). */
-#define SF_ESTABLISHED 1
+/* State of each tracked socket (struct sock_state), in a hash map keyed by socket cookie.
+ * Not socket-local storage: creating and freeing that per connection cost about 4% of the
+ * host's connection rate under churn (measured, see README "Overhead"). The price is that
+ * the kernel does not free an entry by itself: the program deletes it at TCP_CLOSE, and
+ * kmeshd sweeps out entries of sockets that closed while no program was attached
+ * (kmeshd/sockdiag.py), counting those closes. */
 #define SF_OUR_FIN_ACKED 2  /* our FIN was acknowledged: bytes_acked holds one extra */
 #define SF_PEER_FIN 4       /* the peer's FIN was taken in order: bytes_received holds one extra */
 #define SF_PEER_FIN_SEEN 8 /* a FIN arrived while we were closing; see fin_end */
 #define SF_RTO_EXPIRED 16   /* the retransmission timer gave up */
 #define SF_RESET 32         /* a RST arrived (set by the tcp_receive_reset tracepoint) */
 
-struct sock_state {
-    __u64 start_ns;        /* connect() for OUTBOUND, establishment for INBOUND */
-    __u64 established_ns;
-    __u32 fin_end;         /* rcv_nxt once the peer's FIN is taken (with SF_PEER_FIN_SEEN) */
-    __u16 flags;
-    __u8 direction;
-    __u8 _pad;
-};
+/* While established, the probe runs on every ACK that brings an RTT sample (the sending
+ * end's bytes_acked moved) and before every segment it sends (the receiving end's ACKs
+ * carry its bytes_received), and adds what changed to the flow's counters: long
+ * connections show their bytes while they last. Kernel work per packet, none in user space. */
+#define LIVE_CB_FLAGS (BPF_SOCK_OPS_RTT_CB_FLAG | BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG)
 
 struct addr16 {
     __u8 a[16];
 };
 
-BPF_TABLE_PINNED("hash", struct flow_key, struct flow_counters, flows, FLOWS_MAX, PIN_DIR "/flows");
+/* Flows are few and long-lived (client and server address, server port, direction): entries
+ * are allocated when first used rather than all up front, at 688 bytes each. */
+BPF_TABLE_PINNED("hash", struct flow_key, struct flow_counters, flows, FLOWS_MAX, PIN_DIR "/flows",
+                 BPF_F_NO_PREALLOC);
 BPF_TABLE_PINNED("hash", struct addr16, __u8, known_addrs, KNOWN_MAX, PIN_DIR "/known_addrs");
 BPF_TABLE_PINNED("percpu_array", int, __u64, stats, STAT_COUNT, PIN_DIR "/stats");
 BPF_TABLE_PINNED("hash", __u64, struct sock_state, socks, SOCKS_MAX, PIN_DIR "/socks");
+/* Closes of tracked sockets that happened while no probe was attached, found and counted
+ * by user space's sweep (the program never writes it). */
+BPF_TABLE_PINNED("hash", struct flow_key, __u64, unseen_closes, FLOWS_MAX, PIN_DIR "/unseen_closes");
 BPF_RINGBUF_OUTPUT(records, RINGBUF_PAGES);
 /* Set by user space: [0] = 1 while an access log wants records. Off, a close costs no
  * ring-buffer work at all. Not pinned: it belongs to the running daemon's config. */
 BPF_ARRAY(settings, __u32, 1);
+/* A zeroed flow_counters to create flows from: too large for the BPF stack. */
+BPF_ARRAY(zero_flow, struct flow_counters, 1);
 
 static __always_inline void count(int index)
 {
@@ -142,15 +147,50 @@ static __always_inline int is_known(struct tuple *t)
     return known_addrs.lookup(&t->local) || known_addrs.lookup(&t->remote);
 }
 
-static __always_inline struct flow_counters *flow_of(struct tuple *t, __u8 direction)
+/* The flow's counters, created zeroed on first use. */
+static __always_inline struct flow_counters *flow_of(struct flow_key *key)
 {
-    struct flow_key key = {};
-    struct flow_counters zero = {};
-    flow_key_of(t, direction, &key);
-    struct flow_counters *c = flows.lookup_or_try_init(&key, &zero);
+    struct flow_counters *c = flows.lookup(key);
+    if (c)
+        return c;
+    int zero = 0;
+    struct flow_counters *blank = zero_flow.lookup(&zero);
+    if (!blank)
+        return 0;
+    flows.insert(key, blank); /* fails harmlessly when another CPU created it first */
+    c = flows.lookup(key);
     if (!c)
         count(STAT_FLOWS_FULL);
     return c;
+}
+
+/* Bucket index: the first bound the value does not exceed, or BUCKETS - 1. The bounds are
+ * constants, so this compiles to a chain of compares. */
+#define BUCKET_STEP(bound) \
+    if (v <= (bound)) \
+        return i; \
+    i++;
+
+static __always_inline int latency_bucket(__u64 v)
+{
+    int i = 0;
+    LATENCY_BOUNDS_US(BUCKET_STEP)
+    return i;
+}
+
+static __always_inline int duration_bucket(__u64 v)
+{
+    int i = 0;
+    DURATION_BOUNDS_US(BUCKET_STEP)
+    return i;
+}
+
+static __always_inline void observe(struct histogram *h, int bucket, __u64 value_us)
+{
+    if (bucket < 0 || bucket >= BUCKETS)
+        return;
+    __sync_fetch_and_add(&h->buckets[bucket], 1);
+    __sync_fetch_and_add(&h->sum_us, value_us);
 }
 
 static __always_inline struct sock_state *state_of(struct bpf_sock_ops *ctx)
@@ -159,14 +199,13 @@ static __always_inline struct sock_state *state_of(struct bpf_sock_ops *ctx)
     return socks.lookup(&cookie);
 }
 
-static __always_inline void watch_socket(struct bpf_sock_ops *ctx)
+static __always_inline void set_cb_flags(struct bpf_sock_ops *ctx, __u32 set, __u32 clear)
 {
-    bpf_sock_ops_cb_flags_set(ctx, ctx->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG |
-                                       BPF_SOCK_OPS_RTO_CB_FLAG);
+    bpf_sock_ops_cb_flags_set(ctx, (ctx->bpf_sock_ops_cb_flags | set) & ~clear);
 }
 
-/* A new connection. Only one with a known end gets state and callbacks: the rest are
- * counted once here and cost nothing more. */
+/* A new connection: OUTBOUND at connect(), INBOUND once accepted. Only one with a known
+ * end gets state and callbacks: the rest are counted once here and cost nothing more. */
 static __always_inline void on_start(struct bpf_sock_ops *ctx, __u8 direction)
 {
     struct tuple t = {};
@@ -176,29 +215,43 @@ static __always_inline void on_start(struct bpf_sock_ops *ctx, __u8 direction)
         return;
     }
     __u64 cookie = bpf_get_socket_cookie(ctx);
-    struct sock_state st = {.start_ns = bpf_ktime_get_ns(), .direction = direction};
+    struct sock_state st = {.start_ns = bpf_ktime_get_ns()};
+    flow_key_of(&t, direction, &st.key);
+    if (direction == DIR_INBOUND) {
+        st.established_ns = st.start_ns;
+        st.flags = SF_ESTABLISHED;
+    }
     if (socks.update(&cookie, &st)) {
         count(STAT_SOCKS_FULL);
         return;
     }
-    watch_socket(ctx);
+    if (direction == DIR_OUTBOUND) {
+        set_cb_flags(ctx, BPF_SOCK_OPS_STATE_CB_FLAG | BPF_SOCK_OPS_RTO_CB_FLAG, 0);
+        return;
+    }
+    count(STAT_OPENED);
+    set_cb_flags(ctx, BPF_SOCK_OPS_STATE_CB_FLAG | LIVE_CB_FLAGS, 0);
+    struct flow_counters *c = flow_of(&st.key);
+    if (c)
+        __sync_fetch_and_add(&c->opened, 1);
 }
 
-static __always_inline void on_established(struct bpf_sock_ops *ctx, __u8 direction)
+static __always_inline void on_active_established(struct bpf_sock_ops *ctx)
 {
-    if (direction == DIR_INBOUND)
-        on_start(ctx, direction);
     struct sock_state *st = state_of(ctx);
     if (!st)
         return;
-    st->established_ns = bpf_ktime_get_ns();
+    __u64 now = bpf_ktime_get_ns();
+    st->established_ns = now;
     st->flags |= SF_ESTABLISHED;
     count(STAT_OPENED);
-    struct tuple t = {};
-    read_tuple(ctx, &t);
-    struct flow_counters *c = flow_of(&t, direction);
-    if (c)
-        __sync_fetch_and_add(&c->opened, 1);
+    set_cb_flags(ctx, LIVE_CB_FLAGS, 0);
+    struct flow_counters *c = flow_of(&st->key);
+    if (!c)
+        return;
+    __sync_fetch_and_add(&c->opened, 1);
+    __u64 handshake_us = (now - st->start_ns) / 1000;
+    observe(&c->connect, latency_bucket(handshake_us), handshake_us);
 }
 
 /* Application bytes: bytes_acked and bytes_received count sequence numbers, so the
@@ -213,7 +266,7 @@ static __always_inline void app_bytes(struct bpf_sock_ops *ctx, struct sock_stat
 {
     __u64 acked = ctx->bytes_acked;
     __u64 rcvd = ctx->bytes_received;
-    if (st->direction == DIR_OUTBOUND)
+    if (st->key.direction == DIR_OUTBOUND)
         acked = minus(acked, 1);
     int our_fin = (st->flags & SF_OUR_FIN_ACKED) ||
                   ((old_state == BPF_TCP_CLOSING || old_state == BPF_TCP_LAST_ACK) &&
@@ -226,6 +279,67 @@ static __always_inline void app_bytes(struct bpf_sock_ops *ctx, struct sock_stat
         rcvd = minus(rcvd, 1);
     *sent = acked;
     *received = rcvd;
+}
+
+/* Segments retransmitted, less those the peer's D-SACKs showed to be duplicates: what was
+ * really lost. (lost_out is not it: it counts segments marked lost right now, and drops
+ * back as they are repaired.) */
+static __always_inline __u32 lost_segments(struct bpf_sock_ops *ctx, __u32 retrans)
+{
+    struct bpf_sock *sk = ctx->sk;
+    if (!sk)
+        return 0;
+    struct bpf_tcp_sock *tp = bpf_tcp_sock(sk);
+    if (!tp)
+        return 0;
+    __u32 dups = tp->dsack_dups;
+    return retrans > dups ? retrans - dups : 0;
+}
+
+/* Add to the flow what this socket sent, received and retransmitted since the last time:
+ * counters only ever grow, and the sum over a connection's life is its exact total. */
+static __always_inline void add_progress(struct bpf_sock_ops *ctx, struct sock_state *st,
+                                         struct flow_counters *c, __u64 sent, __u64 received)
+{
+    __u64 new_sent = minus(sent, st->reported_sent);
+    __u64 new_received = minus(received, st->reported_received);
+    st->reported_sent += new_sent;
+    st->reported_received += new_received;
+    /* Istio's terms: the destination (server) received the client's sent bytes. */
+    int client = st->key.direction == DIR_OUTBOUND;
+    __sync_fetch_and_add(&c->received_bytes, client ? new_sent : new_received);
+    __sync_fetch_and_add(&c->sent_bytes, client ? new_received : new_sent);
+    __u32 retrans = ctx->total_retrans;
+    if (retrans <= st->reported_retrans)
+        return;
+    __sync_fetch_and_add(&c->retransmits, retrans - st->reported_retrans);
+    st->reported_retrans = retrans;
+    __u32 lost = lost_segments(ctx, retrans);
+    if (lost > st->reported_lost) {
+        __sync_fetch_and_add(&c->lost, lost - st->reported_lost);
+        st->reported_lost = lost;
+    }
+}
+
+/* Per packet while established (see LIVE_CB_FLAGS). Only ESTABLISHED and CLOSE_WAIT: there
+ * the FINs counted in bytes_acked/bytes_received are known for certain (none, or the
+ * peer's); the rest of a closing connection's bytes come with its close. */
+static __always_inline void on_progress(struct bpf_sock_ops *ctx)
+{
+    __u32 state = ctx->state;
+    if (state != BPF_TCP_ESTABLISHED && state != BPF_TCP_CLOSE_WAIT)
+        return;
+    struct sock_state *st = state_of(ctx);
+    if (!st || !(st->flags & SF_ESTABLISHED))
+        return;
+    __u64 sent = 0, received = 0;
+    app_bytes(ctx, st, state, &sent, &received);
+    if (sent == st->reported_sent && received == st->reported_received &&
+        ctx->total_retrans == st->reported_retrans)
+        return;
+    struct flow_counters *c = flow_of(&st->key);
+    if (c)
+        add_progress(ctx, st, c, sent, received);
 }
 
 static __always_inline __u8 failure_reason(struct sock_state *st, int reset)
@@ -244,7 +358,7 @@ static __always_inline int records_wanted(void)
     return on && *on;
 }
 
-static __always_inline void emit(struct bpf_sock_ops *ctx, struct tuple *t, struct sock_state *st, __u8 kind, __u8 reason,
+static __always_inline void emit(struct bpf_sock_ops *ctx, struct sock_state *st, __u8 kind, __u8 reason,
                                  __u8 flags, __u64 now, __u64 dst_received, __u64 dst_sent)
 {
     struct conn_record *r = records.ringbuf_reserve(sizeof(struct conn_record));
@@ -252,16 +366,18 @@ static __always_inline void emit(struct bpf_sock_ops *ctx, struct tuple *t, stru
         count(STAT_RINGBUF_LOST);
         return;
     }
+    struct tuple t = {};
+    read_tuple(ctx, &t);
     r->time_ns = now;
     r->duration_ns = now - (kind == KIND_CLOSED ? st->established_ns : st->start_ns);
     r->received_bytes = dst_received;
     r->sent_bytes = dst_sent;
-    __builtin_memcpy(r->local, t->local.a, 16);
-    __builtin_memcpy(r->remote, t->remote.a, 16);
-    r->local_port = t->local_port;
-    r->remote_port = t->remote_port;
+    __builtin_memcpy(r->local, t.local.a, 16);
+    __builtin_memcpy(r->remote, t.remote.a, 16);
+    r->local_port = t.local_port;
+    r->remote_port = t.remote_port;
     r->kind = kind;
-    r->direction = st->direction;
+    r->direction = st->key.direction;
     r->reason = reason;
     r->flags = flags;
     r->srtt_us = ctx->srtt_us >> 3;
@@ -275,35 +391,58 @@ static __always_inline void emit(struct bpf_sock_ops *ctx, struct tuple *t, stru
     records.ringbuf_submit(r, BPF_RB_NO_WAKEUP);
 }
 
+static __always_inline void close_established(struct bpf_sock_ops *ctx, struct sock_state *st, __u32 old_state,
+                                              __u64 now, __u8 flags)
+{
+    __u64 sent = 0, received = 0;
+    app_bytes(ctx, st, old_state, &sent, &received);
+    count(STAT_CLOSED);
+    struct flow_counters *c = flow_of(&st->key);
+    if (c) {
+        add_progress(ctx, st, c, sent, received);
+        __sync_fetch_and_add(&c->closed, 1);
+        if (flags & RECORD_RESET)
+            __sync_fetch_and_add(&c->reset, 1);
+        __u64 lived_us = (now - st->established_ns) / 1000;
+        observe(&c->duration, duration_bucket(lived_us), lived_us);
+        __u64 srtt_us = ctx->srtt_us >> 3, min_rtt_us = ctx->rtt_min;
+        if (srtt_us) /* zero: no RTT sample was ever taken */
+            observe(&c->srtt, latency_bucket(srtt_us), srtt_us);
+        if (min_rtt_us && min_rtt_us != ~0U)
+            observe(&c->min_rtt, latency_bucket(min_rtt_us), min_rtt_us);
+    }
+    if (records_wanted()) {
+        int client = st->key.direction == DIR_OUTBOUND;
+        emit(ctx, st, KIND_CLOSED, REASON_NONE, flags, now, client ? sent : received,
+             client ? received : sent);
+    }
+}
+
+static __always_inline void close_failed(struct bpf_sock_ops *ctx, struct sock_state *st, __u64 now, __u8 flags)
+{
+    __u8 reason = failure_reason(st, flags & RECORD_RESET);
+    count(STAT_FAILED);
+    struct flow_counters *c = flow_of(&st->key);
+    if (c) {
+        __sync_fetch_and_add(&c->failed, 1);
+        if (reason == REASON_REFUSED)
+            __sync_fetch_and_add(&c->refused, 1);
+        else if (reason == REASON_TIMEOUT)
+            __sync_fetch_and_add(&c->timeout, 1);
+    }
+    if (records_wanted())
+        emit(ctx, st, KIND_FAILED, reason, flags, now, 0, 0);
+}
+
 static __always_inline void on_close(struct bpf_sock_ops *ctx, struct sock_state *st, __u32 old_state,
                                      __u64 cookie)
 {
     __u64 now = bpf_ktime_get_ns();
-    int reset = st->flags & SF_RESET;
-    __u8 flags = reset ? RECORD_RESET : 0;
-    struct flow_counters *c = 0;
-    struct tuple t = {};
-    read_tuple(ctx, &t);
-    if (st->flags & SF_ESTABLISHED) {
-        __u64 sent = 0, received = 0, dst_received, dst_sent;
-        app_bytes(ctx, st, old_state, &sent, &received);
-        dst_received = st->direction == DIR_OUTBOUND ? sent : received;
-        dst_sent = st->direction == DIR_OUTBOUND ? received : sent;
-        count(STAT_CLOSED);
-        if ((c = flow_of(&t, st->direction))) {
-            __sync_fetch_and_add(&c->closed, 1);
-            __sync_fetch_and_add(&c->received_bytes, dst_received);
-            __sync_fetch_and_add(&c->sent_bytes, dst_sent);
-        }
-        if (records_wanted())
-            emit(ctx, &t, st, KIND_CLOSED, REASON_NONE, flags, now, dst_received, dst_sent);
-    } else if (st->direction == DIR_OUTBOUND) {
-        count(STAT_FAILED);
-        if ((c = flow_of(&t, DIR_OUTBOUND)))
-            __sync_fetch_and_add(&c->failed, 1);
-        if (records_wanted())
-            emit(ctx, &t, st, KIND_FAILED, failure_reason(st, reset), flags, now, 0, 0);
-    }
+    __u8 flags = (st->flags & SF_RESET) ? RECORD_RESET : 0;
+    if (st->flags & SF_ESTABLISHED)
+        close_established(ctx, st, old_state, now, flags);
+    else if (st->key.direction == DIR_OUTBOUND)
+        close_failed(ctx, st, now, flags);
     socks.delete(&cookie);
 }
 
@@ -341,8 +480,8 @@ static __always_inline void on_state(struct bpf_sock_ops *ctx)
         st->flags |= SF_PEER_FIN;
     if (old_state == BPF_TCP_FIN_WAIT1 && new_state == BPF_TCP_FIN_WAIT2)
         st->flags |= SF_OUR_FIN_ACKED;
-    if (new_state == BPF_TCP_FIN_WAIT1)
-        bpf_sock_ops_cb_flags_set(ctx, ctx->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_PARSE_ALL_HDR_OPT_CB_FLAG);
+    if (new_state == BPF_TCP_FIN_WAIT1) /* we close: no more progress, watch for the FIN */
+        set_cb_flags(ctx, BPF_SOCK_OPS_PARSE_ALL_HDR_OPT_CB_FLAG, LIVE_CB_FLAGS);
     if (new_state == BPF_TCP_CLOSE)
         on_close(ctx, st, old_state, cookie);
 }
@@ -356,10 +495,14 @@ int kmeshd_sockops(struct bpf_sock_ops *ctx)
         on_start(ctx, DIR_OUTBOUND);
         break;
     case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
-        on_established(ctx, DIR_OUTBOUND);
+        on_active_established(ctx);
         break;
     case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
-        on_established(ctx, DIR_INBOUND);
+        on_start(ctx, DIR_INBOUND);
+        break;
+    case BPF_SOCK_OPS_RTT_CB:
+    case BPF_SOCK_OPS_HDR_OPT_LEN_CB:
+        on_progress(ctx);
         break;
     case BPF_SOCK_OPS_STATE_CB:
         on_state(ctx);

@@ -8,7 +8,7 @@
 #ifndef KMESHD_TCP_PROBE_H
 #define KMESHD_TCP_PROBE_H
 
-#define KMESHD_LAYOUT 3
+#define KMESHD_LAYOUT 4
 
 #define DIR_OUTBOUND 1 /* this socket called connect(): the client */
 #define DIR_INBOUND 2  /* this socket was accepted: the server */
@@ -42,14 +42,56 @@ struct flow_key {
     __u8 _pad;
 };                                     /* 36 bytes */
 
+/* Histogram bucket upper bounds, in microseconds, smallest first (kmeshd/events.py keeps
+ * the same lists; a test compares them). Each histogram has one more bucket, for values
+ * above the last bound. RTT and handshake: 50 µs (one rack) to 10 s (SYN retransmitted
+ * three times). Connection duration: 0.5 ms to 4 h. */
+#define LATENCY_BOUNDS_US(X) X(50) X(100) X(250) X(500) X(1000) X(2500) X(5000) X(10000) \
+    X(25000) X(50000) X(100000) X(250000) X(500000) X(1000000) X(2500000) X(5000000) X(10000000)
+#define DURATION_BOUNDS_US(X) X(500) X(1000) X(5000) X(10000) X(50000) X(100000) X(500000) \
+    X(1000000) X(5000000) X(10000000) X(30000000) X(60000000) X(300000000) X(600000000) \
+    X(1800000000) X(3600000000ULL) X(14400000000ULL)
+#define BUCKETS 18
+
+struct histogram {
+    __u64 buckets[BUCKETS];  /* counts per bucket, not cumulative */
+    __u64 sum_us;
+};                                     /* 152 bytes */
+
 /* Cumulative since the maps were created; bytes in Istio's terms (see INTERFACE.md). */
 struct flow_counters {
     __u64 opened;
     __u64 closed;
-    __u64 failed;
+    __u64 failed;          /* connects that never established: refused + timeout + other */
     __u64 received_bytes;  /* bytes the destination (server) received: the request direction */
     __u64 sent_bytes;      /* bytes the destination sent: the response direction */
-};                                     /* 40 bytes */
+    __u64 reset;           /* established connections that ended on a RST received */
+    __u64 refused;         /* failed: a RST answered the SYN */
+    __u64 timeout;         /* failed: the SYN was never answered */
+    __u64 retransmits;     /* segments this end retransmitted (total_retrans) */
+    __u64 lost;            /* retransmissions not shown spurious by a D-SACK */
+    struct histogram duration;  /* establishment to close */
+    struct histogram srtt;      /* smoothed RTT at close */
+    struct histogram min_rtt;   /* minimum RTT at close */
+    struct histogram connect;   /* connect() to established, OUTBOUND only */
+};                                     /* 688 bytes */
+
+/* What the probe keeps of each tracked socket, keyed by socket cookie. User space reads it
+ * when it sweeps out sockets that closed while no probe was attached. */
+struct sock_state {
+    struct flow_key key;
+    __u32 fin_end;          /* rcv_nxt once the peer's FIN is taken (with SF_PEER_FIN_SEEN) */
+    __u64 start_ns;         /* connect() for OUTBOUND, establishment for INBOUND */
+    __u64 established_ns;
+    __u64 reported_sent;    /* application bytes this socket sent, already in flows */
+    __u64 reported_received;
+    __u32 reported_retrans;
+    __u32 reported_lost;
+    __u16 flags;            /* SF_* in tcp_probe.c */
+    __u8 _pad[6];
+};                                     /* 88 bytes */
+
+#define SF_ESTABLISHED 1
 
 /* One ring-buffer record per closed socket and per failed connect: the access log. */
 struct conn_record {
@@ -74,7 +116,9 @@ struct conn_record {
 };                                     /* 96 bytes */
 
 _Static_assert(sizeof(struct flow_key) == 36, "flow_key size");
-_Static_assert(sizeof(struct flow_counters) == 40, "flow_counters size");
+_Static_assert(sizeof(struct histogram) == 152, "histogram size");
+_Static_assert(sizeof(struct flow_counters) == 688, "flow_counters size");
+_Static_assert(sizeof(struct sock_state) == 88, "sock_state size");
 _Static_assert(sizeof(struct conn_record) == 96, "conn_record size");
 
 #endif

@@ -26,10 +26,10 @@ from prometheus_client import (
 
 from kmeshd import __version__, cgroup
 from kmeshd.accesslog_sinks import Fanout, FileSink, JournaldSink, NullSink, Sink
-from kmeshd.aggregate import Aggregate
+from kmeshd.aggregate import Aggregate, add_unseen_closes
 from kmeshd.config import Config, load_config, parse_listen
 from kmeshd.errors import ConfigError, UnavailableError
-from kmeshd.events import Stat, decode_flow, decode_record
+from kmeshd.events import Stat, decode_flow, decode_flow_key, decode_record
 from kmeshd.export.http import MetricsServer
 from kmeshd.export.metrics import Health, KmeshCollector, SinkHealth, Snapshot
 from kmeshd.export.textfile import write_atomic
@@ -221,14 +221,20 @@ class Daemon:
     def publish(self) -> None:
         assert self.probe is not None
         started = time.monotonic()
-        flows = [decode_flow(k, v) for k, v in self.probe.flows()]
+        unseen = {decode_flow_key(k): n for k, n in self.probe.unseen_closes().items()}
+        flows = add_unseen_closes((decode_flow(k, v) for k, v in self.probe.flows()), unseen)
         policy = self.config.metrics.connection_security_policy
         self.aggregate.fold(flows, self.source.view(), policy)
         stats = self.probe.stats()
         self._last_publish = time.time()
+        agg = self.aggregate
         self.collector.update(
             Snapshot(
-                dict(self.aggregate.workload), dict(self.aggregate.service), self._health(stats)
+                dict(agg.workload),
+                dict(agg.service),
+                self._health(stats, sum(unseen.values())),
+                dict(agg.active_workload),
+                dict(agg.active_service),
             )
         )
         self._write_textfile()
@@ -246,7 +252,7 @@ class Daemon:
     def _running_status(self) -> str:
         return "; ".join(filter(None, ("running", self._source_status, self._reload_note)))
 
-    def _health(self, stats: dict[Stat, int]) -> Health:
+    def _health(self, stats: dict[Stat, int], unseen_closes: int) -> Health:
         sinks = [
             SinkHealth(s.name, s.up, s.dropped + self._dropped_before.get(s.name, 0))
             for s in self.sinks.sinks
@@ -268,6 +274,7 @@ class Daemon:
                 "known_addrs": self.known_refused,
             },
             unattributed=stats[Stat.UNATTRIBUTED] + self.aggregate.unattributed,
+            unseen_closes=unseen_closes,
             sinks=tuple(sinks),
             sources=self.source.up(),
             last_publish=self._last_publish,

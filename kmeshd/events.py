@@ -12,11 +12,12 @@ import enum
 import functools
 import ipaddress
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from kmeshd.identity.model import IPAddress, plain_ip
 
-LAYOUT = 3  # KMESHD_LAYOUT in bpf/tcp_probe.h
+LAYOUT = 4  # KMESHD_LAYOUT in bpf/tcp_probe.h
 
 
 class Direction(enum.IntEnum):
@@ -63,6 +64,27 @@ class FlowKeyStruct(ctypes.Structure):
     )
 
 
+# Histogram bucket upper bounds in microseconds (LATENCY_BOUNDS_US and DURATION_BOUNDS_US
+# in the header; a test compares them), and the slots per histogram: one per bound, one
+# for what lies above the last, then the sum.
+LATENCY_BOUNDS_US = (
+    50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000,
+    1_000_000, 2_500_000, 5_000_000, 10_000_000,
+)  # fmt: skip
+DURATION_BOUNDS_US = (
+    500, 1_000, 5_000, 10_000, 50_000, 100_000, 500_000, 1_000_000, 5_000_000, 10_000_000,
+    30_000_000, 60_000_000, 300_000_000, 600_000_000, 1_800_000_000, 3_600_000_000,
+    14_400_000_000,
+)  # fmt: skip
+BUCKETS = 18
+
+
+class HistogramStruct(ctypes.Structure):
+    """struct histogram"""
+
+    _fields_ = (("buckets", ctypes.c_uint64 * BUCKETS), ("sum_us", ctypes.c_uint64))
+
+
 class FlowCountersStruct(ctypes.Structure):
     """struct flow_counters"""
 
@@ -72,7 +94,36 @@ class FlowCountersStruct(ctypes.Structure):
         ("failed", ctypes.c_uint64),
         ("received_bytes", ctypes.c_uint64),
         ("sent_bytes", ctypes.c_uint64),
+        ("reset", ctypes.c_uint64),
+        ("refused", ctypes.c_uint64),
+        ("timeout", ctypes.c_uint64),
+        ("retransmits", ctypes.c_uint64),
+        ("lost", ctypes.c_uint64),
+        ("duration", HistogramStruct),
+        ("srtt", HistogramStruct),
+        ("min_rtt", HistogramStruct),
+        ("connect", HistogramStruct),
     )
+
+
+class SockStateStruct(ctypes.Structure):
+    """struct sock_state"""
+
+    _fields_ = (
+        ("key", FlowKeyStruct),
+        ("fin_end", ctypes.c_uint32),
+        ("start_ns", ctypes.c_uint64),
+        ("established_ns", ctypes.c_uint64),
+        ("reported_sent", ctypes.c_uint64),
+        ("reported_received", ctypes.c_uint64),
+        ("reported_retrans", ctypes.c_uint32),
+        ("reported_lost", ctypes.c_uint32),
+        ("flags", ctypes.c_uint16),
+        ("_pad", ctypes.c_uint8 * 6),
+    )
+
+
+SF_ESTABLISHED = 1
 
 
 class ConnRecordStruct(ctypes.Structure):
@@ -108,41 +159,78 @@ class FlowKey:
     direction: Direction
 
 
+Histogram = tuple[int, ...]
+"""BUCKETS per-bucket counts (not cumulative), then the sum in microseconds."""
+
+EMPTY: Histogram = (0,) * (BUCKETS + 1)
+
+
 @dataclass(frozen=True, slots=True)
 class FlowCounters:
-    """Cumulative counts of one flow; bytes as the destination sees them (Istio)."""
+    """Cumulative counts of one flow (struct flow_counters); bytes as the destination sees
+    them (Istio). Adding and subtracting work field by field, histogram slots included."""
 
     opened: int = 0
     closed: int = 0
     failed: int = 0
     received_bytes: int = 0
     sent_bytes: int = 0
+    reset: int = 0  # established, then ended by a RST received
+    refused: int = 0  # failed: a RST answered the SYN
+    timeout: int = 0  # failed: the SYN was never answered
+    retransmits: int = 0
+    lost: int = 0
+    duration: Histogram = EMPTY
+    srtt: Histogram = EMPTY
+    min_rtt: Histogram = EMPTY
+    connect: Histogram = EMPTY
+
+    def vector(self) -> tuple[int, ...]:
+        """Every count in struct order: the histograms' slots inline."""
+        return (
+            self.opened, self.closed, self.failed, self.received_bytes, self.sent_bytes,
+            self.reset, self.refused, self.timeout, self.retransmits, self.lost,
+            *self.duration, *self.srtt, *self.min_rtt, *self.connect,
+        )  # fmt: skip
+
+    @classmethod
+    def from_vector(cls, v: Sequence[int]) -> FlowCounters:
+        h = BUCKETS + 1
+        hists = [tuple(v[_SCALARS + i * h : _SCALARS + (i + 1) * h]) for i in range(4)]
+        opened, closed, failed, received, sent, reset, refused, timeout, retrans, lost = v[
+            :_SCALARS
+        ]
+        return cls(
+            opened, closed, failed, received, sent, reset, refused, timeout, retrans, lost, *hists
+        )
+
+    @property
+    def other_failures(self) -> int:
+        return self.failed - self.refused - self.timeout
+
+    @property
+    def active(self) -> int:
+        return max(0, self.opened - self.closed)
 
     def __sub__(self, other: FlowCounters) -> FlowCounters:
-        return FlowCounters(
-            self.opened - other.opened,
-            self.closed - other.closed,
-            self.failed - other.failed,
-            self.received_bytes - other.received_bytes,
-            self.sent_bytes - other.sent_bytes,
+        return FlowCounters.from_vector(
+            [a - b for a, b in zip(self.vector(), other.vector(), strict=True)]
         )
 
     def __add__(self, other: FlowCounters) -> FlowCounters:
-        return FlowCounters(
-            self.opened + other.opened,
-            self.closed + other.closed,
-            self.failed + other.failed,
-            self.received_bytes + other.received_bytes,
-            self.sent_bytes + other.sent_bytes,
+        return FlowCounters.from_vector(
+            [a + b for a, b in zip(self.vector(), other.vector(), strict=True)]
         )
 
     def is_zero(self) -> bool:
         return self == ZERO
 
     def any_negative(self) -> bool:
-        return min(self.opened, self.closed, self.failed, self.received_bytes, self.sent_bytes) < 0
+        return min(self.vector()) < 0
 
 
+_SCALARS = 10
+_FLOW_VALUE = struct.Struct(f"<{_SCALARS + 4 * (BUCKETS + 1)}Q")
 ZERO = FlowCounters()
 
 
@@ -182,18 +270,18 @@ def encode_address(ip: IPAddress) -> bytes:
     return ip.packed
 
 
-def decode_flow(key: bytes, value: bytes) -> tuple[FlowKey, FlowCounters]:
+def decode_flow_key(key: bytes) -> FlowKey:
     k = FlowKeyStruct.from_buffer_copy(key)
-    v = FlowCountersStruct.from_buffer_copy(value)
-    return (
-        FlowKey(
-            decode_address(bytes(k.client)),
-            decode_address(bytes(k.server)),
-            k.server_port,
-            Direction(k.direction),
-        ),
-        FlowCounters(v.opened, v.closed, v.failed, v.received_bytes, v.sent_bytes),
+    return FlowKey(
+        decode_address(bytes(k.client)),
+        decode_address(bytes(k.server)),
+        k.server_port,
+        Direction(k.direction),
     )
+
+
+def decode_flow(key: bytes, value: bytes) -> tuple[FlowKey, FlowCounters]:
+    return decode_flow_key(key), FlowCounters.from_vector(_FLOW_VALUE.unpack_from(value))
 
 
 # struct conn_record, for the hot path: one unpack is several times cheaper than ctypes.

@@ -17,13 +17,14 @@ import logging
 import os
 import re
 import shutil
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from kmeshd import cgroup, sockdiag
 from kmeshd.errors import UnavailableError
-from kmeshd.events import LAYOUT, Stat, encode_address
+from kmeshd.events import LAYOUT, SF_ESTABLISHED, SockStateStruct, Stat, encode_address
 from kmeshd.identity.model import IPAddress
 
 log = logging.getLogger("kmeshd")
@@ -102,6 +103,12 @@ class _LibBpf:
         self.map_get_next_key.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
         self.map_delete_elem = lib.bpf_map_delete_elem
         self.map_delete_elem.argtypes = [ctypes.c_int, ctypes.c_void_p]
+        self.map_lookup_elem = lib.bpf_map_lookup_elem
+        self.map_lookup_elem.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
+        self.map_update_elem = lib.bpf_map_update_elem
+        self.map_update_elem.argtypes = [
+            ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint64,
+        ]  # fmt: skip
 
     @staticmethod
     def check(ret: int, what: str) -> int:
@@ -109,12 +116,56 @@ class _LibBpf:
             raise OSError(-ret, f"{what}: {os.strerror(-ret)}")
         return ret
 
+    def _info(self, fd: int) -> bytes:
+        buf = (ctypes.c_uint8 * 128)()
+        size = ctypes.c_uint32(128)
+        self.check(self.info_by_fd(fd, buf, ctypes.byref(size)), "bpf_obj_get_info_by_fd")
+        return bytes(buf)
+
     def link_cgroup_id(self, link_fd: int) -> int:
         """struct bpf_link_info: cgroup.cgroup_id sits at offset 16."""
-        buf = (ctypes.c_uint8 * 64)()
-        size = ctypes.c_uint32(64)
-        self.check(self.info_by_fd(link_fd, buf, ctypes.byref(size)), "bpf_obj_get_info_by_fd")
-        return int.from_bytes(bytes(buf[16:24]), "little")
+        return int.from_bytes(self._info(link_fd)[16:24], "little")
+
+    def map_sizes(self, map_fd: int) -> tuple[int, int]:
+        """struct bpf_map_info: key_size and value_size sit at offsets 8 and 12."""
+        info = self._info(map_fd)
+        return int.from_bytes(info[8:12], "little"), int.from_bytes(info[12:16], "little")
+
+
+class RawMap:
+    """A BPF map by file descriptor, keys and values as bytes: what the sweep does to the
+    maps, whether a compiled probe holds them or `kmeshd sweep-sockets` opened the pins."""
+
+    def __init__(self, libbpf: _LibBpf, fd: int) -> None:
+        self._libbpf, self._fd = libbpf, fd
+        self._key_size, self._value_size = libbpf.map_sizes(fd)
+
+    def __iter__(self) -> Iterator[bytes]:
+        key, after = ctypes.create_string_buffer(self._key_size), None
+        while self._libbpf.map_get_next_key(self._fd, after, key) == 0:
+            yield key.raw
+            after = ctypes.create_string_buffer(key.raw, self._key_size)
+
+    def lookup(self, key: bytes) -> bytes | None:
+        value = ctypes.create_string_buffer(self._value_size)
+        if self._libbpf.map_lookup_elem(self._fd, key, value):
+            return None
+        return value.raw
+
+    def pop(self, key: bytes) -> bytes | None:
+        """The value, removed; None when it was not there or someone else removed it
+        first (the program of a killed kmeshd may still be attached)."""
+        value = self.lookup(key)
+        if value is None or self._libbpf.map_delete_elem(self._fd, key):
+            return None
+        return value
+
+    def add(self, key: bytes, n: int) -> None:
+        """value += n, for a map of __u64 counters only user space writes."""
+        old = self.lookup(key)
+        new = (int.from_bytes(old, sys.byteorder) if old else 0) + n
+        ret = self._libbpf.map_update_elem(self._fd, key, new.to_bytes(8, sys.byteorder), 0)
+        self._libbpf.check(ret, "bpf_map_update_elem")
 
 
 class Probe:
@@ -141,8 +192,13 @@ class Probe:
         pins = prepare_pin_dir(pin_dir)
         phase("compiling the BPF probe")
         bpf = compile_probe(bcc, pins)
+        libbpf = _LibBpf()
         if may_enter_namespaces():
-            sweep_closed_sockets(bpf["socks"], sockdiag.live_cookies)
+            sweep_closed_sockets(
+                RawMap(libbpf, bpf["socks"].map_fd),
+                RawMap(libbpf, bpf["unseen_closes"].map_fd),
+                sockdiag.live_cookies,
+            )
         else:
             log.info(
                 "sockets that closed while kmeshd was stopped are left to `kmeshd"
@@ -150,7 +206,6 @@ class Probe:
                 " other network namespaces (CAP_SYS_ADMIN, CAP_SYS_PTRACE)"
             )
         phase(f"attaching the probe to {cgroup_dir}")
-        libbpf = _LibBpf()
         prog = bpf.load_func(PROGRAM, bcc.BPF.SOCK_OPS)
         try:
             link_fd = attach(libbpf, prog.fd, cgroup_dir, pins / "link")
@@ -176,6 +231,10 @@ class Probe:
         """The flows map as raw (key, value) pairs."""
         for k, v in self._flows.items():
             yield bytes(k), bytes(v)
+
+    def unseen_closes(self) -> dict[bytes, int]:
+        """Closes the sweep counted, by raw flow key (see sweep_closed_sockets)."""
+        return {bytes(k): int(v.value) for k, v in self._bpf["unseen_closes"].items()}
 
     def stats(self) -> dict[Stat, int]:
         """The per-CPU counters, summed."""
@@ -231,17 +290,20 @@ def prepare_pin_dir(pin_dir: Path) -> Path:
     return pins
 
 
-def sweep_closed_sockets(socks: Any, live_cookies: Callable[[], set[int]]) -> int | None:
-    """Delete the state of sockets that closed while no probe was attached; returns how
-    many, or None when the live sockets could not be listed (then nothing is). Safe
-    beside a running program (after a SIGKILL the old one still is): the keys are read
-    before the live cookies, and a cookie is never reused, so an entry missing from the
-    live set belongs to a socket that is gone."""
-    stale = {int(k.value) for k in socks}
+def sweep_closed_sockets(
+    socks: SweptMap, unseen: SweptMap, live_cookies: Callable[[], set[int]]
+) -> int | None:
+    """Delete the state of sockets that closed while no probe was attached, and count the
+    closes of the established ones in `unseen` (by flow), so that opened - closed stays
+    the number of open connections. Returns how many were swept, or None when the live
+    sockets could not be listed (then nothing is). Safe beside a running program (after a
+    SIGKILL the old one still is): the keys are read before the live cookies, a cookie is
+    never reused, and a close is counted only by whoever deletes the entry."""
+    stale = {int.from_bytes(k, sys.byteorder): k for k in socks}
     if not stale:
         return 0
     try:
-        stale -= live_cookies()
+        alive = live_cookies()
     except OSError as exc:
         log.warning(
             "cannot list live sockets (%s): %d socket-state entries stay until a start "
@@ -250,13 +312,26 @@ def sweep_closed_sockets(socks: Any, live_cookies: Callable[[], set[int]]) -> in
             len(stale),
         )
         return None
-    key_type = socks.Key
-    for cookie in stale:
-        with contextlib.suppress(KeyError):  # the old program deleted it meanwhile
-            del socks[key_type(cookie)]
-    if stale:
-        log.info("forgot %d sockets that closed while kmeshd was stopped", len(stale))
-    return len(stale)
+    swept = 0
+    for cookie in stale.keys() - alive:
+        value = socks.pop(stale[cookie])
+        if value is None:  # the old program closed it meanwhile, and counted it
+            continue
+        swept += 1
+        state = SockStateStruct.from_buffer_copy(value)
+        if state.flags & SF_ESTABLISHED:
+            unseen.add(bytes(state.key), 1)
+    if swept:
+        log.info("forgot %d sockets that closed while kmeshd was stopped", swept)
+    return swept
+
+
+class SweptMap(Protocol):
+    """What the sweep needs of a map (RawMap; a dict-backed fake in tests)."""
+
+    def __iter__(self) -> Iterator[bytes]: ...
+    def pop(self, key: bytes) -> bytes | None: ...
+    def add(self, key: bytes, n: int) -> None: ...
 
 
 CAP_SYS_PTRACE, CAP_SYS_ADMIN = 19, 21
@@ -271,43 +346,24 @@ def may_enter_namespaces(status: Path = Path("/proc/self/status")) -> bool:
     return False
 
 
-class _PinnedSocks:
-    """The pinned socket-state map, opened by path: what sweep_closed_sockets uses of a
-    bcc table (iteration, Key, del), without compiling the probe."""
-
-    class Key:
-        def __init__(self, value: int) -> None:
-            self.value = value
-
-    def __init__(self, libbpf: _LibBpf, fd: int) -> None:
-        self._libbpf, self._fd = libbpf, fd
-
-    def __iter__(self) -> Iterator[_PinnedSocks.Key]:
-        key, after = ctypes.c_uint64(), None
-        while self._libbpf.map_get_next_key(self._fd, after, ctypes.byref(key)) == 0:
-            yield self.Key(key.value)
-            after = ctypes.byref(ctypes.c_uint64(key.value))
-
-    def __delitem__(self, key: _PinnedSocks.Key) -> None:
-        if self._libbpf.map_delete_elem(self._fd, ctypes.byref(ctypes.c_uint64(key.value))):
-            raise KeyError(key.value)
-
-
 NOT_PINNED = -1
 
 
 def sweep_pinned(pin_dir: Path) -> int | None:
-    """`kmeshd sweep-sockets`: sweep the pinned map of a running (or stopped) kmeshd, as
-    sweep_closed_sockets does; NOT_PINNED when there is no such map."""
-    path = pin_dir / f"v{LAYOUT}" / "socks"
-    if not path.exists():
+    """`kmeshd sweep-sockets`: sweep the pinned maps of a running (or stopped) kmeshd, as
+    sweep_closed_sockets does; NOT_PINNED when there are no such maps."""
+    pins = pin_dir / f"v{LAYOUT}"
+    if not (pins / "socks").exists():
         return NOT_PINNED
     libbpf = _LibBpf()
-    fd = libbpf.check(libbpf.obj_get(str(path).encode()), f"bpf_obj_get {path}")
-    try:
-        return sweep_closed_sockets(_PinnedSocks(libbpf, fd), sockdiag.live_cookies)
-    finally:
-        os.close(fd)
+    with contextlib.ExitStack() as fds:
+        maps = []
+        for name in ("socks", "unseen_closes"):
+            path = pins / name
+            fd = libbpf.check(libbpf.obj_get(str(path).encode()), f"bpf_obj_get {path}")
+            fds.callback(os.close, fd)
+            maps.append(RawMap(libbpf, fd))
+        return sweep_closed_sockets(maps[0], maps[1], sockdiag.live_cookies)
 
 
 def is_bpffs(path: Path) -> bool:

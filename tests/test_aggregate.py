@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 
-from kmeshd.aggregate import Aggregate
+from kmeshd.aggregate import Aggregate, add_unseen_closes
 from kmeshd.events import Direction, FlowCounters, FlowKey
 from kmeshd.identity.model import Identities, Workload
 
@@ -61,3 +61,42 @@ def test_an_empty_snapshot_changes_nothing() -> None:
     agg.fold([(KEY, FlowCounters(1, 1, 0, 1, 1))], ids)
     agg.fold([], ids)
     assert totals(agg, "b") == FlowCounters(1, 1, 0, 1, 1)
+
+
+def active(agg: Aggregate, dst: str) -> int:
+    return sum(v for k, v in agg.active_workload.items() if k[12] == dst)
+
+
+def test_active_connections_are_opened_minus_closed_now() -> None:
+    """The gauge is recounted each fold: 3 open, then 1, then 0 with no series left."""
+    agg, ids = Aggregate(), Identities((A, B))
+    agg.fold([(KEY, FlowCounters(opened=3))], ids)
+    assert active(agg, "b") == 3
+    agg.fold([(KEY, FlowCounters(opened=3, closed=2))], ids)
+    assert active(agg, "b") == 1
+    assert sum(agg.active_service.values()) == 1
+    agg.fold([(KEY, FlowCounters(opened=3, closed=3))], ids)
+    assert agg.active_workload == {} and agg.active_service == {}
+
+
+def test_active_connections_follow_the_identities_of_now() -> None:
+    """An open connection whose server address changed owner is open under the new owner,
+    not left behind under the old one."""
+    agg = Aggregate()
+    agg.fold([(KEY, FlowCounters(opened=2, closed=1))], Identities((A, B)))
+    agg.fold([(KEY, FlowCounters(opened=2, closed=1))], Identities((A, C)))
+    assert active(agg, "b") == 0 and active(agg, "c") == 1
+
+
+def test_unseen_closes_count_as_closed() -> None:
+    """A connection the sweep found closed while no probe ran is closed: it leaves the
+    gauge and enters the closed counter, and flows it does not name are untouched."""
+    other = FlowKey(ip("10.0.0.1"), ip("10.0.0.2"), 443, Direction.OUTBOUND)
+    flows = add_unseen_closes(
+        [(KEY, FlowCounters(opened=2, closed=1)), (other, FlowCounters(opened=1))], {KEY: 1}
+    )
+    assert flows == [(KEY, FlowCounters(opened=2, closed=2)), (other, FlowCounters(opened=1))]
+    agg = Aggregate()
+    agg.fold(flows, Identities((A, B)))
+    assert active(agg, "b") == 1
+    assert totals(agg, "b") == FlowCounters(opened=3, closed=2)

@@ -11,14 +11,19 @@ from pathlib import Path
 import pytest
 
 from kmeshd.events import (
+    BUCKETS,
+    DURATION_BOUNDS_US,
+    LATENCY_BOUNDS_US,
     ConnRecordStruct,
     Direction,
     FlowCounters,
     FlowCountersStruct,
     FlowKey,
     FlowKeyStruct,
+    HistogramStruct,
     Kind,
     Reason,
+    SockStateStruct,
     decode_address,
     decode_flow,
     decode_record,
@@ -26,6 +31,7 @@ from kmeshd.events import (
 )
 
 HEADER = Path(__file__).parent.parent / "bpf" / "tcp_probe.h"
+SLOTS = 10 + 4 * (BUCKETS + 1)  # struct flow_counters in __u64s
 ip = ipaddress.ip_address
 
 
@@ -39,12 +45,34 @@ def header_sizes() -> dict[str, int]:
     [
         ("flow_key", FlowKeyStruct),
         ("flow_counters", FlowCountersStruct),
+        ("histogram", HistogramStruct),
+        ("sock_state", SockStateStruct),
         ("conn_record", ConnRecordStruct),
     ],
 )
 def test_ctypes_mirror_has_the_size_the_header_asserts(struct_name: str, mirror: type) -> None:
     """Each ctypes mirror is exactly as large as its C struct."""
     assert ctypes.sizeof(mirror) == header_sizes()[struct_name]
+
+
+def header_bounds(name: str) -> tuple[int, ...]:
+    text = HEADER.read_text()
+    definition = re.search(rf"#define {name}\(X\)((?:.*\\\n)*.*)", text)
+    assert definition, name
+    return tuple(int(n) for n in re.findall(r"X\((\d+)(?:ULL)?\)", definition[1]))
+
+
+@pytest.mark.parametrize(
+    ("name", "bounds"),
+    [("LATENCY_BOUNDS_US", LATENCY_BOUNDS_US), ("DURATION_BOUNDS_US", DURATION_BOUNDS_US)],
+)
+def test_histogram_bounds_match_header(name: str, bounds: tuple[int, ...]) -> None:
+    """The kernel buckets by the same bounds user space labels them with: ascending, one
+    fewer than the header's BUCKETS (the last bucket holds everything above)."""
+    assert header_bounds(name) == bounds
+    assert list(bounds) == sorted(set(bounds))
+    assert len(bounds) == BUCKETS - 1
+    assert f"#define BUCKETS {BUCKETS}\n" in HEADER.read_text()
 
 
 def test_layout_constant_matches_header() -> None:
@@ -84,7 +112,8 @@ def flow_bytes(
     client: bytes, server: bytes, port: int, direction: int, counts: tuple[int, ...]
 ) -> tuple[bytes, bytes]:
     key = client + server + struct.pack("<HBB", port, direction, 0)
-    return key, struct.pack("<5Q", *counts)
+    padded = (*counts, *[0] * (SLOTS - len(counts)))
+    return key, struct.pack(f"<{SLOTS}Q", *padded)
 
 
 @pytest.mark.parametrize(
@@ -130,6 +159,45 @@ def flow_bytes(
             2,
             (0, 0, 0, 0, 0),
             (FlowKey(ip("10.0.0.1"), ip("10.0.0.2"), 80, Direction.INBOUND), FlowCounters()),
+        ),
+        (  # every field in its place: the scalars, then four histograms of 18 slots + sum
+            v4mapped("10.0.0.1"),
+            v4mapped("10.0.0.2"),
+            80,
+            1,
+            (5, 4, 3, 2000, 100, 1, 2, 1, 9, 7)
+            + (0, 0, 3)
+            + (0,) * 15
+            + (12_000,)  # duration: 3 in (1 ms, 5 ms]
+            + (0,) * 9
+            + (2,)
+            + (0,) * 8
+            + (80_000,)  # srtt: 2 in (25 ms, 50 ms]
+            + (1,)
+            + (0,) * 17
+            + (40,)  # min rtt: 1 at or below 50 µs
+            + (0,) * 17
+            + (4,)
+            + (60_000_000,),  # connect: 4 above 10 s
+            (
+                FlowKey(ip("10.0.0.1"), ip("10.0.0.2"), 80, Direction.OUTBOUND),
+                FlowCounters(
+                    5,
+                    4,
+                    3,
+                    2000,
+                    100,
+                    reset=1,
+                    refused=2,
+                    timeout=1,
+                    retransmits=9,
+                    lost=7,
+                    duration=(0, 0, 3, *[0] * 15, 12_000),
+                    srtt=(*[0] * 9, 2, *[0] * 8, 80_000),
+                    min_rtt=(1, *[0] * 17, 40),
+                    connect=(*[0] * 17, 4, 60_000_000),
+                ),
+            ),
         ),
     ],
 )
@@ -240,8 +308,12 @@ def test_decode_record(fields: dict[str, object], expected: dict[str, object]) -
 
 
 def test_counter_arithmetic() -> None:
-    """Deltas subtract field by field and flag a counter that went down."""
-    a, b = FlowCounters(3, 2, 1, 300, 30), FlowCounters(1, 1, 1, 100, 10)
-    assert a - b == FlowCounters(2, 1, 0, 200, 20)
+    """Deltas subtract field by field, histogram slots included, and flag a counter that
+    went down."""
+    hist = (1, *[0] * 17, 30)
+    a = FlowCounters(3, 2, 1, 300, 30, retransmits=4, srtt=(2, *[0] * 17, 70))
+    b = FlowCounters(1, 1, 1, 100, 10, retransmits=1, srtt=hist)
+    assert a - b == FlowCounters(2, 1, 0, 200, 20, retransmits=3, srtt=(1, *[0] * 17, 40))
+    assert b + (a - b) == a
     assert (b - a).any_negative()
     assert (a - a).is_zero()

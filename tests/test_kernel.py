@@ -205,20 +205,27 @@ def one_closed_while_stopped(
 def test_state_of_open_sockets_survives_a_clean_restart_and_closed_ones_are_swept(
     tmp_path: Path, pin_dir: Path, pods: dict[str, Pod]
 ) -> None:
-    """A connection open across stop/start is counted at its close with exact bytes; the
-    state of one that closed while kmeshd was stopped is removed at the next start."""
+    """A connection open across stop/start is counted once, with exact bytes; one that
+    closed while kmeshd was stopped is swept at the next start and counted as closed, so
+    the active gauge does not keep it open forever."""
     servers, kept = one_closed_while_stopped(tmp_path, pin_dir, pods)
     second = Daemon(tmp_path, INVENTORY, pin_dir)
     second.start()
     try:
         assert socket_states(pin_dir) == 2
+        s = second.wait_for(closed(1), what="the swept connection counted closed")
+        assert value(s, "kmeshd_connections_closed_unobserved_total") == 2  # both its sockets
+        for reporter in ("source", "destination"):
+            assert value(s, W + "connections_active", reporter=reporter) == 1
         release(kept)
-        s = second.wait_for(closed(1), what="the kept connection closed")
+        s = second.wait_for(closed(2), what="the kept connection closed")
         for reporter in ("source", "destination"):
             assert value(s, W + "connections_opened_total", reporter=reporter) == 2
-            assert value(s, W + "connections_closed_total", reporter=reporter) == 1
-            assert value(s, W + "received_bytes_total", reporter=reporter) == 200
-            assert value(s, W + "sent_bytes_total", reporter=reporter) == 20
+            assert value(s, W + "connections_closed_total", reporter=reporter) == 2
+            # Both connections' bytes arrived live, before the stop: none lost, none twice.
+            assert value(s, W + "received_bytes_total", reporter=reporter) == 500
+            assert value(s, W + "sent_bytes_total", reporter=reporter) == 50
+            assert value(s, W + "connections_active", reporter=reporter) == 0
         assert socket_states(pin_dir) == 0
         assert [p.wait(timeout=10) for p in servers] == [0, 0]
     finally:

@@ -9,10 +9,16 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
-from kmeshd.events import FlowCounters
+from kmeshd.events import DURATION_BOUNDS_US, LATENCY_BOUNDS_US, FlowCounters, Histogram
 from kmeshd.labels import SERVICE_LABELS, WORKLOAD_LABELS, LabelValues
 
 # (field of FlowCounters, family suffix, what it counts) — the seed's ten families.
@@ -30,6 +36,54 @@ FAMILIES = (
         "The size of the total number of bytes sent in response to a {} over a TCP connection",
     ),
     ("failed", "connections_failed", "The total number of TCP connections failed to a {}"),
+    # Beyond the seed: what else a TCP connection tells.
+    (
+        "reset",
+        "connections_reset",
+        "TCP connections to a {} that were established and then ended by a reset received",
+    ),
+    ("retransmits", "retransmits", "TCP segments retransmitted on connections to a {}"),
+    (
+        "lost",
+        "packets_lost",
+        "TCP segments lost on connections to a {}: retransmissions not shown to be spurious"
+        " by a D-SACK",
+    ),
+)
+
+# (field of FlowCounters, family suffix, what it measures, bucket bounds in µs)
+HISTOGRAMS = (
+    (
+        "duration",
+        "connection_duration_seconds",
+        "How long TCP connections to a {} lasted, establishment to close",
+        DURATION_BOUNDS_US,
+    ),
+    (
+        "srtt",
+        "srtt_seconds",
+        "Smoothed round-trip time of TCP connections to a {}, at close",
+        LATENCY_BOUNDS_US,
+    ),
+    (
+        "min_rtt",
+        "min_rtt_seconds",
+        "Minimum round-trip time of TCP connections to a {}, at close",
+        LATENCY_BOUNDS_US,
+    ),
+    (
+        "connect",
+        "connect_duration_seconds",
+        "Handshake time of TCP connections to a {}, connect() to established (source only)",
+        LATENCY_BOUNDS_US,
+    ),
+)
+
+# The reason label of *_connect_failures_total, and the FlowCounters attribute of each.
+FAILURE_REASONS = (
+    ("refused", "refused"),  # a RST answered the SYN
+    ("timeout", "timeout"),  # the SYN was never answered
+    ("other", "other_failures"),
 )
 
 
@@ -50,6 +104,7 @@ class Health:
     records: int = 0  # access-log records taken from the ring buffer
     map_full: Mapping[str, int] = field(default_factory=dict)  # map -> refused entries
     unattributed: int = 0
+    unseen_closes: int = 0  # closes the sweep found (no probe was attached)
     sinks: tuple[SinkHealth, ...] = ()
     sources: Mapping[str, bool] = field(default_factory=dict)
     last_publish: float = 0.0
@@ -61,6 +116,8 @@ class Snapshot:
     workload: Mapping[LabelValues, FlowCounters] = field(default_factory=dict)
     service: Mapping[LabelValues, FlowCounters] = field(default_factory=dict)
     health: Health = field(default_factory=Health)
+    active_workload: Mapping[LabelValues, int] = field(default_factory=dict)
+    active_service: Mapping[LabelValues, int] = field(default_factory=dict)
 
 
 class KmeshCollector(Collector):
@@ -72,8 +129,21 @@ class KmeshCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         snap = self._snapshot
-        yield from _traffic("kmesh_tcp_workload_", "workload", WORKLOAD_LABELS, snap.workload)
-        yield from _traffic("kmesh_tcp_", "service", SERVICE_LABELS, snap.service)
+        levels = (
+            (
+                "kmesh_tcp_workload_",
+                "workload",
+                WORKLOAD_LABELS,
+                snap.workload,
+                snap.active_workload,
+            ),
+            ("kmesh_tcp_", "service", SERVICE_LABELS, snap.service, snap.active_service),
+        )
+        for prefix, what, labels, totals, active in levels:
+            yield from _traffic(prefix, what, labels, totals)
+            yield from _failures(prefix, what, labels, totals)
+            yield from _histograms(prefix, what, labels, totals)
+            yield _active(prefix, what, labels, active)
         yield from _health(snap.health)
 
 
@@ -85,6 +155,61 @@ def _traffic(
         for values, counts in totals.items():
             family.add_metric(values, getattr(counts, attr))
         yield family
+
+
+def _failures(
+    prefix: str, what: str, labels: tuple[str, ...], totals: Mapping[LabelValues, FlowCounters]
+) -> Iterator[Metric]:
+    """Connects that never established, by reason; only label sets that had one."""
+    family = CounterMetricFamily(
+        prefix + "connect_failures",
+        f"TCP connects to a {what} that never established, by reason: refused (a reset"
+        " answered the SYN), timeout (the SYN was never answered), other",
+        labels=(*labels, "reason"),
+    )
+    for values, counts in totals.items():
+        if counts.failed:
+            for reason, attr in FAILURE_REASONS:
+                family.add_metric((*values, reason), getattr(counts, attr))
+    yield family
+
+
+def _histograms(
+    prefix: str, what: str, labels: tuple[str, ...], totals: Mapping[LabelValues, FlowCounters]
+) -> Iterator[Metric]:
+    for attr, suffix, doc, bounds in HISTOGRAMS:
+        family = HistogramMetricFamily(prefix + suffix, doc.format(what), labels=labels)
+        for values, counts in totals.items():
+            hist: Histogram = getattr(counts, attr)
+            buckets = cumulative_buckets(hist, bounds)
+            if buckets[-1][1]:  # no observation (the destination's handshakes): no series
+                family.add_metric(values, buckets, hist[-1] / 1e6)
+        yield family
+
+
+def cumulative_buckets(hist: Histogram, bounds_us: tuple[int, ...]) -> list[tuple[str, int]]:
+    """Per-bucket counts -> Prometheus's cumulative (le, count) pairs, le in seconds."""
+    out, total = [], 0
+    for bound, n in zip((*bounds_us, None), hist[:-1], strict=True):
+        total += n
+        out.append(("+Inf" if bound is None else _seconds(bound), total))
+    return out
+
+
+def _seconds(us: int) -> str:
+    """A bound in µs as le, written as prometheus_client writes its own: 50 -> "5e-05"."""
+    return str(floatToGoString(us / 1e6))  # type: ignore[no-untyped-call]
+
+
+def _active(
+    prefix: str, what: str, labels: tuple[str, ...], active: Mapping[LabelValues, int]
+) -> Metric:
+    family = GaugeMetricFamily(
+        prefix + "connections_active", f"TCP connections to a {what} open now", labels=labels
+    )
+    for values, n in active.items():
+        family.add_metric(values, n)
+    return family
 
 
 def _counter(name: str, doc: str, label: str, values: Mapping[str, int | float]) -> Metric:
@@ -126,6 +251,12 @@ def _health(h: Health) -> Iterator[Metric]:
         "kmeshd_connections_unattributed_total",
         "Connections with neither end a known workload or service; not in kmesh_* families",
         value=h.unattributed,
+    )
+    yield CounterMetricFamily(
+        "kmeshd_connections_closed_unobserved_total",
+        "Connections that closed while no probe was attached (kmeshd stopped), found by the"
+        " socket sweep: counted as closed, their bytes since the last live update unknown",
+        value=h.unseen_closes,
     )
     yield _counter(
         "kmeshd_accesslog_records_dropped_total",
