@@ -35,6 +35,8 @@ from tests.e2e import (
 )
 from tests.netns import Pod, is_root, sh
 
+REASONS = ("refused", "timeout", "other")
+
 pytestmark = [
     pytest.mark.kernel,
     pytest.mark.skipif(not is_root(), reason="real eBPF needs root"),
@@ -91,6 +93,8 @@ def test_refused_connect_counts_one_failed(daemon: Daemon, pods: dict[str, Pod])
     assert value(s, W + "connections_failed_total", reporter="destination") == 0
     assert value(s, W + "connections_opened_total") == 0
     assert value(s, W + "connections_closed_total") == 0
+    reasons = {r: value(s, W + "connect_failures_total", reason=r) for r in REASONS}
+    assert reasons == {"refused": 1, "timeout": 0, "other": 0}
     [record] = wait_records(daemon, 1)
     assert record["failure_reason"] == "refused"
     assert record["direction"] == "OUTBOUND"
@@ -110,6 +114,8 @@ def test_timed_out_connect_counts_one_failed(daemon: Daemon, pods: dict[str, Pod
         == 1
     )
     assert value(s, W + "connections_opened_total") == 0
+    reasons = {r: value(s, W + "connect_failures_total", reason=r) for r in REASONS}
+    assert reasons == {"refused": 0, "timeout": 1, "other": 0}
     [record] = wait_records(daemon, 1)
     assert record["failure_reason"] == "timeout"
 

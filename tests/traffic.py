@@ -1,8 +1,9 @@
 """Test traffic with exactly known sizes, run inside a pod (network namespace).
 
 Each request starts with a 9-byte header that counts as request bytes: total request
-length (u32), reply length (u32), and who closes first (0 = server, 1 = client), so a
-server needs no out-of-band agreement and both closing orders are exercised.
+length (u32), reply length (u32), and who closes first (0 = server, 1 = client, 2 = the
+client, with a reset: SO_LINGER 0), so a server needs no out-of-band agreement and every
+closing order is exercised.
 
     traffic.py serve --bind ADDR --port P --count K
     traffic.py connect --host H --port P --plan REQ:REPLY:MODE[,...]
@@ -10,16 +11,24 @@ server needs no out-of-band agreement and both closing orders are exercised.
     traffic.py hold --host H --port P --request N --reply M
                                                (one exchange, then the connection stays
                                                 open until a line arrives on stdin)
+    traffic.py stream --host H --port P --request N --reply M
+                                               (stdin lines "send K" write K of the N request
+                                                bytes and answer "acked" once the peer has
+                                                acknowledged them; "close" finishes)
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
+import fcntl
 import json
 import socket
 import struct
 import sys
+import termios
+import time
 
 HEADER = struct.Struct("!IIB")
 
@@ -46,6 +55,9 @@ def serve_one(conn: socket.socket) -> None:
         conn.sendall(b"r" * reply)
         if mode == 1:
             wait_eof(conn)
+        elif mode == 2:
+            with contextlib.suppress(ConnectionResetError):
+                wait_eof(conn)
 
 
 def serve(bind: str, port: int, count: int) -> None:
@@ -67,6 +79,8 @@ def connect_one(host: str, port: int, request: int, reply: int, mode: int) -> No
         read_exactly(conn, reply)
         if mode == 0:
             wait_eof(conn)
+        elif mode == 2:  # close with a reset: the server's socket is reset by its peer
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
 
 
 def connect_hold(host: str, port: int, request: int, reply: int) -> None:
@@ -76,6 +90,30 @@ def connect_hold(host: str, port: int, request: int, reply: int) -> None:
         read_exactly(conn, reply)
         print("open", flush=True)
         sys.stdin.readline()
+        conn.shutdown(socket.SHUT_WR)
+        wait_eof(conn)
+
+
+def wait_acked(conn: socket.socket) -> None:
+    """Until every byte written has been acknowledged (the send queue is empty)."""
+    while fcntl.ioctl(conn.fileno(), termios.TIOCOUTQ, b"\0" * 4) != b"\0" * 4:
+        time.sleep(0.001)
+
+
+def connect_stream(host: str, port: int, request: int, reply: int) -> None:
+    """A long connection, driven line by line from stdin (see the module's docstring)."""
+    with socket.create_connection((host, port), timeout=60) as conn:
+        conn.sendall(HEADER.pack(request, reply, 1))
+        wait_acked(conn)
+        print("acked", flush=True)
+        for line in sys.stdin:
+            verb, *arg = line.split()
+            if verb == "close":
+                break
+            conn.sendall(b"q" * int(arg[0]))
+            wait_acked(conn)
+            print("acked", flush=True)
+        read_exactly(conn, reply)
         conn.shutdown(socket.SHUT_WR)
         wait_eof(conn)
 
@@ -119,9 +157,17 @@ def main() -> int:
     h.add_argument("--port", type=int, required=True)
     h.add_argument("--request", type=int, required=True)
     h.add_argument("--reply", type=int, required=True)
+    st = sub.add_parser("stream")
+    st.add_argument("--host", required=True)
+    st.add_argument("--port", type=int, required=True)
+    st.add_argument("--request", type=int, required=True)
+    st.add_argument("--reply", type=int, required=True)
     args = p.parse_args()
     if args.verb == "hold":
         connect_hold(args.host, args.port, args.request, args.reply)
+        return 0
+    if args.verb == "stream":
+        connect_stream(args.host, args.port, args.request, args.reply)
         return 0
     if args.verb == "serve":
         serve(args.bind, args.port, args.count)
