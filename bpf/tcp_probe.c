@@ -56,9 +56,13 @@ BPF_TABLE_PINNED("hash", __u64, struct sock_state, socks, SOCKS_MAX, PIN_DIR "/s
  * by user space's sweep (the program never writes it). */
 BPF_TABLE_PINNED("hash", struct flow_key, __u64, unseen_closes, FLOWS_MAX, PIN_DIR "/unseen_closes");
 BPF_RINGBUF_OUTPUT(records, RINGBUF_PAGES);
-/* Set by user space: [0] = 1 while an access log wants records. Off, a close costs no
- * ring-buffer work at all. Not pinned: it belongs to the running daemon's config. */
-BPF_ARRAY(settings, __u32, 1);
+/* Set by user space, from the running daemon's config (so not pinned):
+ *   [SETTING_RECORDS] = 1 while an access log wants records; off, a close costs no
+ *                       ring-buffer work at all;
+ *   [SETTING_LIVE]    = 1 for live updates (LIVE_CB_FLAGS) on connections that open. */
+#define SETTING_RECORDS 0
+#define SETTING_LIVE 1
+BPF_ARRAY(settings, __u32, 2);
 /* A zeroed flow_counters to create flows from: too large for the BPF stack. */
 BPF_ARRAY(zero_flow, struct flow_counters, 1);
 
@@ -204,6 +208,17 @@ static __always_inline void set_cb_flags(struct bpf_sock_ops *ctx, __u32 set, __
     bpf_sock_ops_cb_flags_set(ctx, (ctx->bpf_sock_ops_cb_flags | set) & ~clear);
 }
 
+static __always_inline int setting(int index)
+{
+    __u32 *on = settings.lookup(&index);
+    return on && *on;
+}
+
+static __always_inline __u32 live_flags(void)
+{
+    return setting(SETTING_LIVE) ? LIVE_CB_FLAGS : 0;
+}
+
 /* A new connection: OUTBOUND at connect(), INBOUND once accepted. Only one with a known
  * end gets state and callbacks: the rest are counted once here and cost nothing more. */
 static __always_inline void on_start(struct bpf_sock_ops *ctx, __u8 direction)
@@ -230,7 +245,7 @@ static __always_inline void on_start(struct bpf_sock_ops *ctx, __u8 direction)
         return;
     }
     count(STAT_OPENED);
-    set_cb_flags(ctx, BPF_SOCK_OPS_STATE_CB_FLAG | LIVE_CB_FLAGS, 0);
+    set_cb_flags(ctx, BPF_SOCK_OPS_STATE_CB_FLAG | live_flags(), 0);
     struct flow_counters *c = flow_of(&st.key);
     if (c)
         __sync_fetch_and_add(&c->opened, 1);
@@ -245,7 +260,9 @@ static __always_inline void on_active_established(struct bpf_sock_ops *ctx)
     st->established_ns = now;
     st->flags |= SF_ESTABLISHED;
     count(STAT_OPENED);
-    set_cb_flags(ctx, LIVE_CB_FLAGS, 0);
+    __u32 live = live_flags();
+    if (live)
+        set_cb_flags(ctx, live, 0);
     struct flow_counters *c = flow_of(&st->key);
     if (!c)
         return;
@@ -351,12 +368,6 @@ static __always_inline __u8 failure_reason(struct sock_state *st, int reset)
     return REASON_OTHER;
 }
 
-static __always_inline int records_wanted(void)
-{
-    int zero = 0;
-    __u32 *on = settings.lookup(&zero);
-    return on && *on;
-}
 
 static __always_inline void emit(struct bpf_sock_ops *ctx, struct sock_state *st, __u8 kind, __u8 reason,
                                  __u8 flags, __u64 now, __u64 dst_received, __u64 dst_sent)
@@ -411,7 +422,7 @@ static __always_inline void close_established(struct bpf_sock_ops *ctx, struct s
         if (min_rtt_us && min_rtt_us != ~0U)
             observe(&c->min_rtt, latency_bucket(min_rtt_us), min_rtt_us);
     }
-    if (records_wanted()) {
+    if (setting(SETTING_RECORDS)) {
         int client = st->key.direction == DIR_OUTBOUND;
         emit(ctx, st, KIND_CLOSED, REASON_NONE, flags, now, client ? sent : received,
              client ? received : sent);
@@ -430,7 +441,7 @@ static __always_inline void close_failed(struct bpf_sock_ops *ctx, struct sock_s
         else if (reason == REASON_TIMEOUT)
             __sync_fetch_and_add(&c->timeout, 1);
     }
-    if (records_wanted())
+    if (setting(SETTING_RECORDS))
         emit(ctx, st, KIND_FAILED, reason, flags, now, 0, 0);
 }
 

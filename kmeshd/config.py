@@ -64,6 +64,7 @@ class AccessLogConfig:
 class BpfConfig:
     cgroup: str = "auto"  # "auto" = the cgroup v2 root
     pin_dir: str = "/sys/fs/bpf/kmeshd"  # maps and the program link, kept across restarts
+    live_updates: bool = True  # open connections' bytes counted as they go, not at close only
 
 
 @dataclass(frozen=True, slots=True)
@@ -259,6 +260,7 @@ def _bpf(t: Table, d: BpfConfig) -> BpfConfig:
     return BpfConfig(
         cgroup=t.parsed("cgroup", d.cgroup, cgroup),
         pin_dir=t.parsed("pin_dir", d.pin_dir, _PATH),
+        live_updates=t.boolean("live_updates", d.live_updates),
     )
 
 

@@ -147,6 +147,7 @@ class Daemon:
         self.probe = Probe.start(Path(cfg.bpf.pin_dir), cgroup_dir, self.notify.status)
         self.probe.on_record(self._on_record)
         self.probe.want_records(bool(self.sinks.sinks))
+        self.probe.want_live_updates(cfg.bpf.live_updates)
         self.notify.status("waiting for the identity sources")
         self.source.wait_synced(SYNC_TIMEOUT_S, lambda: self.notify.extend_timeout(5))
         release_freed_memory()  # the first lists' JSON is garbage now
@@ -334,6 +335,7 @@ class Daemon:
             if getattr(getattr(new, section), name) != getattr(getattr(self.config, section), name):
                 log.warning("%s changed: takes effect after a restart", key)
         assert self.probe is not None
+        self.probe.want_live_updates(new.bpf.live_updates)
         if sinks is not None:
             self.probe.want_records(bool(sinks.sinks))
             for sink in self.sinks.sinks:  # dropped counters carry over: counters never go down

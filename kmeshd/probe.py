@@ -36,6 +36,7 @@ RINGBUF_PAGES = 1024  # 4 MiB: about 40,000 records between two polls
 BPF_CGROUP_SOCK_OPS = 3  # enum bpf_attach_type
 PROGRAM = "kmeshd_sockops"
 BPF_FS_MAGIC = 0xCAFE4A11
+SETTING_RECORDS, SETTING_LIVE = 0, 1  # indexes of the probe's settings array
 
 
 def bpf_source_dir() -> Path:
@@ -242,7 +243,11 @@ class Probe:
 
     def want_records(self, on: bool) -> None:
         """Whether the kernel queues access-log records at all (off: no ring work)."""
-        self._settings[ctypes.c_int(0)] = ctypes.c_uint32(int(on))
+        self._settings[ctypes.c_int(SETTING_RECORDS)] = ctypes.c_uint32(int(on))
+
+    def want_live_updates(self, on: bool) -> None:
+        """Whether connections that open from now on update their flows while open."""
+        self._settings[ctypes.c_int(SETTING_LIVE)] = ctypes.c_uint32(int(on))
 
     def set_known(self, addresses: Iterable[IPAddress]) -> int:
         """Make the kernel's known-address set equal `addresses`; returns entries refused."""

@@ -27,7 +27,7 @@ def tidy(lines: list[str]) -> list[str]:
 
 
 def _after_blocks(lines: list[str]) -> list[str]:
-    """".P, .RE" -> ".RE, .P": the paragraph break belongs after the block."""
+    """ ".P, .RE" -> ".RE, .P": the paragraph break belongs after the block."""
     out = list(lines)
     for i in range(len(out) - 1):
         if out[i].rstrip() == ".P" and out[i + 1].rstrip() == ".RE":

@@ -57,9 +57,11 @@ class Daemon:
         textfile: bool = True,
         interval: str = "200ms",
         kubernetes: str | None = None,
+        bpf: str = "",
     ) -> None:
         """`max_rate` None leaves accesslog.max_rate at its default; `kubernetes`, the body
-        of a [kubernetes] table, makes it the identity source instead of `inventory`."""
+        of a [kubernetes] table, makes it the identity source instead of `inventory`; `bpf`
+        adds lines to the [bpf] table."""
         self.workdir = workdir
         self.pin_dir = pin_dir
         self.port = free_port()
@@ -87,6 +89,7 @@ journald = {"true" if journald else "false"}
 {"" if max_rate is None else f"max_rate = {max_rate}"}
 [bpf]
 pin_dir = "{pin_dir}"
+{bpf}
 """
         )
         self.proc: subprocess.Popen[str] | None = None

@@ -110,7 +110,7 @@ def test_every_config_key_is_documented() -> None:
         if f"*{key.split('.')[1]}* (" not in sections.get(key.split(".")[0], "")
     ]
     assert missing == []
-    assert len(config_keys()) == 20
+    assert len(config_keys()) == 21
 
 
 def test_every_command_and_accesslog_option_is_documented() -> None:

@@ -101,6 +101,30 @@ def test_a_long_connection_shows_its_bytes_while_open_and_exactly_at_close(
         daemon.close()
 
 
+def test_without_live_updates_bytes_arrive_at_close_only(
+    tmp_path: Path, pin_dir: Path, pods: dict[str, Pod]
+) -> None:
+    """bpf.live_updates = false: an open connection's bytes stay out of the counters for
+    publish after publish, then its close brings them all, exactly."""
+    daemon = Daemon(tmp_path, INVENTORY, pin_dir, bpf="live_updates = false")
+    daemon.start()
+    try:
+        stream = Stream(pods["client"], pods["server"], chunks=2, reply=5)
+        stream.send()
+        s = daemon.wait_for(lambda s: both(s, "connections_opened_total") == [1, 1])
+        time.sleep(1.0)  # five publishes at 200 ms
+        s = daemon.samples()
+        assert both(s, "received_bytes_total") == [0, 0]
+        assert both(s, "connections_active") == [1, 1]
+        stream.send()
+        stream.close()
+        s = daemon.wait_for(closed(1), what="the close")
+        assert both(s, "received_bytes_total") == [stream.request] * 2
+        assert both(s, "sent_bytes_total") == [5, 5]
+    finally:
+        daemon.close()
+
+
 def test_restart_with_a_connection_open_counts_it_once_and_never_goes_back(
     tmp_path: Path, pin_dir: Path, pods: dict[str, Pod]
 ) -> None:
