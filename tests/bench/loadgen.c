@@ -9,6 +9,12 @@
  *   loadgen once ADDR PORT REQUEST REPLY
  *       one connection as above; prints the CLOCK_MONOTONIC time of its close(), in seconds
  *       (the clock Python's time.monotonic() reads), or exits 1 if the exchange failed.
+ *   loadgen sink ADDR PORT
+ *       accept connections one after the other; read each to EOF, then close it
+ *   loadgen bulk ADDR PORT SECONDS
+ *       one connection: write as fast as it goes for SECONDS, shut down the sending side
+ *       and wait for the sink's EOF, so every byte was read. Prints "<bytes> <seconds>",
+ *       the time from connect to that EOF.
  *
  * `serve` binds and listens on every socket before it prints "listening", so a client
  * started after that line cannot be refused.
@@ -143,8 +149,59 @@ static void *connect_thread(void *arg)
     return NULL;
 }
 
+static void *sink_thread(void *arg)
+{
+    int fd = (int)(intptr_t)arg;
+    char *buf = malloc(1 << 17);
+    for (;;) {
+        int c = accept(fd, NULL, NULL);
+        if (c < 0)
+            continue;
+        while (read(c, buf, 1 << 17) > 0)
+            ;
+        close(c);
+    }
+    return NULL;
+}
+
+static int bulk(void)
+{
+    static char buf[1 << 17];
+    uint64_t total = 0;
+    double start = now(), end = start + seconds;
+    int fd = socket(addr.ss_family, SOCK_STREAM, 0);
+    if (fd < 0 || connect(fd, (struct sockaddr *)&addr, addr_len))
+        return 1;
+    while (now() < end) {
+        if (write_n(fd, buf, sizeof(buf)) < 0)
+            return 1;
+        total += sizeof(buf);
+    }
+    shutdown(fd, SHUT_WR);
+    if (read(fd, buf, 1) != 0)
+        return 1;
+    printf("%lu %.6f\n", total, now() - start);
+    close(fd);
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
+    if (argc == 4 && !strcmp(argv[1], "sink")) {
+        port = atoi(argv[3]);
+        parse_addr(argv[2]);
+        int fd = listener();
+        printf("listening\n");
+        fflush(stdout);
+        sink_thread((void *)(intptr_t)fd);
+        return 0;
+    }
+    if (argc == 5 && !strcmp(argv[1], "bulk")) {
+        port = atoi(argv[3]);
+        seconds = atof(argv[4]);
+        parse_addr(argv[2]);
+        return bulk();
+    }
     if (argc >= 6 && !strcmp(argv[1], "serve")) {
         port = atoi(argv[3]);
         threads = atoi(argv[4]);
@@ -196,6 +253,7 @@ int main(int argc, char **argv)
     }
     fprintf(stderr, "usage: loadgen serve ADDR PORT THREADS REPLY [REQUEST] | "
                     "loadgen connect ADDR PORT THREADS SECONDS REQUEST REPLY | "
-                    "loadgen once ADDR PORT REQUEST REPLY\n");
+                    "loadgen once ADDR PORT REQUEST REPLY | loadgen sink ADDR PORT | "
+                    "loadgen bulk ADDR PORT SECONDS\n");
     return 2;
 }

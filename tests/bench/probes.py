@@ -67,7 +67,13 @@ class DaemonSettings:
 
 @contextmanager
 def kmeshd(
-    workdir: Path, inventory: str, pin_dir: Path, *, accesslog: bool, settings: DaemonSettings
+    workdir: Path,
+    inventory: str,
+    pin_dir: Path,
+    *,
+    accesslog: bool,
+    settings: DaemonSettings,
+    live_updates: bool = True,
 ) -> Iterator[Watcher]:
     """A started kmeshd; stopped with SIGTERM (its clean path) and its pins removed after."""
     workdir.mkdir(parents=True)
@@ -81,6 +87,7 @@ def kmeshd(
         textfile=False,
         interval=settings.interval,
         max_rate=settings.accesslog_max_rate,
+        bpf=f"live_updates = {str(live_updates).lower()}",
     )
     try:
         daemon.start()
@@ -164,7 +171,7 @@ def wait_attached(proc: subprocess.Popen[bytes], fds: int, timeout: float, log: 
 
 # -- choosing ------------------------------------------------------------------------------
 
-CONFIGS = ("baseline", "kmeshd-nolog", "kmeshd-log", "tcplife")
+CONFIGS = ("baseline", "kmeshd-core", "kmeshd-nolog", "kmeshd-log", "tcplife")
 
 
 @contextmanager
@@ -174,9 +181,11 @@ def watching(
     """The probe of configuration `config`, running for the duration of the block."""
     if config == "baseline":
         yield Watcher(None)
-    elif config in ("kmeshd-nolog", "kmeshd-log"):
-        log = config == "kmeshd-log"
-        with kmeshd(workdir, inventory, pin_dir, accesslog=log, settings=settings) as w:
+    elif config in ("kmeshd-core", "kmeshd-nolog", "kmeshd-log"):
+        log, live = config == "kmeshd-log", config != "kmeshd-core"
+        with kmeshd(
+            workdir, inventory, pin_dir, accesslog=log, settings=settings, live_updates=live
+        ) as w:
             yield w
     elif config == "tcplife":
         with tcplife(workdir) as w:

@@ -9,7 +9,8 @@ Options:
                           per scenario, so configurations alternate on a noisy machine
     --seconds S           length of each timed run (default 4)
     --quick               smoke run: 2 rounds x 2 s, 3 latency samples
-    --configs LIST        comma-separated subset of baseline,kmeshd-nolog,kmeshd-log,tcplife
+    --configs LIST        comma-separated subset of
+                          baseline,kmeshd-core,kmeshd-nolog,kmeshd-log,tcplife
                           (baseline is required: the ratios are against it)
     --scenarios LIST      comma-separated subset of loopback,netns (the latency samples
                           always use loopback)
@@ -34,6 +35,8 @@ Configurations:
     kmeshd-nolog  `kmeshd run` (READY=1 over NOTIFY_SOCKET), inventory naming the benchmark's
                   addresses, access log off, textfile off, its own bpf.pin_dir under /sys/fs/bpf
     kmeshd-log    the same with the access-log file on (journald off)
+    kmeshd-core   kmeshd-nolog with bpf.live_updates = false: no per-packet callbacks, the
+                  counters of a connection change at its close only
     tcplife       bcc's tcplife-bpfcc, output to /dev/null (installed with apt-get if missing)
 
 Each probe is started before its run and stopped after it, start-up outside the timed
