@@ -57,12 +57,14 @@ BPF_TABLE_PINNED("hash", __u64, struct sock_state, socks, SOCKS_MAX, PIN_DIR "/s
 BPF_TABLE_PINNED("hash", struct flow_key, __u64, unseen_closes, FLOWS_MAX, PIN_DIR "/unseen_closes");
 BPF_RINGBUF_OUTPUT(records, RINGBUF_PAGES);
 /* Set by user space, from the running daemon's config (so not pinned):
- *   [SETTING_RECORDS] = 1 while an access log wants records; off, a close costs no
- *                       ring-buffer work at all;
- *   [SETTING_LIVE]    = 1 for live updates (LIVE_CB_FLAGS) on connections that open. */
+ *   [SETTING_RECORDS]  = 1 while an access log wants records; off, a close costs no
+ *                        ring-buffer work at all;
+ *   [SETTING_LIVE]     = 1 for live updates (LIVE_CB_FLAGS) on connections that open;
+ *   [SETTING_PERIODIC] = ns between two records of one open connection; 0: none. */
 #define SETTING_RECORDS 0
 #define SETTING_LIVE 1
-BPF_ARRAY(settings, __u32, 2);
+#define SETTING_PERIODIC 2
+BPF_ARRAY(settings, __u64, 3);
 /* A zeroed flow_counters to create flows from: too large for the BPF stack. */
 BPF_ARRAY(zero_flow, struct flow_counters, 1);
 
@@ -208,10 +210,10 @@ static __always_inline void set_cb_flags(struct bpf_sock_ops *ctx, __u32 set, __
     bpf_sock_ops_cb_flags_set(ctx, (ctx->bpf_sock_ops_cb_flags | set) & ~clear);
 }
 
-static __always_inline int setting(int index)
+static __always_inline __u64 setting(int index)
 {
-    __u32 *on = settings.lookup(&index);
-    return on && *on;
+    __u64 *v = settings.lookup(&index);
+    return v ? *v : 0;
 }
 
 static __always_inline __u32 live_flags(void)
@@ -233,7 +235,7 @@ static __always_inline void on_start(struct bpf_sock_ops *ctx, __u8 direction)
     struct sock_state st = {.start_ns = bpf_ktime_get_ns()};
     flow_key_of(&t, direction, &st.key);
     if (direction == DIR_INBOUND) {
-        st.established_ns = st.start_ns;
+        st.established_ns = st.last_record_ns = st.start_ns;
         st.flags = SF_ESTABLISHED;
     }
     if (socks.update(&cookie, &st)) {
@@ -257,7 +259,7 @@ static __always_inline void on_active_established(struct bpf_sock_ops *ctx)
     if (!st)
         return;
     __u64 now = bpf_ktime_get_ns();
-    st->established_ns = now;
+    st->established_ns = st->last_record_ns = now;
     st->flags |= SF_ESTABLISHED;
     count(STAT_OPENED);
     __u32 live = live_flags();
@@ -278,7 +280,8 @@ static __always_inline __u64 minus(__u64 v, __u64 d)
     return v > d ? v - d : 0;
 }
 
-static __always_inline void app_bytes(struct bpf_sock_ops *ctx, struct sock_state *st, __u32 old_state,
+/* `state`: the state the socket leaves (at TCP_CLOSE), or is in (while open). */
+static __always_inline void app_bytes(struct bpf_sock_ops *ctx, struct sock_state *st, __u32 state,
                                       __u64 *sent, __u64 *received)
 {
     __u64 acked = ctx->bytes_acked;
@@ -286,7 +289,7 @@ static __always_inline void app_bytes(struct bpf_sock_ops *ctx, struct sock_stat
     if (st->key.direction == DIR_OUTBOUND)
         acked = minus(acked, 1);
     int our_fin = (st->flags & SF_OUR_FIN_ACKED) ||
-                  ((old_state == BPF_TCP_CLOSING || old_state == BPF_TCP_LAST_ACK) &&
+                  ((state == BPF_TCP_CLOSING || state == BPF_TCP_LAST_ACK) &&
                    ctx->snd_una == ctx->snd_nxt);
     if (our_fin)
         acked = minus(acked, 1);
@@ -338,27 +341,6 @@ static __always_inline void add_progress(struct bpf_sock_ops *ctx, struct sock_s
     }
 }
 
-/* Per packet while established (see LIVE_CB_FLAGS). Only ESTABLISHED and CLOSE_WAIT: there
- * the FINs counted in bytes_acked/bytes_received are known for certain (none, or the
- * peer's); the rest of a closing connection's bytes come with its close. */
-static __always_inline void on_progress(struct bpf_sock_ops *ctx)
-{
-    __u32 state = ctx->state;
-    if (state != BPF_TCP_ESTABLISHED && state != BPF_TCP_CLOSE_WAIT)
-        return;
-    struct sock_state *st = state_of(ctx);
-    if (!st || !(st->flags & SF_ESTABLISHED))
-        return;
-    __u64 sent = 0, received = 0;
-    app_bytes(ctx, st, state, &sent, &received);
-    if (sent == st->reported_sent && received == st->reported_received &&
-        ctx->total_retrans == st->reported_retrans)
-        return;
-    struct flow_counters *c = flow_of(&st->key);
-    if (c)
-        add_progress(ctx, st, c, sent, received);
-}
-
 static __always_inline __u8 failure_reason(struct sock_state *st, int reset)
 {
     if (st->flags & SF_RTO_EXPIRED)
@@ -380,7 +362,7 @@ static __always_inline void emit(struct bpf_sock_ops *ctx, struct sock_state *st
     struct tuple t = {};
     read_tuple(ctx, &t);
     r->time_ns = now;
-    r->duration_ns = now - (kind == KIND_CLOSED ? st->established_ns : st->start_ns);
+    r->duration_ns = now - (kind == KIND_FAILED ? st->start_ns : st->established_ns);
     r->received_bytes = dst_received;
     r->sent_bytes = dst_sent;
     __builtin_memcpy(r->local, t.local.a, 16);
@@ -400,6 +382,43 @@ static __always_inline void emit(struct bpf_sock_ops *ctx, struct sock_state *st
     /* No wakeup: user space drains the ring on its own tick, so a close never pays for
      * waking a reader, and records are handled in batches. */
     records.ringbuf_submit(r, BPF_RB_NO_WAKEUP);
+}
+
+/* accesslog.periodic: a record of an open connection's totals so far, at most once a period. */
+static __always_inline void maybe_record_progress(struct bpf_sock_ops *ctx, struct sock_state *st,
+                                                  __u64 sent, __u64 received)
+{
+    __u64 period = setting(SETTING_PERIODIC);
+    if (!period || !setting(SETTING_RECORDS))
+        return;
+    __u64 now = bpf_ktime_get_ns();
+    if (now - st->last_record_ns < period)
+        return;
+    st->last_record_ns = now;
+    int client = st->key.direction == DIR_OUTBOUND;
+    emit(ctx, st, KIND_PROGRESS, REASON_NONE, 0, now, client ? sent : received, client ? received : sent);
+}
+
+/* Per packet while established (see LIVE_CB_FLAGS). Only ESTABLISHED and CLOSE_WAIT: there
+ * the FINs counted in bytes_acked/bytes_received are known for certain (none, or the
+ * peer's); the rest of a closing connection's bytes come with its close. */
+static __always_inline void on_progress(struct bpf_sock_ops *ctx)
+{
+    __u32 state = ctx->state;
+    if (state != BPF_TCP_ESTABLISHED && state != BPF_TCP_CLOSE_WAIT)
+        return;
+    struct sock_state *st = state_of(ctx);
+    if (!st || !(st->flags & SF_ESTABLISHED))
+        return;
+    __u64 sent = 0, received = 0;
+    app_bytes(ctx, st, state, &sent, &received);
+    if (sent == st->reported_sent && received == st->reported_received &&
+        ctx->total_retrans == st->reported_retrans)
+        return;
+    struct flow_counters *c = flow_of(&st->key);
+    if (c)
+        add_progress(ctx, st, c, sent, received);
+    maybe_record_progress(ctx, st, sent, received);
 }
 
 static __always_inline void close_established(struct bpf_sock_ops *ctx, struct sock_state *st, __u32 old_state,

@@ -15,6 +15,7 @@
 
 #define KIND_CLOSED 1
 #define KIND_FAILED 2
+#define KIND_PROGRESS 3 /* a periodic record of an open connection (accesslog.periodic) */
 
 #define REASON_NONE 0
 #define REASON_REFUSED 1 /* a RST answered the SYN */
@@ -85,11 +86,12 @@ struct sock_state {
     __u64 established_ns;
     __u64 reported_sent;    /* application bytes this socket sent, already in flows */
     __u64 reported_received;
+    __u64 last_record_ns;   /* establishment, then each periodic record */
     __u32 reported_retrans;
     __u32 reported_lost;
     __u16 flags;            /* SF_* in tcp_probe.c */
     __u8 _pad[6];
-};                                     /* 88 bytes */
+};                                     /* 96 bytes */
 
 #define SF_ESTABLISHED 1
 
@@ -118,7 +120,7 @@ struct conn_record {
 _Static_assert(sizeof(struct flow_key) == 36, "flow_key size");
 _Static_assert(sizeof(struct histogram) == 152, "histogram size");
 _Static_assert(sizeof(struct flow_counters) == 688, "flow_counters size");
-_Static_assert(sizeof(struct sock_state) == 88, "sock_state size");
+_Static_assert(sizeof(struct sock_state) == 96, "sock_state size");
 _Static_assert(sizeof(struct conn_record) == 96, "conn_record size");
 
 #endif

@@ -23,7 +23,7 @@ PRIORITY_INFO = "6"
 
 _NS_PER_S = 1_000_000_000
 
-# The seed's text line names these keys, in this order; failure_reason follows when present.
+# The seed's text line names these keys, in this order; _OPTIONAL_KEYS follow when present.
 _MESSAGE_KEYS = (
     "src.addr",
     "src.workload",
@@ -37,6 +37,10 @@ _MESSAGE_KEYS = (
     "received_bytes",
     "duration",
 )
+
+# Keys only some records have: failure_reason on failed connects, report on the periodic
+# records of open connections. The text line ends with them when present.
+_OPTIONAL_KEYS = ("failure_reason", "report")
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +63,7 @@ class AccessRecord:
     srtt_us: int
     min_rtt_us: int
     retransmits: int
+    periodic: bool = False  # an open connection's totals so far (accesslog.periodic)
 
 
 def _decimal(value: int, places: int) -> str:
@@ -138,6 +143,8 @@ def fields(r: AccessRecord) -> dict[str, object]:
     }
     if r.failure_reason is not None:
         out["failure_reason"] = r.failure_reason
+    if r.periodic:
+        out["report"] = "periodic"
     return out
 
 
@@ -145,8 +152,8 @@ def message(r: AccessRecord, f: dict[str, object] | None = None) -> str:
     """The seed's text: "src.addr=..., ..., duration=2.733902ms" (+ ", failure_reason=...");
     `f` is fields(r) when the caller has it already."""
     f = fields(r) if f is None else f
-    keys = _MESSAGE_KEYS if r.failure_reason is None else (*_MESSAGE_KEYS, "failure_reason")
-    return ", ".join(f"{key}={f[key]}" for key in keys)
+    extra = tuple(key for key in _OPTIONAL_KEYS if key in f)
+    return ", ".join(f"{key}={f[key]}" for key in (*_MESSAGE_KEYS, *extra))
 
 
 def text_line(r: AccessRecord) -> str:
@@ -159,10 +166,10 @@ def journal_key(key: str) -> str:
     return "KMESHD_" + key.upper().replace(".", "_")
 
 
-# Every key of fields(), in its order (failure_reason only on failed connects).
+# Every key of fields(), in its order.
 JSON_KEYS = (
     "time", *_MESSAGE_KEYS, "duration_ns", "srtt_us", "min_rtt_us", "retransmits",
-    "failure_reason",
+    *_OPTIONAL_KEYS,
 )  # fmt: skip
 _JOURNAL_KEYS = {key: journal_key(key) for key in JSON_KEYS}
 

@@ -57,6 +57,7 @@ class AccessLogConfig:
     file: str = "/var/log/kmeshd/accesslog.json"  # "" disables, "-" is standard output
     journald: bool = True
     max_rate: int = 1000  # records per second user space handles; 0 = no limit
+    periodic: float = 0.0  # seconds between records of one open connection; 0 = only at close
     file_explicit: bool = False  # set in the file: its directory must exist
 
 
@@ -240,8 +241,13 @@ def _accesslog(t: Table, d: AccessLogConfig) -> AccessLogConfig:
         file=t.parsed("file", d.file, file),
         journald=t.boolean("journald", d.journald),
         max_rate=_max_rate(t, d.max_rate),
+        periodic=t.parsed("periodic", d.periodic, _off_or_duration, '"" or ' + _DURATION_TYPE),
         file_explicit=t.has("file"),
     )
+
+
+def _off_or_duration(text: str) -> float:
+    return 0.0 if text == "" else parse_duration(text)
 
 
 def _max_rate(t: Table, default: int) -> int:

@@ -148,6 +148,7 @@ class Daemon:
         self.probe.on_record(self._on_record)
         self.probe.want_records(bool(self.sinks.sinks))
         self.probe.want_live_updates(cfg.bpf.live_updates)
+        self.probe.want_periodic_records(cfg.accesslog.periodic)
         self.notify.status("waiting for the identity sources")
         self.source.wait_synced(SYNC_TIMEOUT_S, lambda: self.notify.extend_timeout(5))
         release_freed_memory()  # the first lists' JSON is garbage now
@@ -336,6 +337,7 @@ class Daemon:
                 log.warning("%s changed: takes effect after a restart", key)
         assert self.probe is not None
         self.probe.want_live_updates(new.bpf.live_updates)
+        self.probe.want_periodic_records(new.accesslog.periodic)
         if sinks is not None:
             self.probe.want_records(bool(sinks.sinks))
             for sink in self.sinks.sinks:  # dropped counters carry over: counters never go down

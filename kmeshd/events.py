@@ -28,6 +28,7 @@ class Direction(enum.IntEnum):
 class Kind(enum.IntEnum):
     CLOSED = 1
     FAILED = 2
+    PROGRESS = 3  # an open connection's totals so far (accesslog.periodic)
 
 
 class Reason(enum.IntEnum):
@@ -116,6 +117,7 @@ class SockStateStruct(ctypes.Structure):
         ("established_ns", ctypes.c_uint64),
         ("reported_sent", ctypes.c_uint64),
         ("reported_received", ctypes.c_uint64),
+        ("last_record_ns", ctypes.c_uint64),
         ("reported_retrans", ctypes.c_uint32),
         ("reported_lost", ctypes.c_uint32),
         ("flags", ctypes.c_uint16),

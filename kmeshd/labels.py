@@ -158,4 +158,5 @@ def access_record(rec: ConnectionRecord, ids: IdentityView, wall_offset_ns: int)
         srtt_us=rec.srtt_us,
         min_rtt_us=rec.min_rtt_us,
         retransmits=rec.retransmits,
+        periodic=rec.kind is Kind.PROGRESS,
     )

@@ -36,7 +36,7 @@ RINGBUF_PAGES = 1024  # 4 MiB: about 40,000 records between two polls
 BPF_CGROUP_SOCK_OPS = 3  # enum bpf_attach_type
 PROGRAM = "kmeshd_sockops"
 BPF_FS_MAGIC = 0xCAFE4A11
-SETTING_RECORDS, SETTING_LIVE = 0, 1  # indexes of the probe's settings array
+SETTING_RECORDS, SETTING_LIVE, SETTING_PERIODIC = 0, 1, 2  # the probe's settings array
 
 
 def bpf_source_dir() -> Path:
@@ -243,11 +243,18 @@ class Probe:
 
     def want_records(self, on: bool) -> None:
         """Whether the kernel queues access-log records at all (off: no ring work)."""
-        self._settings[ctypes.c_int(SETTING_RECORDS)] = ctypes.c_uint32(int(on))
+        self._set(SETTING_RECORDS, int(on))
 
     def want_live_updates(self, on: bool) -> None:
         """Whether connections that open from now on update their flows while open."""
-        self._settings[ctypes.c_int(SETTING_LIVE)] = ctypes.c_uint32(int(on))
+        self._set(SETTING_LIVE, int(on))
+
+    def want_periodic_records(self, seconds: float) -> None:
+        """A record of each open connection's totals every `seconds` it moves bytes; 0: none."""
+        self._set(SETTING_PERIODIC, round(seconds * 1e9))
+
+    def _set(self, index: int, value: int) -> None:
+        self._settings[ctypes.c_int(index)] = ctypes.c_uint64(value)
 
     def set_known(self, addresses: Iterable[IPAddress]) -> int:
         """Make the kernel's known-address set equal `addresses`; returns entries refused."""

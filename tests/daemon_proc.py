@@ -58,10 +58,11 @@ class Daemon:
         interval: str = "200ms",
         kubernetes: str | None = None,
         bpf: str = "",
+        accesslog: str = "",
     ) -> None:
         """`max_rate` None leaves accesslog.max_rate at its default; `kubernetes`, the body
         of a [kubernetes] table, makes it the identity source instead of `inventory`; `bpf`
-        adds lines to the [bpf] table."""
+        and `accesslog` add lines to the [bpf] and [accesslog] tables."""
         self.workdir = workdir
         self.pin_dir = pin_dir
         self.port = free_port()
@@ -87,6 +88,7 @@ interval = "{interval}"
 file = "{self.accesslog if accesslog_file else ""}"
 journald = {"true" if journald else "false"}
 {"" if max_rate is None else f"max_rate = {max_rate}"}
+{accesslog}
 [bpf]
 pin_dir = "{pin_dir}"
 {bpf}

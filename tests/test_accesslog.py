@@ -313,5 +313,17 @@ def test_times(ns: int, rfc: str, go: str) -> None:
 
 def test_json_keys_name_every_field_in_order() -> None:
     """JSON_KEYS (what journal fields and `kmeshd accesslog` read back) is fields()'s order."""
-    assert tuple(fields(FAILED)) == JSON_KEYS
-    assert tuple(fields(SEED)) == JSON_KEYS[:-1]  # a normal close has no failure_reason
+    assert tuple(fields(FAILED)) == JSON_KEYS[:-1]  # no report: it is not periodic
+    assert tuple(fields(SEED)) == JSON_KEYS[:-2]  # a normal close has neither
+    periodic = replace(SEED, periodic=True)
+    assert tuple(fields(periodic)) == (*JSON_KEYS[:-2], "report")
+
+
+def test_a_periodic_record_says_so_last() -> None:
+    """The record of an open connection ends its JSON object, its text line and its journal
+    fields with report=periodic; the rest reads as a close's would."""
+    periodic = replace(SEED, periodic=True)
+    assert fields(periodic)["report"] == "periodic"
+    assert message(periodic) == message(SEED) + ", report=periodic"
+    assert journal_fields(periodic)["KMESHD_REPORT"] == "periodic"
+    assert "KMESHD_REPORT" not in journal_fields(SEED)

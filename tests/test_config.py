@@ -66,6 +66,7 @@ def test_empty_file_is_all_defaults() -> None:
         ("accesslog.file", "/var/log/kmeshd/accesslog.json"),
         ("accesslog.journald", True),
         ("accesslog.max_rate", 1000),
+        ("accesslog.periodic", 0.0),
         ("accesslog.file_explicit", False),
         ("bpf.cgroup", "auto"),
         ("bpf.pin_dir", "/sys/fs/bpf/kmeshd"),
@@ -118,6 +119,8 @@ def test_default(key: str, expected: object) -> None:
         ("[accesslog]\njournald = false", "accesslog.journald", False),
         ("[accesslog]\nmax_rate = 0", "accesslog.max_rate", 0),
         ("[accesslog]\nmax_rate = 20000", "accesslog.max_rate", 20000),
+        ('[accesslog]\nperiodic = ""', "accesslog.periodic", 0.0),
+        ('[accesslog]\nperiodic = "5m"', "accesslog.periodic", 300.0),
         ('[bpf]\ncgroup = "/sys/fs/cgroup/kubepods"', "bpf.cgroup", "/sys/fs/cgroup/kubepods"),
         ('[bpf]\npin_dir = "/sys/fs/bpf/other"', "bpf.pin_dir", "/sys/fs/bpf/other"),
         ('metrics = { interval = "1m" }', "metrics.interval", 60.0),
@@ -303,6 +306,15 @@ KNOWN_TABLES = "(known: accesslog, bpf, identity, kubernetes, metrics)"
         (
             '[accesslog]\nmax_rate = "fast"',
             'accesslog.max_rate: expected an integer, got the string "fast"',
+        ),
+        (
+            '[accesslog]\nperiodic = "soon"',
+            'accesslog.periodic: "soon" is not a duration (use a number with a unit: 250ms, 5s,'
+            " 1m)",
+        ),
+        (
+            "[accesslog]\nperiodic = 5",
+            'accesslog.periodic: expected "" or a duration string such as "5s", got the integer 5',
         ),
         (
             '[accesslog]\njournald = "yes"',

@@ -110,7 +110,7 @@ def test_every_config_key_is_documented() -> None:
         if f"*{key.split('.')[1]}* (" not in sections.get(key.split(".")[0], "")
     ]
     assert missing == []
-    assert len(config_keys()) == 21
+    assert len(config_keys()) == 22
 
 
 def test_every_command_and_accesslog_option_is_documented() -> None:
@@ -130,3 +130,17 @@ def test_one_version_everywhere() -> None:
     changelog = (REPO / "packaging" / "debian" / "changelog").read_text().splitlines()[0]
     assert pyproject == __version__
     assert changelog.startswith(f"kmeshd ({__version__}) ")
+
+
+def test_every_metric_family_is_documented() -> None:
+    """kmeshd(8) METRICS names each family the collector exports (kmesh_* families by
+    what follows the level's prefix)."""
+    from kmeshd.export.metrics import KmeshCollector
+
+    text = (MAN / "kmeshd.8").read_text().replace("\\", "")
+    names = {m.name for m in KmeshCollector().collect()}
+    assert len(names) > 30
+    for name in names:
+        short = name.removeprefix("kmesh_tcp_workload_").removeprefix("kmesh_tcp_")
+        short = short.removesuffix("_total") if name.startswith("kmesh_") else name
+        assert short in text, name

@@ -220,7 +220,8 @@ def latency_lines(latency: dict[str, Any] | None) -> list[str]:
 
 def cost_lines(costs: list[dict[str, Any]]) -> list[str]:
     return [
-        f"sock_ops program, timed by the kernel ({c['scenario']}, {c['connections']:,} "
+        f"sock_ops program, timed by the kernel ({c['scenario']}, {c['probe']}, "
+        f"{c['connections']:,} "
         f"connections): {c['runs_per_connection']:.1f} runs per connection, "
         f"{c['ns_per_run']:.0f} ns per run, {c['ns_per_connection'] / 1000:.2f} µs per connection"
         for c in costs

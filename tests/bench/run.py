@@ -47,8 +47,8 @@ from /metrics after the first publish made after the last close, compared with l
 count (opened/closed for both reporters = connections, received_bytes = request bytes,
 sent_bytes = reply bytes), and access-log lines vs. lost records. Then, on an idle
 kmeshd, the delay from a close to its appearance in /metrics; and, per scenario, one more
-churn with kernel.bpf_stats_enabled=1: the sock_ops program's runs and run time per
-connection, as the kernel times them.
+churn per probe (kmeshd-core, kmeshd-nolog) with kernel.bpf_stats_enabled=1: the sock_ops
+program's runs and run time per connection, as the kernel times them.
 """
 
 from __future__ import annotations
@@ -211,12 +211,19 @@ class Bench:
             "max_s": max(delays),
         }
 
-    def program_cost(self, scenario: Scenario) -> dict[str, Any]:
+    def program_cost(self, scenario: Scenario, live_updates: bool) -> dict[str, Any]:
         """The sock_ops program's own run time per connection, timed by the kernel
         (bpf_stats) during one churn: steadier than rate ratios on a noisy host."""
-        workdir, pin_dir = self.fresh(f"{scenario.name}-cost")
+        workdir, pin_dir = self.fresh(f"{scenario.name}-cost-{live_updates}")
         settings = self.daemon_settings()
-        daemon = kmeshd(workdir, self.inventory, pin_dir, accesslog=False, settings=settings)
+        daemon = kmeshd(
+            workdir,
+            self.inventory,
+            pin_dir,
+            accesslog=False,
+            settings=settings,
+            live_updates=live_updates,
+        )
         with daemon, bpf_stats():
             before = prog_stats()
             churn = self.loadgen.churn(scenario.target, self.args.seconds)
@@ -225,6 +232,7 @@ class Bench:
         conns = max(churn.connections, 1)
         return {
             "scenario": scenario.name,
+            "probe": "kmeshd-nolog" if live_updates else "kmeshd-core",
             "connections": churn.connections,
             "runs_per_connection": runs / conns,
             "ns_per_run": ns / max(runs, 1),
@@ -276,7 +284,7 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         runs = bench.rounds(scenarios)
         loop = [s for s in every if s.name == "loopback"]
         latency = bench.latency(loop[0]) if args.latency_samples > 0 else None
-        cost = [bench.program_cost(s) for s in scenarios]
+        cost = [bench.program_cost(s, live) for s in scenarios for live in (False, True)]
     ended = {"loadavg_end": os.getloadavg(), "code_end": fingerprint()}
     return started | ended | {"runs": runs, "latency": latency, "program_cost": cost}
 
