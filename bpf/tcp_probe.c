@@ -54,7 +54,8 @@ BPF_TABLE_PINNED("percpu_array", int, __u64, stats, STAT_COUNT, PIN_DIR "/stats"
 BPF_TABLE_PINNED("hash", __u64, struct sock_state, socks, SOCKS_MAX, PIN_DIR "/socks");
 /* Closes of tracked sockets that happened while no probe was attached, found and counted
  * by user space's sweep (the program never writes it). */
-BPF_TABLE_PINNED("hash", struct flow_key, __u64, unseen_closes, FLOWS_MAX, PIN_DIR "/unseen_closes");
+BPF_TABLE_PINNED("hash", struct flow_key, __u64, unseen_closes, FLOWS_MAX, PIN_DIR "/unseen_closes",
+                 BPF_F_NO_PREALLOC);
 BPF_RINGBUF_OUTPUT(records, RINGBUF_PAGES);
 /* Set by user space, from the running daemon's config (so not pinned):
  *   [SETTING_RECORDS]  = 1 while an access log wants records; off, a close costs no

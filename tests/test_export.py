@@ -194,3 +194,82 @@ def test_metrics_server_binds_ipv6_loopback() -> None:
             assert r.status == 200
     finally:
         server.close()
+
+
+def beyond_seed() -> Snapshot:
+    """One label set: 3 opened, 1 still open, 2 connects failed (1 refused, 1 other), one
+    reset, 4 retransmits of which 3 lost, and histograms with known observations."""
+    counts = FlowCounters(
+        opened=3, closed=2, failed=2, received_bytes=600, sent_bytes=10, reset=1, refused=1,
+        timeout=0, retransmits=4, lost=3,
+        duration=(0, 1, 0, 0, 1, *[0] * 13, 60_000),  # 1 ms and 50 ms
+        srtt=(0, 1, 1, *[0] * 15, 290),  # 90 µs and 200 µs
+        min_rtt=(2, *[0] * 17, 40),  # both at most 50 µs
+        connect=(*[0] * 17, 1, 12_000_000),  # 12 s: above the last bound
+    )  # fmt: skip
+    closed = FlowCounters(opened=1, closed=1)
+    other = (*WL[:1], "other", *WL[2:])
+    return Snapshot({WL: counts, other: closed}, {SVC: counts}, Health(), {WL: 1}, {SVC: 1})
+
+
+def one(text: str, name: str, **labels: str) -> float:
+    [value] = [v for ls, v in samples(text).get(name, []) if labels.items() <= ls.items()]
+    return value
+
+
+def test_beyond_seed_families_render_exact_values() -> None:
+    """Failures by reason (other = failed - refused - timeout), resets, retransmits, lost,
+    and the active gauge, which also says 0 for a label set whose connections all closed."""
+    text = render(beyond_seed())
+    for reason, n in (("refused", 1), ("timeout", 0), ("other", 1)):
+        assert one(text, "kmesh_tcp_workload_connect_failures_total", reason=reason) == n
+        assert one(text, "kmesh_tcp_connect_failures_total", reason=reason) == n
+    assert one(text, "kmesh_tcp_workload_connections_reset_total", source_workload="sleep") == 1
+    assert one(text, "kmesh_tcp_workload_retransmits_total", source_workload="sleep") == 4
+    assert one(text, "kmesh_tcp_workload_packets_lost_total", source_workload="sleep") == 3
+    assert one(text, "kmesh_tcp_workload_connections_active", source_workload="sleep") == 1
+    assert one(text, "kmesh_tcp_workload_connections_active", source_workload="other") == 0
+    assert one(text, "kmesh_tcp_connections_active") == 1
+    assert "TYPE:kmesh_tcp_workload_connections_active" in samples(text)
+    assert samples(text)["TYPE:kmesh_tcp_workload_connections_active"][0][0]["type"] == "gauge"
+
+
+def test_histograms_are_cumulative_in_seconds() -> None:
+    """Kernel per-bucket counts become Prometheus's cumulative buckets with le in seconds,
+    the sum in seconds; a label set without observations has no series."""
+    text = render(beyond_seed())
+    name = "kmesh_tcp_workload_srtt_seconds"
+    buckets = {
+        ls["le"]: v for ls, v in samples(text)[name + "_bucket"] if ls["source_workload"] == "sleep"
+    }
+    assert (buckets["5e-05"], buckets["0.0001"], buckets["0.00025"], buckets["+Inf"]) == (
+        0,
+        1,
+        2,
+        2,
+    )
+    assert len(buckets) == 18
+    assert one(text, name + "_count", source_workload="sleep") == 2
+    assert one(text, name + "_sum", source_workload="sleep") == pytest.approx(0.00029)
+    duration = "kmesh_tcp_workload_connection_duration_seconds"
+    assert one(text, duration + "_bucket", source_workload="sleep", le="0.001") == 1
+    assert one(text, duration + "_bucket", source_workload="sleep", le="0.05") == 2
+    assert one(text, duration + "_sum", source_workload="sleep") == pytest.approx(0.06)
+    connect = "kmesh_tcp_workload_connect_duration_seconds"
+    assert one(text, connect + "_bucket", source_workload="sleep", le="10.0") == 0
+    assert one(text, connect + "_bucket", source_workload="sleep", le="+Inf") == 1
+    assert not [ls for ls, _ in samples(text)[name + "_bucket"] if ls["source_workload"] == "other"]
+
+
+def test_beyond_seed_exposition_passes_promtool(tmp_path: Path) -> None:
+    """promtool's linter accepts the histograms, the gauge and the reason label."""
+    import shutil
+    import subprocess
+
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool not installed")
+    path = tmp_path / "m.prom"
+    path.write_text(render(beyond_seed()))
+    done = subprocess.run([promtool, "check", "metrics"], stdin=path.open(), capture_output=True)
+    assert done.returncode == 0, done.stdout + done.stderr

@@ -143,7 +143,7 @@ class KmeshCollector(Collector):
             yield from _traffic(prefix, what, labels, totals)
             yield from _failures(prefix, what, labels, totals)
             yield from _histograms(prefix, what, labels, totals)
-            yield _active(prefix, what, labels, active)
+            yield _active(prefix, what, labels, totals, active)
         yield from _health(snap.health)
 
 
@@ -202,13 +202,19 @@ def _seconds(us: int) -> str:
 
 
 def _active(
-    prefix: str, what: str, labels: tuple[str, ...], active: Mapping[LabelValues, int]
+    prefix: str,
+    what: str,
+    labels: tuple[str, ...],
+    totals: Mapping[LabelValues, FlowCounters],
+    active: Mapping[LabelValues, int],
 ) -> Metric:
+    """Every label set with traffic gets a value, 0 included: a graph shows no gap when a
+    workload's last connection closes."""
     family = GaugeMetricFamily(
         prefix + "connections_active", f"TCP connections to a {what} open now", labels=labels
     )
-    for values, n in active.items():
-        family.add_metric(values, n)
+    for values in totals.keys() | active.keys():
+        family.add_metric(values, active.get(values, 0))
     return family
 
 
