@@ -31,7 +31,7 @@ log = logging.getLogger("kmeshd")
 
 FLOWS_MAX = 65536  # (client, server, port, direction); allocated as used, ~750 bytes each
 KNOWN_MAX = 65536
-SOCKS_MAX = 131072  # tracked sockets open at once; preallocated, ~150 bytes each (19 MiB)
+SOCKS_MAX = 131072  # tracked sockets open at once; preallocated: 21 MiB of kernel memory
 RINGBUF_PAGES = 1024  # 4 MiB: about 40,000 records between two polls
 BPF_CGROUP_SOCK_OPS = 3  # enum bpf_attach_type
 PROGRAM = "kmeshd_sockops"
