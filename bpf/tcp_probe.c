@@ -531,8 +531,13 @@ int kmeshd_sockops(struct bpf_sock_ops *ctx)
     case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
         on_start(ctx, DIR_INBOUND);
         break;
-    case BPF_SOCK_OPS_RTT_CB:
     case BPF_SOCK_OPS_HDR_OPT_LEN_CB:
+        /* tcp_current_mss() sizing options, no segment: nothing has moved since the last. */
+        if (ctx->args[0] & BPF_WRITE_HDR_TCP_CURRENT_MSS)
+            break;
+        on_progress(ctx);
+        break;
+    case BPF_SOCK_OPS_RTT_CB:
         on_progress(ctx);
         break;
     case BPF_SOCK_OPS_STATE_CB:
