@@ -256,6 +256,21 @@ def between(s: Samples, name: str, reporter: str, low: str, high: str) -> tuple[
     return b[high] - (b[low] if low else 0), b["+Inf"]
 
 
+# The RTT-like histograms and the reporters that observe them (the handshake: the client).
+RTT_HISTOGRAMS = (
+    ("srtt_seconds", REPORTERS),
+    ("min_rtt_seconds", REPORTERS),
+    ("connect_duration_seconds", ("source",)),
+)
+
+
+def assert_rtts_between(s: Samples, low: str, high: str, n: int) -> None:
+    """All n observations of every RTT histogram, for each reporter, in (low, high]."""
+    for name, reporters in RTT_HISTOGRAMS:
+        for reporter in reporters:
+            assert between(s, name, reporter, low, high) == (n, n), (name, reporter)
+
+
 def test_rtt_of_a_local_path_lands_in_sub_millisecond_buckets(
     daemon: Daemon, pods: dict[str, Pod]
 ) -> None:
@@ -263,13 +278,7 @@ def test_rtt_of_a_local_path_lands_in_sub_millisecond_buckets(
     under a millisecond (not 8 times the RTT: the kernel keeps srtt << 3)."""
     exchange(pods, [(292, 5, 0)] * 5)
     s = daemon.wait_for(closed(5), what="5 closed")
-    for name, reporters in (
-        ("srtt_seconds", REPORTERS),
-        ("min_rtt_seconds", REPORTERS),
-        ("connect_duration_seconds", ("source",)),
-    ):
-        for reporter in reporters:
-            assert between(s, name, reporter, "", "0.001") == (5, 5), (name, reporter)
+    assert_rtts_between(s, "", "0.001", 5)
     assert buckets(s, "connect_duration_seconds", "destination") == {}
 
 
@@ -320,13 +329,7 @@ def test_rtt_under_a_20ms_delay_each_way_lands_around_40ms(tmp_path: Path, pin_d
         with delayed_pods(20) as pods:
             exchange(pods, [(292, 5, 0), (292, 5, 1), (2000, 50_000, 0)])
             s = daemon.wait_for(closed(3), what="3 closed")
-        for name, reporters in (
-            ("srtt_seconds", REPORTERS),
-            ("min_rtt_seconds", REPORTERS),
-            ("connect_duration_seconds", ("source",)),
-        ):
-            for reporter in reporters:
-                assert between(s, name, reporter, "0.025", "0.05") == (3, 3), (name, reporter)
+        assert_rtts_between(s, "0.025", "0.05", 3)
         # The sum says the same: 40 ms and a little, per connection.
         srtt_sum = value(s, W + "srtt_seconds_sum", reporter="source")
         assert 3 * 0.040 <= srtt_sum <= 3 * 0.050
