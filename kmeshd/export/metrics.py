@@ -21,7 +21,8 @@ from prometheus_client.utils import floatToGoString
 from kmeshd.events import DURATION_BOUNDS_US, LATENCY_BOUNDS_US, FlowCounters, Histogram
 from kmeshd.labels import SERVICE_LABELS, WORKLOAD_LABELS, LabelValues
 
-# (field of FlowCounters, family suffix, what it counts) — the seed's ten families.
+# (field of FlowCounters, family suffix, what it counts): the seed's five counters per
+# level (ten families), then three of kmeshd's own.
 FAMILIES = (
     ("opened", "connections_opened", "The total number of TCP connections opened to a {}"),
     ("closed", "connections_closed", "The total number of TCP connections closed to a {}"),
