@@ -352,9 +352,12 @@ static __always_inline __u8 failure_reason(struct sock_state *st, int reset)
 }
 
 
+/* `sent`, `received`: this socket's application bytes; the record holds them in Istio's
+ * terms, as the destination (server) saw them. */
 static __always_inline void emit(struct bpf_sock_ops *ctx, struct sock_state *st, __u8 kind, __u8 reason,
-                                 __u8 flags, __u64 now, __u64 dst_received, __u64 dst_sent)
+                                 __u8 flags, __u64 now, __u64 sent, __u64 received)
 {
+    int client = st->key.direction == DIR_OUTBOUND;
     struct conn_record *r = records.ringbuf_reserve(sizeof(struct conn_record));
     if (!r) {
         count(STAT_RINGBUF_LOST);
@@ -364,8 +367,8 @@ static __always_inline void emit(struct bpf_sock_ops *ctx, struct sock_state *st
     read_tuple(ctx, &t);
     r->time_ns = now;
     r->duration_ns = now - (kind == KIND_FAILED ? st->start_ns : st->established_ns);
-    r->received_bytes = dst_received;
-    r->sent_bytes = dst_sent;
+    r->received_bytes = client ? sent : received;
+    r->sent_bytes = client ? received : sent;
     __builtin_memcpy(r->local, t.local.a, 16);
     __builtin_memcpy(r->remote, t.remote.a, 16);
     r->local_port = t.local_port;
@@ -396,8 +399,7 @@ static __always_inline void maybe_record_progress(struct bpf_sock_ops *ctx, stru
     if (now - st->last_record_ns < period)
         return;
     st->last_record_ns = now;
-    int client = st->key.direction == DIR_OUTBOUND;
-    emit(ctx, st, KIND_PROGRESS, REASON_NONE, 0, now, client ? sent : received, client ? received : sent);
+    emit(ctx, st, KIND_PROGRESS, REASON_NONE, 0, now, sent, received);
 }
 
 /* Per packet while established (see LIVE_CB_FLAGS). Only ESTABLISHED and CLOSE_WAIT: there
@@ -442,11 +444,8 @@ static __always_inline void close_established(struct bpf_sock_ops *ctx, struct s
         if (min_rtt_us && min_rtt_us != ~0U)
             observe(&c->min_rtt, latency_bucket(min_rtt_us), min_rtt_us);
     }
-    if (setting(SETTING_RECORDS)) {
-        int client = st->key.direction == DIR_OUTBOUND;
-        emit(ctx, st, KIND_CLOSED, REASON_NONE, flags, now, client ? sent : received,
-             client ? received : sent);
-    }
+    if (setting(SETTING_RECORDS))
+        emit(ctx, st, KIND_CLOSED, REASON_NONE, flags, now, sent, received);
 }
 
 static __always_inline void close_failed(struct bpf_sock_ops *ctx, struct sock_state *st, __u64 now, __u8 flags)
