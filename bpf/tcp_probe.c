@@ -1,9 +1,11 @@
-/* kmeshd TCP probe: a sock_ops program on the cgroup v2 root, compiled by bcc at start-up.
+/* kmeshd TCP probe: a sock_ops program on the cgroup v2 root, compiled by bcc at start-up,
+ * and a TCP socket iterator that user space runs before each publish.
  *
- * It reads only layout-stable kernel data (struct bpf_sock_ops context fields, the TCP
- * header of a packet, tracepoint arguments whose format comes from tracefs), never
- * kernel-internal structs: the kernel headers on these hosts do not match the running
- * kernel (see ENVIRONMENT.md).
+ * The sock_ops program reads only layout-stable kernel data (struct bpf_sock_ops context
+ * fields, the TCP header of a packet, tracepoint arguments whose format comes from
+ * tracefs): the kernel headers on these hosts do not match the running kernel (see
+ * ENVIRONMENT.md). The iterator reads a few struct tcp_sock fields at offsets kmeshd takes
+ * from the running kernel's BTF (kmeshd/btf.py), passed in as TCP_*_OFF.
  *
  * Two outputs:
  *   flows   - cumulative per-flow counters (client, server, server port, direction):
@@ -35,12 +37,6 @@
 #define SF_RTO_EXPIRED 16   /* the retransmission timer gave up */
 #define SF_RESET 32         /* a RST arrived (set by the tcp_receive_reset tracepoint) */
 
-/* While established, the probe runs on every ACK that brings an RTT sample (the sending
- * end's bytes_acked moved) and before every segment it sends (the receiving end's ACKs
- * carry its bytes_received), and adds what changed to the flow's counters: long
- * connections show their bytes while they last. Kernel work per packet, none in user space. */
-#define LIVE_CB_FLAGS (BPF_SOCK_OPS_RTT_CB_FLAG | BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG)
-
 struct addr16 {
     __u8 a[16];
 };
@@ -60,12 +56,10 @@ BPF_RINGBUF_OUTPUT(records, RINGBUF_PAGES);
 /* Set by user space, from the running daemon's config (so not pinned):
  *   [SETTING_RECORDS]  = 1 while an access log wants records; off, a close costs no
  *                        ring-buffer work at all;
- *   [SETTING_LIVE]     = 1 for live updates (LIVE_CB_FLAGS) on connections that open;
  *   [SETTING_PERIODIC] = ns between two records of one open connection; 0: none. */
 #define SETTING_RECORDS 0
-#define SETTING_LIVE 1
-#define SETTING_PERIODIC 2
-BPF_ARRAY(settings, __u64, 3);
+#define SETTING_PERIODIC 1
+BPF_ARRAY(settings, __u64, 2);
 /* A zeroed flow_counters to create flows from: too large for the BPF stack. */
 BPF_ARRAY(zero_flow, struct flow_counters, 1);
 
@@ -217,11 +211,6 @@ static __always_inline __u64 setting(int index)
     return v ? *v : 0;
 }
 
-static __always_inline __u32 live_flags(void)
-{
-    return setting(SETTING_LIVE) ? LIVE_CB_FLAGS : 0;
-}
-
 /* A new connection: OUTBOUND at connect(), INBOUND once accepted. Only one with a known
  * end gets state and callbacks: the rest are counted once here and cost nothing more. */
 static __always_inline void on_start(struct bpf_sock_ops *ctx, __u8 direction)
@@ -235,6 +224,7 @@ static __always_inline void on_start(struct bpf_sock_ops *ctx, __u8 direction)
     __u64 cookie = bpf_get_socket_cookie(ctx);
     struct sock_state st = {.start_ns = bpf_ktime_get_ns()};
     flow_key_of(&t, direction, &st.key);
+    st.client_port = direction == DIR_OUTBOUND ? t.local_port : t.remote_port;
     if (direction == DIR_INBOUND) {
         st.established_ns = st.last_record_ns = st.start_ns;
         st.flags = SF_ESTABLISHED;
@@ -248,7 +238,7 @@ static __always_inline void on_start(struct bpf_sock_ops *ctx, __u8 direction)
         return;
     }
     count(STAT_OPENED);
-    set_cb_flags(ctx, BPF_SOCK_OPS_STATE_CB_FLAG | live_flags(), 0);
+    set_cb_flags(ctx, BPF_SOCK_OPS_STATE_CB_FLAG, 0);
     struct flow_counters *c = flow_of(&st.key);
     if (c)
         __sync_fetch_and_add(&c->opened, 1);
@@ -263,9 +253,6 @@ static __always_inline void on_active_established(struct bpf_sock_ops *ctx)
     st->established_ns = st->last_record_ns = now;
     st->flags |= SF_ESTABLISHED;
     count(STAT_OPENED);
-    __u32 live = live_flags();
-    if (live)
-        set_cb_flags(ctx, live, 0);
     struct flow_counters *c = flow_of(&st->key);
     if (!c)
         return;
@@ -274,6 +261,14 @@ static __always_inline void on_active_established(struct bpf_sock_ops *ctx)
     observe(&c->connect, latency_bucket(handshake_us), handshake_us);
 }
 
+/* A socket's totals so far: application bytes, and segments retransmitted and lost. */
+struct progress {
+    __u64 sent;
+    __u64 received;
+    __u32 retrans;
+    __u32 lost;
+};
+
 /* Application bytes: bytes_acked and bytes_received count sequence numbers, so the
  * client's SYN and each FIN that was really acknowledged or taken are removed. */
 static __always_inline __u64 minus(__u64 v, __u64 d)
@@ -281,64 +276,71 @@ static __always_inline __u64 minus(__u64 v, __u64 d)
     return v > d ? v - d : 0;
 }
 
-/* `state`: the state the socket leaves (at TCP_CLOSE), or is in (while open). */
-static __always_inline void app_bytes(struct bpf_sock_ops *ctx, struct sock_state *st, __u32 state,
-                                      __u64 *sent, __u64 *received)
+/* `our_fin_now`, `peer_fin_now`: a FIN acknowledged or taken that the flags do not show
+ * yet (seen only as the socket closes; see closing_fins). */
+static __always_inline void app_bytes(struct sock_state *st, __u64 acked, __u64 rcvd, int our_fin_now,
+                                      int peer_fin_now, struct progress *p)
 {
-    __u64 acked = ctx->bytes_acked;
-    __u64 rcvd = ctx->bytes_received;
     if (st->key.direction == DIR_OUTBOUND)
         acked = minus(acked, 1);
-    int our_fin = (st->flags & SF_OUR_FIN_ACKED) ||
-                  ((state == BPF_TCP_CLOSING || state == BPF_TCP_LAST_ACK) &&
-                   ctx->snd_una == ctx->snd_nxt);
-    if (our_fin)
+    if ((st->flags & SF_OUR_FIN_ACKED) || our_fin_now)
         acked = minus(acked, 1);
-    int peer_fin = (st->flags & SF_PEER_FIN) ||
-                   ((st->flags & SF_PEER_FIN_SEEN) && ctx->rcv_nxt == st->fin_end);
-    if (peer_fin)
+    if ((st->flags & SF_PEER_FIN) || peer_fin_now)
         rcvd = minus(rcvd, 1);
-    *sent = acked;
-    *received = rcvd;
+    p->sent = acked;
+    p->received = rcvd;
+}
+
+/* At TCP_CLOSE, leaving `state`: our FIN was acknowledged if it is all that was
+ * outstanding in CLOSING or LAST_ACK; the peer's was taken if rcv_nxt passed it. */
+static __always_inline void closing_app_bytes(struct bpf_sock_ops *ctx, struct sock_state *st,
+                                              __u32 state, struct progress *p)
+{
+    int our_fin = (state == BPF_TCP_CLOSING || state == BPF_TCP_LAST_ACK) &&
+                  ctx->snd_una == ctx->snd_nxt;
+    int peer_fin = (st->flags & SF_PEER_FIN_SEEN) && ctx->rcv_nxt == st->fin_end;
+    app_bytes(st, ctx->bytes_acked, ctx->bytes_received, our_fin, peer_fin, p);
 }
 
 /* Segments retransmitted, less those the peer's D-SACKs showed to be duplicates: what was
  * really lost. (lost_out is not it: it counts segments marked lost right now, and drops
  * back as they are repaired.) */
+static __always_inline __u32 lost_of(__u32 retrans, __u32 dsack_dups)
+{
+    return retrans > dsack_dups ? retrans - dsack_dups : 0;
+}
+
 static __always_inline __u32 lost_segments(struct bpf_sock_ops *ctx, __u32 retrans)
 {
     struct bpf_sock *sk = ctx->sk;
     if (!sk)
         return 0;
     struct bpf_tcp_sock *tp = bpf_tcp_sock(sk);
-    if (!tp)
-        return 0;
-    __u32 dups = tp->dsack_dups;
-    return retrans > dups ? retrans - dups : 0;
+    return tp ? lost_of(retrans, tp->dsack_dups) : 0;
 }
 
-/* Add to the flow what this socket sent, received and retransmitted since the last time:
- * counters only ever grow, and the sum over a connection's life is its exact total. */
-static __always_inline void add_progress(struct bpf_sock_ops *ctx, struct sock_state *st,
-                                         struct flow_counters *c, __u64 sent, __u64 received)
+/* Add to the flow what this socket sent, received, retransmitted and lost since the last
+ * time: counters only ever grow, and the sum over a connection's life is its exact total.
+ * Callers hold the socket's lock (sock_ops runs under it; so does the iterator), so two
+ * never interleave on one socket. */
+static __always_inline void add_progress(struct sock_state *st, struct flow_counters *c,
+                                         const struct progress *p)
 {
-    __u64 new_sent = minus(sent, st->reported_sent);
-    __u64 new_received = minus(received, st->reported_received);
+    __u64 new_sent = minus(p->sent, st->reported_sent);
+    __u64 new_received = minus(p->received, st->reported_received);
     st->reported_sent += new_sent;
     st->reported_received += new_received;
     /* Istio's terms: the destination (server) received the client's sent bytes. */
     int client = st->key.direction == DIR_OUTBOUND;
     __sync_fetch_and_add(&c->received_bytes, client ? new_sent : new_received);
     __sync_fetch_and_add(&c->sent_bytes, client ? new_received : new_sent);
-    __u32 retrans = ctx->total_retrans;
-    if (retrans <= st->reported_retrans)
-        return;
-    __sync_fetch_and_add(&c->retransmits, retrans - st->reported_retrans);
-    st->reported_retrans = retrans;
-    __u32 lost = lost_segments(ctx, retrans);
-    if (lost > st->reported_lost) {
-        __sync_fetch_and_add(&c->lost, lost - st->reported_lost);
-        st->reported_lost = lost;
+    if (p->retrans > st->reported_retrans) {
+        __sync_fetch_and_add(&c->retransmits, p->retrans - st->reported_retrans);
+        st->reported_retrans = p->retrans;
+    }
+    if (p->lost > st->reported_lost) {
+        __sync_fetch_and_add(&c->lost, p->lost - st->reported_lost);
+        st->reported_lost = p->lost;
     }
 }
 
@@ -352,10 +354,28 @@ static __always_inline __u8 failure_reason(struct sock_state *st, int reset)
 }
 
 
-/* `sent`, `received`: this socket's application bytes; the record holds them in Istio's
- * terms, as the destination (server) saw them. */
-static __always_inline void emit(struct bpf_sock_ops *ctx, struct sock_state *st, __u8 kind, __u8 reason,
-                                 __u8 flags, __u64 now, __u64 sent, __u64 received)
+/* What a record tells of the socket's TCP state. */
+struct tcp_numbers {
+    __u32 srtt_us; /* in microseconds (the kernel keeps it << 3) */
+    __u32 min_rtt_us;
+    __u32 total_retrans;
+    __u32 segs_in;
+    __u32 segs_out;
+};
+
+static __always_inline void numbers_of(struct bpf_sock_ops *ctx, struct tcp_numbers *n)
+{
+    n->srtt_us = ctx->srtt_us >> 3;
+    n->min_rtt_us = ctx->rtt_min;
+    n->total_retrans = ctx->total_retrans;
+    n->segs_in = ctx->segs_in;
+    n->segs_out = ctx->segs_out;
+}
+
+/* `p`: this socket's application bytes; the record holds them in Istio's terms, as the
+ * destination (server) saw them. Both ends' addresses and ports come from the state. */
+static __always_inline void emit(struct sock_state *st, __u8 kind, __u8 reason, __u8 flags, __u64 now,
+                                 const struct progress *p, const struct tcp_numbers *n)
 {
     int client = st->key.direction == DIR_OUTBOUND;
     struct conn_record *r = records.ringbuf_reserve(sizeof(struct conn_record));
@@ -363,76 +383,40 @@ static __always_inline void emit(struct bpf_sock_ops *ctx, struct sock_state *st
         count(STAT_RINGBUF_LOST);
         return;
     }
-    struct tuple t = {};
-    read_tuple(ctx, &t);
     r->time_ns = now;
     r->duration_ns = now - (kind == KIND_FAILED ? st->start_ns : st->established_ns);
-    r->received_bytes = client ? sent : received;
-    r->sent_bytes = client ? received : sent;
-    __builtin_memcpy(r->local, t.local.a, 16);
-    __builtin_memcpy(r->remote, t.remote.a, 16);
-    r->local_port = t.local_port;
-    r->remote_port = t.remote_port;
+    r->received_bytes = client ? p->sent : p->received;
+    r->sent_bytes = client ? p->received : p->sent;
+    __builtin_memcpy(r->local, client ? st->key.client : st->key.server, 16);
+    __builtin_memcpy(r->remote, client ? st->key.server : st->key.client, 16);
+    r->local_port = client ? st->client_port : st->key.server_port;
+    r->remote_port = client ? st->key.server_port : st->client_port;
     r->kind = kind;
     r->direction = st->key.direction;
     r->reason = reason;
     r->flags = flags;
-    r->srtt_us = ctx->srtt_us >> 3;
-    r->min_rtt_us = ctx->rtt_min;
-    r->total_retrans = ctx->total_retrans;
-    r->segs_in = ctx->segs_in;
-    r->segs_out = ctx->segs_out;
+    r->srtt_us = n->srtt_us;
+    r->min_rtt_us = n->min_rtt_us;
+    r->total_retrans = n->total_retrans;
+    r->segs_in = n->segs_in;
+    r->segs_out = n->segs_out;
     r->_pad = 0;
     /* No wakeup: user space drains the ring on its own tick, so a close never pays for
      * waking a reader, and records are handled in batches. */
     records.ringbuf_submit(r, BPF_RB_NO_WAKEUP);
 }
 
-/* accesslog.periodic: a record of an open connection's totals so far, at most once a period. */
-static __always_inline void maybe_record_progress(struct bpf_sock_ops *ctx, struct sock_state *st,
-                                                  __u64 sent, __u64 received)
-{
-    __u64 period = setting(SETTING_PERIODIC);
-    if (!period || !setting(SETTING_RECORDS))
-        return;
-    __u64 now = bpf_ktime_get_ns();
-    if (now - st->last_record_ns < period)
-        return;
-    st->last_record_ns = now;
-    emit(ctx, st, KIND_PROGRESS, REASON_NONE, 0, now, sent, received);
-}
-
-/* Per packet while established (see LIVE_CB_FLAGS). Only ESTABLISHED and CLOSE_WAIT: there
- * the FINs counted in bytes_acked/bytes_received are known for certain (none, or the
- * peer's); the rest of a closing connection's bytes come with its close. */
-static __always_inline void on_progress(struct bpf_sock_ops *ctx)
-{
-    __u32 state = ctx->state;
-    if (state != BPF_TCP_ESTABLISHED && state != BPF_TCP_CLOSE_WAIT)
-        return;
-    struct sock_state *st = state_of(ctx);
-    if (!st || !(st->flags & SF_ESTABLISHED))
-        return;
-    __u64 sent = 0, received = 0;
-    app_bytes(ctx, st, state, &sent, &received);
-    if (sent == st->reported_sent && received == st->reported_received &&
-        ctx->total_retrans == st->reported_retrans)
-        return;
-    struct flow_counters *c = flow_of(&st->key);
-    if (c)
-        add_progress(ctx, st, c, sent, received);
-    maybe_record_progress(ctx, st, sent, received);
-}
-
 static __always_inline void close_established(struct bpf_sock_ops *ctx, struct sock_state *st, __u32 old_state,
                                               __u64 now, __u8 flags)
 {
-    __u64 sent = 0, received = 0;
-    app_bytes(ctx, st, old_state, &sent, &received);
+    struct progress p = {.retrans = ctx->total_retrans, .lost = st->reported_lost};
+    closing_app_bytes(ctx, st, old_state, &p);
+    if (p.retrans > st->reported_retrans)
+        p.lost = lost_segments(ctx, p.retrans);
     count(STAT_CLOSED);
     struct flow_counters *c = flow_of(&st->key);
     if (c) {
-        add_progress(ctx, st, c, sent, received);
+        add_progress(st, c, &p);
         __sync_fetch_and_add(&c->closed, 1);
         if (flags & RECORD_RESET)
             __sync_fetch_and_add(&c->reset, 1);
@@ -444,8 +428,11 @@ static __always_inline void close_established(struct bpf_sock_ops *ctx, struct s
         if (min_rtt_us && min_rtt_us != ~0U)
             observe(&c->min_rtt, latency_bucket(min_rtt_us), min_rtt_us);
     }
-    if (setting(SETTING_RECORDS))
-        emit(ctx, st, KIND_CLOSED, REASON_NONE, flags, now, sent, received);
+    if (setting(SETTING_RECORDS)) {
+        struct tcp_numbers n;
+        numbers_of(ctx, &n);
+        emit(st, KIND_CLOSED, REASON_NONE, flags, now, &p, &n);
+    }
 }
 
 static __always_inline void close_failed(struct bpf_sock_ops *ctx, struct sock_state *st, __u64 now, __u8 flags)
@@ -460,8 +447,12 @@ static __always_inline void close_failed(struct bpf_sock_ops *ctx, struct sock_s
         else if (reason == REASON_TIMEOUT)
             __sync_fetch_and_add(&c->timeout, 1);
     }
-    if (setting(SETTING_RECORDS))
-        emit(ctx, st, KIND_FAILED, reason, flags, now, 0, 0);
+    if (setting(SETTING_RECORDS)) {
+        struct progress p = {};
+        struct tcp_numbers n;
+        numbers_of(ctx, &n);
+        emit(st, KIND_FAILED, reason, flags, now, &p, &n);
+    }
 }
 
 static __always_inline void on_close(struct bpf_sock_ops *ctx, struct sock_state *st, __u32 old_state,
@@ -510,8 +501,8 @@ static __always_inline void on_state(struct bpf_sock_ops *ctx)
         st->flags |= SF_PEER_FIN;
     if (old_state == BPF_TCP_FIN_WAIT1 && new_state == BPF_TCP_FIN_WAIT2)
         st->flags |= SF_OUR_FIN_ACKED;
-    if (new_state == BPF_TCP_FIN_WAIT1) /* we close: no more progress, watch for the FIN */
-        set_cb_flags(ctx, BPF_SOCK_OPS_PARSE_ALL_HDR_OPT_CB_FLAG, LIVE_CB_FLAGS);
+    if (new_state == BPF_TCP_FIN_WAIT1) /* we close: watch for the peer's FIN */
+        set_cb_flags(ctx, BPF_SOCK_OPS_PARSE_ALL_HDR_OPT_CB_FLAG, 0);
     if (new_state == BPF_TCP_CLOSE)
         on_close(ctx, st, old_state, cookie);
 }
@@ -529,15 +520,6 @@ int kmeshd_sockops(struct bpf_sock_ops *ctx)
         break;
     case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
         on_start(ctx, DIR_INBOUND);
-        break;
-    case BPF_SOCK_OPS_HDR_OPT_LEN_CB:
-        /* tcp_current_mss() sizing options, no segment: nothing has moved since the last. */
-        if (ctx->args[0] & BPF_WRITE_HDR_TCP_CURRENT_MSS)
-            break;
-        on_progress(ctx);
-        break;
-    case BPF_SOCK_OPS_RTT_CB:
-        on_progress(ctx);
         break;
     case BPF_SOCK_OPS_STATE_CB:
         on_state(ctx);
@@ -566,3 +548,96 @@ TRACEPOINT_PROBE(tcp, tcp_receive_reset)
         st->flags |= SF_RESET;
     return 0;
 }
+
+#ifdef TCP_BYTES_ACKED_OFF
+/* The socket sweep. Before each publish, user space runs this iterator over the TCP sockets
+ * of each network namespace (kmeshd/probe.py): every tracked connection that is open adds
+ * what it moved since the last time to its flow, as its close would. So open connections
+ * show their bytes at each publish, however long they last and however quiet they have
+ * gone, at no cost per packet. The kernel holds each socket's lock while this runs, as it
+ * does for sock_ops, so the two never interleave on one socket.
+ *
+ * The context, as the kernel's struct bpf_iter__tcp (the verifier checks each access
+ * against the kernel's own type, not this one). */
+struct kmeshd_iter_meta {
+    void *seq;
+    __u64 session_id;
+    __u64 seq_num;
+};
+struct kmeshd_iter_tcp {
+    struct kmeshd_iter_meta *meta;
+    struct sock_common *sk_common;
+    __u32 uid;
+};
+
+static __always_inline __u64 tcp_u64(void *tp, int offset)
+{
+    __u64 v = 0;
+    bpf_probe_read_kernel(&v, sizeof(v), tp + offset);
+    return v;
+}
+
+static __always_inline __u32 tcp_u32(void *tp, int offset)
+{
+    __u32 v = 0;
+    bpf_probe_read_kernel(&v, sizeof(v), tp + offset);
+    return v;
+}
+
+static __always_inline void sweep_numbers(void *tp, struct tcp_numbers *n)
+{
+    n->srtt_us = tcp_u32(tp, TCP_SRTT_US_OFF) >> 3;
+    n->min_rtt_us = tcp_u32(tp, TCP_MIN_RTT_OFF);
+    n->total_retrans = tcp_u32(tp, TCP_TOTAL_RETRANS_OFF);
+    n->segs_in = tcp_u32(tp, TCP_SEGS_IN_OFF);
+    n->segs_out = tcp_u32(tp, TCP_SEGS_OUT_OFF);
+}
+
+/* accesslog.periodic: a record of an open connection's totals, at most once a period. */
+static __always_inline void maybe_record_progress(void *tp, struct sock_state *st, const struct progress *p)
+{
+    __u64 period = setting(SETTING_PERIODIC);
+    if (!period || !setting(SETTING_RECORDS))
+        return;
+    __u64 now = bpf_ktime_get_ns();
+    if (now - st->last_record_ns < period)
+        return;
+    st->last_record_ns = now;
+    struct tcp_numbers n;
+    sweep_numbers(tp, &n);
+    emit(st, KIND_PROGRESS, REASON_NONE, 0, now, p, &n);
+}
+
+int bpf_iter__tcp(struct kmeshd_iter_tcp *ctx)
+{
+    struct sock_common *skc = ctx->sk_common;
+    if (!skc)
+        return 0;
+    void *tp = bpf_skc_to_tcp_sock(skc); /* NULL for TIME_WAIT and request sockets */
+    if (!tp)
+        return 0;
+    /* Only ESTABLISHED and CLOSE_WAIT: there the FINs counted in bytes_acked and
+     * bytes_received are known for certain (none, or the peer's); the rest of a closing
+     * connection's bytes come with its close. */
+    __u8 state = 0;
+    bpf_probe_read_kernel(&state, sizeof(state), tp + TCP_STATE_OFF);
+    if (state != BPF_TCP_ESTABLISHED && state != BPF_TCP_CLOSE_WAIT)
+        return 0;
+    __u64 cookie = bpf_get_socket_cookie(tp);
+    struct sock_state *st = socks.lookup(&cookie);
+    if (!st || !(st->flags & SF_ESTABLISHED))
+        return 0;
+    struct progress p = {.retrans = tcp_u32(tp, TCP_TOTAL_RETRANS_OFF), .lost = st->reported_lost};
+    app_bytes(st, tcp_u64(tp, TCP_BYTES_ACKED_OFF), tcp_u64(tp, TCP_BYTES_RECEIVED_OFF), 0, 0, &p);
+    if (p.sent == st->reported_sent && p.received == st->reported_received &&
+        p.retrans == st->reported_retrans)
+        return 0;
+    if (p.retrans > st->reported_retrans)
+        p.lost = lost_of(p.retrans, tcp_u32(tp, TCP_DSACK_DUPS_OFF));
+    struct flow_counters *c = flow_of(&st->key);
+    if (c)
+        add_progress(st, c, &p);
+    maybe_record_progress(tp, st, &p);
+    return 0;
+}
+#endif

@@ -8,7 +8,7 @@
 #ifndef KMESHD_TCP_PROBE_H
 #define KMESHD_TCP_PROBE_H
 
-#define KMESHD_LAYOUT 4
+#define KMESHD_LAYOUT 5
 
 #define DIR_OUTBOUND 1 /* this socket called connect(): the client */
 #define DIR_INBOUND 2  /* this socket was accepted: the server */
@@ -78,7 +78,8 @@ struct flow_counters {
 };                                     /* 688 bytes */
 
 /* What the probe keeps of each tracked socket, keyed by socket cookie. User space reads it
- * when it sweeps out sockets that closed while no probe was attached. */
+ * when it sweeps out sockets that closed while no probe was attached. The flow key and the
+ * client's port name both ends: a record needs nothing else of the socket. */
 struct sock_state {
     struct flow_key key;
     __u32 fin_end;          /* rcv_nxt once the peer's FIN is taken (with SF_PEER_FIN_SEEN) */
@@ -90,7 +91,8 @@ struct sock_state {
     __u32 reported_retrans;
     __u32 reported_lost;
     __u16 flags;            /* SF_* in tcp_probe.c */
-    __u8 _pad[6];
+    __u16 client_port;
+    __u8 _pad[4];
 };                                     /* 96 bytes */
 
 #define SF_ESTABLISHED 1

@@ -291,6 +291,12 @@ def parse_config(text: str, path: Path) -> Config:
         accesslog=_accesslog(doc.table("accesslog", _keys(AccessLogConfig)), d.accesslog),
         bpf=_bpf(doc.table("bpf", _keys(BpfConfig)), d.bpf),
     )
+    if config.accesslog.periodic and not config.bpf.live_updates:
+        # Periodic records come from the same socket sweep that live updates are.
+        problems.add(
+            "accesslog.periodic",
+            'needs bpf.live_updates = true: set it, or set periodic = "" for records at close only',
+        )
     problems.raise_if_any()
     return config
 

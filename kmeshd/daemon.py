@@ -45,6 +45,7 @@ from kmeshd.labels import access_record
 from kmeshd.paths import check_directory
 from kmeshd.probe import Probe, release_freed_memory
 from kmeshd.ratelimit import LOG_EVERY_S, Throttle, TokenBucket
+from kmeshd.sockdiag import SockDiagError
 from kmeshd.systemd import Notifier
 
 log = logging.getLogger("kmeshd")
@@ -124,6 +125,7 @@ class Daemon:
         self._textfile_registry = CollectorRegistry(auto_describe=False)
         self._textfile_registry.register(self.collector)
         self._textfile_complaints = Throttle(LOG_EVERY_S)
+        self._sweep_complaints = Throttle(LOG_EVERY_S)
         self._dropped_before: dict[str, int] = {}
         self._last_publish = 0.0
         self._publish_seconds = 0.0
@@ -144,7 +146,9 @@ class Daemon:
             self.notify.status(f"listening on {cfg.metrics.listen}")
         self.http = bind_http(cfg, self._http_registry())
         self.notify.extend_timeout(30)  # bcc takes seconds on a small host
-        self.probe = Probe.start(Path(cfg.bpf.pin_dir), cgroup_dir, self.notify.status)
+        self.probe = Probe.start(
+            Path(cfg.bpf.pin_dir), cgroup_dir, self.notify.status, sweep=cfg.bpf.live_updates
+        )
         self.probe.on_record(self._on_record)
         self.probe.want_records(bool(self.sinks.sinks))
         self.probe.want_live_updates(cfg.bpf.live_updates)
@@ -223,6 +227,7 @@ class Daemon:
     def publish(self) -> None:
         assert self.probe is not None
         started = time.monotonic()
+        self.probe.sweep(self._sweep_failed)
         unseen = {decode_flow_key(k): n for k, n in self.probe.unseen_closes().items()}
         flows = add_unseen_closes((decode_flow(k, v) for k, v in self.probe.flows()), unseen)
         policy = self.config.metrics.connection_security_policy
@@ -242,6 +247,11 @@ class Daemon:
         self._write_textfile()
         self._publish_seconds = time.monotonic() - started
         self._tell_sources()
+
+    def _sweep_failed(self, exc: SockDiagError) -> None:
+        """A namespace the sweep could not enter: its connections' bytes come at close."""
+        if self._sweep_complaints.ready():
+            log.warning("socket sweep: %s; its open connections count at close only", exc)
 
     def _tell_sources(self) -> None:
         """STATUS= follows the identity sources: `systemctl status` says what is missing,
@@ -336,6 +346,8 @@ class Daemon:
             if getattr(getattr(new, section), name) != getattr(getattr(self.config, section), name):
                 log.warning("%s changed: takes effect after a restart", key)
         assert self.probe is not None
+        if new.bpf.live_updates and not self.probe.can_sweep:
+            log.warning("bpf.live_updates turned on: takes effect after a restart")
         self.probe.want_live_updates(new.bpf.live_updates)
         self.probe.want_periodic_records(new.accesslog.periodic)
         if sinks is not None:

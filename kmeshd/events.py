@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from kmeshd.identity.model import IPAddress, plain_ip
 
-LAYOUT = 4  # KMESHD_LAYOUT in bpf/tcp_probe.h
+LAYOUT = 5  # KMESHD_LAYOUT in bpf/tcp_probe.h
 
 
 class Direction(enum.IntEnum):
@@ -121,7 +121,8 @@ class SockStateStruct(ctypes.Structure):
         ("reported_retrans", ctypes.c_uint32),
         ("reported_lost", ctypes.c_uint32),
         ("flags", ctypes.c_uint16),
-        ("_pad", ctypes.c_uint8 * 6),
+        ("client_port", ctypes.c_uint16),
+        ("_pad", ctypes.c_uint8 * 4),
     )
 
 

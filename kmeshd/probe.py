@@ -6,6 +6,9 @@ same counters and *replaces* its predecessor's program in one step (bpf_link_upd
 never two programs counting every connection twice, never a moment with none. A
 link-based cgroup attachment is always "multi", so other sock_ops users in this or any
 lower cgroup keep working. bcc has no link API, hence the few libbpf calls via ctypes.
+
+Open connections' bytes reach the flows through the socket sweep: a TCP iterator program
+that `Probe.sweep()` runs in every network namespace before each publish.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
-from kmeshd import cgroup, sockdiag
+from kmeshd import btf, cgroup, sockdiag
 from kmeshd.errors import UnavailableError
 from kmeshd.events import LAYOUT, SF_ESTABLISHED, SockStateStruct, Stat, encode_address
 from kmeshd.identity.model import IPAddress
@@ -36,7 +39,22 @@ RINGBUF_PAGES = 1024  # 4 MiB: about 40,000 records between two polls
 BPF_CGROUP_SOCK_OPS = 3  # enum bpf_attach_type
 PROGRAM = "kmeshd_sockops"
 BPF_FS_MAGIC = 0xCAFE4A11
-SETTING_RECORDS, SETTING_LIVE, SETTING_PERIODIC = 0, 1, 2  # the probe's settings array
+SETTING_RECORDS, SETTING_PERIODIC = 0, 1  # the probe's settings array
+SWEEP_PROGRAM = "bpf_iter__tcp"  # bcc attaches an iterator by its name: bpf_iter__<target>
+# The struct tcp_sock fields the sweep reads, each as the -D define that carries its offset
+# into the probe, its member path, and the size the probe reads.
+SWEEP_FIELDS = {
+    "TCP_STATE_OFF": ("inet_conn.icsk_inet.sk.__sk_common.skc_state", 1),
+    "TCP_BYTES_ACKED_OFF": ("bytes_acked", 8),
+    "TCP_BYTES_RECEIVED_OFF": ("bytes_received", 8),
+    "TCP_TOTAL_RETRANS_OFF": ("total_retrans", 4),
+    "TCP_DSACK_DUPS_OFF": ("dsack_dups", 4),
+    "TCP_SRTT_US_OFF": ("srtt_us", 4),
+    "TCP_MIN_RTT_OFF": ("rtt_min.s.v", 4),  # struct minmax: s[0] holds the minimum
+    "TCP_SEGS_IN_OFF": ("segs_in", 4),
+    "TCP_SEGS_OUT_OFF": ("segs_out", 4),
+}
+NO_SWEEP = "set bpf.live_updates = false to count open connections' bytes at their close only"
 
 
 def bpf_source_dir() -> Path:
@@ -69,6 +87,27 @@ def check_host(release: str | None = None, modules: Path = Path("/lib/modules"))
             "install linux-headers-amd64 and link /usr/src/linux-headers-<ver>-amd64 there "
             "(`make kernel-headers` does both)"
         )
+
+
+def sweep_offsets(kernel: btf.Btf) -> dict[str, int]:
+    """The SWEEP_FIELDS defines' offsets in the running kernel; BtfError names a field that
+    is missing or not the size the probe reads."""
+    offsets = {}
+    for define, (path, size) in SWEEP_FIELDS.items():
+        field = kernel.field("tcp_sock", path)
+        if field.size != size:
+            raise btf.BtfError(f"tcp_sock.{path} is {field.size} bytes, the probe reads {size}")
+        offsets[define] = field.offset
+    return offsets
+
+
+def kernel_sweep_offsets() -> dict[str, int]:
+    try:
+        return sweep_offsets(btf.load())
+    except btf.BtfError as exc:
+        raise UnavailableError(
+            f"the socket sweep cannot find its fields in the kernel's BTF ({exc}): {NO_SWEEP}"
+        ) from exc
 
 
 def import_bcc() -> Any:
@@ -172,8 +211,12 @@ class RawMap:
 class Probe:
     """A compiled, attached probe. Build it with `Probe.start(...)`."""
 
-    def __init__(self, bpf: Any, libbpf: _LibBpf, link_fd: int, link_pin: Path) -> None:
+    def __init__(
+        self, bpf: Any, libbpf: _LibBpf, link_fd: int, link_pin: Path, sweep_link: int | None
+    ) -> None:
         self._bpf = bpf
+        self._sweep_link = sweep_link
+        self._sweeping = False
         self._libbpf = libbpf
         self._link_fd = link_fd
         self._link_pin = link_pin
@@ -185,14 +228,21 @@ class Probe:
 
     @classmethod
     def start(
-        cls, pin_dir: Path, cgroup_dir: Path, phase: Callable[[str], None] = lambda _: None
+        cls,
+        pin_dir: Path,
+        cgroup_dir: Path,
+        phase: Callable[[str], None] = lambda _: None,
+        sweep: bool = True,
     ) -> Probe:
-        """Compile, load and attach; `phase` hears what it is doing (for STATUS=)."""
+        """Compile, load and attach; `phase` hears what it is doing (for STATUS=). Without
+        `sweep`, open connections' bytes count at their close only."""
         check_host()
         bcc = import_bcc()
         pins = prepare_pin_dir(pin_dir)
+        offsets = kernel_sweep_offsets() if sweep else {}
         phase("compiling the BPF probe")
-        bpf = compile_probe(bcc, pins)
+        bpf = compile_probe(bcc, pins, offsets)
+        sweep_link = attach_sweep(bcc, bpf) if sweep else None
         libbpf = _LibBpf()
         if may_enter_namespaces():
             sweep_closed_sockets(
@@ -213,7 +263,7 @@ class Probe:
         except OSError as exc:
             bpf.cleanup()
             raise UnavailableError(f"cannot attach the probe to {cgroup_dir}: {exc}") from exc
-        return cls(bpf, libbpf, link_fd, pins / "link")
+        return cls(bpf, libbpf, link_fd, pins / "link", sweep_link)
 
     def on_record(self, callback: Callable[[bytes], bool]) -> None:
         """Call `callback(raw record)` for each ring-buffer record drain() consumes; when it
@@ -245,9 +295,36 @@ class Probe:
         """Whether the kernel queues access-log records at all (off: no ring work)."""
         self._set(SETTING_RECORDS, int(on))
 
+    @property
+    def can_sweep(self) -> bool:
+        """Whether the probe was started with its socket sweep."""
+        return self._sweep_link is not None
+
     def want_live_updates(self, on: bool) -> None:
-        """Whether connections that open from now on update their flows while open."""
-        self._set(SETTING_LIVE, int(on))
+        """Whether sweep() adds open connections' bytes to the flows (else: at close)."""
+        self._sweeping = on and self.can_sweep
+
+    def sweep(self, on_error: Callable[[sockdiag.SockDiagError], None]) -> int:
+        """Bring every open tracked connection's bytes, retransmits and losses into the
+        flows (and write due periodic records), in each network namespace this process may
+        enter; `on_error` hears of those it may not. Returns the namespaces swept."""
+        if not self._sweeping or self._sweep_link is None:
+            return 0
+        swept, _hidden = sockdiag.in_each_namespace(self._sweep_here, on_error)
+        return len(swept)
+
+    def _sweep_here(self) -> None:
+        """One pass of the iterator over the calling thread's network namespace: the
+        iterator takes the namespace it is created in. It writes nothing, so the first
+        read returns at the end."""
+        from bcc.libbcc import lib
+
+        fd = _LibBpf.check(lib.bcc_iter_create(self._sweep_link), "bpf_iter_create")
+        try:
+            while os.read(fd, 4096):
+                pass
+        finally:
+            os.close(fd)
 
     def want_periodic_records(self, seconds: float) -> None:
         """A record of each open connection's totals every `seconds` it moves bytes; 0: none."""
@@ -282,6 +359,8 @@ class Probe:
             self._libbpf.link_detach(self._link_fd)
             self._link_pin.unlink(missing_ok=True)
         os.close(self._link_fd)
+        if self._sweep_link is not None:
+            os.close(self._sweep_link)
         self._bpf.cleanup()
 
 
@@ -385,9 +464,11 @@ def is_bpffs(path: Path) -> bool:
     return cgroup.fs_magic(path) == BPF_FS_MAGIC
 
 
-def compile_probe(bcc: Any, pins: Path) -> Any:
+def compile_probe(bcc: Any, pins: Path, sweep_offsets: dict[str, int]) -> Any:
+    """Without `sweep_offsets`, the probe has no socket sweep."""
     src = bpf_source_dir()
-    cflags = [
+    cflags = [f"-D{define}={offset}" for define, offset in sweep_offsets.items()]
+    cflags += [
         f"-I{src}",
         f'-DPIN_DIR="{pins}"',
         f"-DFLOWS_MAX={FLOWS_MAX}",
@@ -402,6 +483,21 @@ def compile_probe(bcc: Any, pins: Path) -> Any:
     release_freed_memory()
     release_compiler_pages()
     return bpf
+
+
+def attach_sweep(bcc: Any, bpf: Any) -> int:
+    """Load the socket sweep and link it as a TCP iterator: the link's fd."""
+    from bcc.libbcc import lib
+
+    try:
+        program = bpf.load_func(SWEEP_PROGRAM, bcc.BPF.TRACING)
+        return _LibBpf.check(lib.bcc_iter_attach(program.fd, None, 0), "bpf_link_create")
+    except Exception as exc:
+        bpf.cleanup()
+        raise UnavailableError(
+            f"the kernel refused the socket sweep, a TCP iterator program (Linux 5.15 or"
+            f" newer): {exc}: {NO_SWEEP}"
+        ) from exc
 
 
 def release_freed_memory() -> None:

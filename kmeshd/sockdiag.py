@@ -25,9 +25,9 @@ import os
 import socket
 import struct
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 NETLINK_SOCK_DIAG = 4
 SOCK_DIAG_BY_FAMILY = 20
@@ -54,6 +54,7 @@ _COOKIE = struct.Struct("=II")  # idiag_cookie[2]: low word first, host order
 _INODE_OFFSET = _COOKIE_OFFSET + _COOKIE.size + 4 * 4
 _INODE = struct.Struct("=I")
 _PROC_NET_TIME_WAIT = "06"
+T = TypeVar("T")
 
 
 class SockDiagError(OSError):
@@ -207,33 +208,66 @@ def check_hidden(hidden: Iterable[Path], seen_inodes: set[int]) -> None:
 def live_cookies() -> set[int]:
     """Cookies of every TCP socket on the host. Raises SockDiagError if any namespace
     cannot be read: a partial answer would make live sockets look closed."""
-    result: dict[str, dict[int, int] | BaseException] = {}
-    worker = threading.Thread(target=_collect, args=(result,), name="kmeshd-sockdiag")
+    dumps, hidden = in_each_namespace(dump_cookies)
+    live: dict[int, int] = {}
+    for dump in dumps:
+        live |= dump
+    check_hidden(hidden, set(live.values()))
+    return set(live)
+
+
+def in_each_namespace(
+    action: Callable[[], T], on_error: Callable[[SockDiagError], None] | None = None
+) -> tuple[list[T], list[Path]]:
+    """`action()`'s results from inside each network namespace, and the processes whose
+    namespace may not be read (see check_hidden). A namespace that cannot be entered
+    raises SockDiagError, or is passed to `on_error` and skipped."""
+    result: dict[str, tuple[list[T], list[Path]] | BaseException] = {}
+    worker = threading.Thread(
+        target=_collect, args=(action, on_error, result), name="kmeshd-namespaces"
+    )
     worker.start()
     worker.join()
     outcome = result["outcome"]
     if isinstance(outcome, BaseException):
         raise outcome
-    return set(outcome)
+    return outcome
 
 
-def _collect(result: dict[str, dict[int, int] | BaseException]) -> None:
+def _collect(
+    action: Callable[[], T],
+    on_error: Callable[[SockDiagError], None] | None,
+    result: dict[str, tuple[list[T], list[Path]] | BaseException],
+) -> None:
     """Runs in its own thread, so entering namespaces never moves the daemon's threads."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    live: dict[int, int] = {}
     try:
         namespaces = namespace_paths()
+        answers: list[T] = []
         for path in namespaces.paths.values():
-            fd = os.open(path, os.O_RDONLY)
             try:
-                if libc.setns(fd, CLONE_NEWNET) != 0:
-                    err = ctypes.get_errno()
-                    reason = os.strerror(err)
-                    raise SockDiagError(err, f"cannot enter network namespace {path}: {reason}")
-            finally:
-                os.close(fd)
-            live |= dump_cookies()
-        check_hidden(namespaces.hidden, set(live.values()))
-        result["outcome"] = live
+                _enter(path)
+            except SockDiagError as exc:
+                if on_error is None:
+                    raise
+                on_error(exc)
+                continue
+            answers.append(action())
+        result["outcome"] = (answers, namespaces.hidden)
     except BaseException as exc:  # handed to the caller's thread
         result["outcome"] = exc
+
+
+def _enter(path: str) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as exc:
+        raise SockDiagError(
+            exc.errno, f"cannot open network namespace {path}: {exc.strerror}"
+        ) from exc
+    try:
+        if libc.setns(fd, CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise SockDiagError(err, f"cannot enter network namespace {path}: {os.strerror(err)}")
+    finally:
+        os.close(fd)
