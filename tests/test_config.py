@@ -70,6 +70,7 @@ def test_empty_file_is_all_defaults() -> None:
         ("accesslog.file_explicit", False),
         ("bpf.cgroup", "auto"),
         ("bpf.pin_dir", "/sys/fs/bpf/kmeshd"),
+        ("bpf.live_updates", True),
     ],
 )
 def test_default(key: str, expected: object) -> None:
@@ -123,6 +124,7 @@ def test_default(key: str, expected: object) -> None:
         ('[accesslog]\nperiodic = "5m"', "accesslog.periodic", 300.0),
         ('[bpf]\ncgroup = "/sys/fs/cgroup/kubepods"', "bpf.cgroup", "/sys/fs/cgroup/kubepods"),
         ('[bpf]\npin_dir = "/sys/fs/bpf/other"', "bpf.pin_dir", "/sys/fs/bpf/other"),
+        ("[bpf]\nlive_updates = false", "bpf.live_updates", False),
         ('metrics = { interval = "1m" }', "metrics.interval", 60.0),
     ],
 )
@@ -317,6 +319,11 @@ KNOWN_TABLES = "(known: accesslog, bpf, identity, kubernetes, metrics)"
             'accesslog.periodic: expected "" or a duration string such as "5s", got the integer 5',
         ),
         (
+            '[accesslog]\nperiodic = "5m"\n[bpf]\nlive_updates = false',
+            'accesslog.periodic: needs bpf.live_updates = true: set it, or set periodic = ""'
+            " for records at close only",
+        ),
+        (
             '[accesslog]\njournald = "yes"',
             'accesslog.journald: expected true or false, got the string "yes"',
         ),
@@ -339,6 +346,10 @@ KNOWN_TABLES = "(known: accesslog, bpf, identity, kubernetes, metrics)"
             "bpf.pin_dir: expected a string, got the date/time 2024-01-01",
         ),
         ("[bpf]\ncgroup = 1.5", "bpf.cgroup: expected a string, got the float 1.5"),
+        (
+            '[bpf]\nlive_updates = "no"',
+            'bpf.live_updates: expected true or false, got the string "no"',
+        ),
         ("[bpf]\ncgroup = {}", "bpf.cgroup: expected a string, got a table"),
         (
             "[metrics]\ntextfile_explicit = true",

@@ -112,6 +112,39 @@ def test_a_long_connection_shows_its_bytes_while_open_and_exactly_at_close(
         daemon.close()
 
 
+def test_a_burst_then_silence_shows_every_byte_at_the_next_publish(
+    tmp_path: Path, pin_dir: Path, pods: dict[str, Pod]
+) -> None:
+    """1 MiB sent at once, then nothing, the connection left open: the next publish shows
+    every byte the server acknowledged, exactly, for both reporters, and so does each one
+    after (no segment moves, so nothing may be added twice by repeated sweeps)."""
+    interval = 1.0
+    daemon = Daemon(tmp_path, INVENTORY, pin_dir, interval="1s")
+    daemon.start()
+    try:
+        stream = Stream(pods["client"], pods["server"], chunks=4, reply=0)
+        stream.send(4 * CHUNK)
+        acked_at = time.monotonic()
+        exact = [stream.request] * 2
+        s = daemon.wait_for(
+            lambda s: both(s, "received_bytes_total") == exact, timeout=interval + 1.0
+        )
+        assert time.monotonic() - acked_at <= interval + 1.0
+        published = value(s, "kmeshd_last_publish_timestamp_seconds")
+        s = daemon.wait_for(
+            lambda s: value(s, "kmeshd_last_publish_timestamp_seconds") >= published + 2 * interval
+        )
+        assert both(s, "received_bytes_total") == exact
+        assert both(s, "sent_bytes_total") == [0, 0]  # the server only acknowledges
+        assert both(s, "connections_closed_total") == [0, 0]
+        stream.close()
+        s = daemon.wait_for(closed(1), what="the close")
+        assert both(s, "received_bytes_total") == exact
+        assert both(s, "sent_bytes_total") == [0, 0]
+    finally:
+        daemon.close()
+
+
 def test_without_live_updates_bytes_arrive_at_close_only(
     tmp_path: Path, pin_dir: Path, pods: dict[str, Pod]
 ) -> None:
@@ -196,9 +229,8 @@ def test_restart_with_a_connection_open_counts_it_once_and_never_goes_back(
         seen.append(both(daemon.samples(), "received_bytes_total"))
         before = stream.acked
         stream.send()
-        # Live again: at least what was sent while no daemon ran (the sender's last window
-        # of a burst shows with its next segment or its close, see kmeshd(8)).
-        s = daemon.wait_for(lambda s: min(both(s, "received_bytes_total")) >= before, what="live")
+        # Live again, exactly: what was sent before and while no daemon ran.
+        s = daemon.wait_for(lambda s: both(s, "received_bytes_total") == [before] * 2, what="live")
         seen.append(both(s, "received_bytes_total"))
         stream.send()
         stream.close()

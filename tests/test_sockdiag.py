@@ -288,3 +288,48 @@ def test_live_cookies_cover_every_namespace_and_no_closed_socket() -> None:
 def test_live_cookies_include_ipv6_sockets() -> None:
     with socket.create_server(("::1", 0), family=socket.AF_INET6) as v6:
         assert cookie(v6) in sockdiag.live_cookies()
+
+
+def thread_netns() -> int:
+    return os.stat("/proc/thread-self/ns/net").st_ino
+
+
+@pytest.mark.kernel
+@pytest.mark.skipif(not is_root(), reason="entering network namespaces needs root")
+def test_each_namespace_runs_the_action_and_hands_over_those_it_cannot_enter(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The action runs once inside each namespace; a path that is no namespace (opens, but
+    setns refuses it) and one that is gone go to on_error, and the rest still run. Without
+    on_error the first of them is raised. The caller's thread never moves."""
+    netns = f"kmsd{uuid.uuid4().hex[:6]}"
+    sh("ip", "netns", "add", netns)
+    try:
+        other = os.stat(f"/run/netns/{netns}").st_ino
+        here = thread_netns()
+        not_a_namespace = tmp_path / "file"
+        not_a_namespace.write_text("")
+        gone = tmp_path / "gone"
+        paths = {
+            (0, 1): "/proc/self/ns/net",
+            (0, 2): str(not_a_namespace),
+            (0, 3): f"/run/netns/{netns}",
+            (0, 4): str(gone),
+        }
+        monkeypatch.setattr(
+            sockdiag, "namespace_paths", lambda: sockdiag.Namespaces(paths, [Path("/proc/1")])
+        )
+        errors: list[str] = []
+        seen, hidden = sockdiag.in_each_namespace(thread_netns, lambda e: errors.append(str(e)))
+        assert seen == [here, other]
+        assert hidden == [Path("/proc/1")]
+        assert errors == [
+            f"[Errno 22] cannot enter network namespace {not_a_namespace}: Invalid argument",
+            f"[Errno 2] cannot open network namespace {gone}: No such file or directory",
+        ]
+        with pytest.raises(sockdiag.SockDiagError) as exc:
+            sockdiag.in_each_namespace(thread_netns)
+        assert exc.value.errno == errno.EINVAL
+        assert thread_netns() == here
+    finally:
+        sh("ip", "netns", "del", netns, check=False)
