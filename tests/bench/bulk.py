@@ -1,5 +1,5 @@
-"""`make bench`, part two: what kmeshd costs one long bulk transfer, the case its per-packet
-live updates (bpf.live_updates) could hurt. A benchmark, not a test: it prints a table,
+"""`make bench`, part two: what kmeshd costs one long bulk transfer, the case any per-packet
+probe would hurt (kmeshd has none: live bytes come from a socket sweep at each publish). A benchmark, not a test: it prints a table,
 writes JSON, and fails only if it cannot run.
 
     .venv/bin/python -m tests.bench.bulk [--rounds N] [--seconds S] [--out FILE]
@@ -12,8 +12,8 @@ its ratio to the baseline (median of the rounds, and the median of each round's 
 ratio), kmeshd's CPU seconds during the transfer (user-space work), and whether the
 transfer's bytes are in /metrics exactly, for both reporters. Then one more transfer per
 scenario with live updates on and kernel.bpf_stats_enabled=1: the sock_ops program's runs
-and run time per GB, and its run time as a share of the transfer's: steadier than ratios
-on a noisy host.
+and run time per GB, and its run time as a share of the transfer's (steadier than ratios
+on a noisy host; near zero when no callback runs per packet).
 """
 
 from __future__ import annotations

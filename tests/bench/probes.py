@@ -203,13 +203,17 @@ class ProgStats:
     run_time_ns: int
 
 
-def prog_stats(name_prefix: str = "kmeshd") -> ProgStats:
-    """run_cnt and run_time_ns summed over the loaded programs named `name_prefix*`
-    (counted only while kernel.bpf_stats_enabled is 1)."""
+def prog_stats(name_prefix: str = "kmeshd", prog_type: str = "sock_ops") -> ProgStats:
+    """run_cnt and run_time_ns summed over the loaded programs of `prog_type` named
+    `name_prefix*` (counted only while kernel.bpf_stats_enabled is 1)."""
     out = subprocess.run(
         ["bpftool", "-j", "prog", "show"], capture_output=True, text=True, check=True
     ).stdout
-    progs = [p for p in json.loads(out) if str(p.get("name", "")).startswith(name_prefix)]
+    progs = [
+        p
+        for p in json.loads(out)
+        if p.get("type") == prog_type and str(p.get("name", "")).startswith(name_prefix)
+    ]
     return ProgStats(
         sum(int(p.get("run_cnt", 0)) for p in progs),
         sum(int(p.get("run_time_ns", 0)) for p in progs),

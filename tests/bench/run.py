@@ -35,8 +35,8 @@ Configurations:
     kmeshd-nolog  `kmeshd run` (READY=1 over NOTIFY_SOCKET), inventory naming the benchmark's
                   addresses, access log off, textfile off, its own bpf.pin_dir under /sys/fs/bpf
     kmeshd-log    the same with the access-log file on (journald off)
-    kmeshd-core   kmeshd-nolog with bpf.live_updates = false: no per-packet callbacks, the
-                  counters of a connection change at its close only
+    kmeshd-core   kmeshd-nolog with bpf.live_updates = false: no socket sweep at each
+                  publish, the counters of a connection change at its close only
     tcplife       bcc's tcplife-bpfcc, output to /dev/null (installed with apt-get if missing)
 
 Each probe is started before its run and stopped after it, start-up outside the timed
