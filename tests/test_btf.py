@@ -35,7 +35,7 @@ class Blob:
         self.count += 1
         return self.count
 
-    def int(self, name: str, size: int) -> int:
+    def integer(self, name: str, size: int) -> int:
         return self._add(name, INT, 0, size, struct.pack("<I", size * 8))
 
     def ptr(self, to: int) -> int:
@@ -75,7 +75,7 @@ class Blob:
         )
         return self._add(name, kind, len(members), size, extra, flag)
 
-    def bytes(self, magic: int = btf.MAGIC) -> bytes:
+    def encode(self, magic: int = btf.MAGIC) -> bytes:
         header = struct.pack(
             "<HBBIIIII", magic, 1, 0, 24, 0, len(self.types), len(self.types), len(self.strings)
         )
@@ -95,7 +95,12 @@ def sample() -> btf.Btf:
         struct inner sized[2];                  // 60
     };  plus a forward declaration of struct outer before it."""
     b = Blob()
-    u8, u16, u32, u64 = b.int("u8", 1), b.int("u16", 2), b.int("u32", 4), b.int("u64", 8)
+    u8, u16, u32, u64 = (
+        b.integer("u8", 1),
+        b.integer("u16", 2),
+        b.integer("u32", 4),
+        b.integer("u64", 8),
+    )
     b.record("outer", 0, [])  # a declaration only: vlen 0, as vmlinux has them
     inner = b.record("inner", 8, [("v", u32, 0), ("w", u16, 32)])
     u16_t = b.typedef("u16_t", u16)
@@ -119,7 +124,7 @@ def sample() -> btf.Btf:
     )
     b.record("odd", 4, [("x", u8, 0), ("y", u8, 3)])  # no kind_flag: y starts mid-byte
     b.enum("state", 3)
-    return btf.Btf(b.bytes())
+    return btf.Btf(b.encode())
 
 
 @pytest.mark.parametrize(
@@ -165,18 +170,18 @@ def test_fields_that_cannot_be_read_are_named(struct_name: str, path: str, probl
 
 def test_a_field_after_bit_fields_is_still_found() -> None:
     b = Blob()
-    u32 = b.int("u32", 4)
+    u32 = b.integer("u32", 4)
     b.record(
         "s", 12, [("f", u32, 0), ("g", u32, 4), ("after", u32, 64)], bitfields={"f": 4, "g": 28}
     )
-    assert btf.Btf(b.bytes()).field("s", "after") == btf.Field(8, 4)
+    assert btf.Btf(b.encode()).field("s", "after") == btf.Field(8, 4)
 
 
 @pytest.mark.parametrize(
     ("data", "problem"),
     [
         (b"\x9f\xeb\x01", "too short for a BTF header"),
-        (Blob().bytes(magic=0x9FEB), "bad magic 0x9feb, expected 0xeb9f"),
+        (Blob().encode(magic=0x9FEB), "bad magic 0x9feb, expected 0xeb9f"),
     ],
 )
 def test_a_blob_that_is_not_btf_is_refused(data: bytes, problem: str) -> None:
@@ -187,18 +192,18 @@ def test_a_blob_that_is_not_btf_is_refused(data: bytes, problem: str) -> None:
 
 def test_an_unknown_kind_is_refused_rather_than_misread() -> None:
     b = Blob()
-    b.int("u32", 4)
+    b.integer("u32", 4)
     b._add("future", 30, 0, 0)
     with pytest.raises(btf.BtfError) as exc:
-        btf.Btf(b.bytes())
+        btf.Btf(b.encode())
     assert str(exc.value) == "type 2: unknown kind 30"
 
 
 def test_a_type_section_cut_inside_a_type_is_refused() -> None:
     b = Blob()
-    u32 = b.int("u32", 4)
+    u32 = b.integer("u32", 4)
     b.record("s", 4, [("x", u32, 0)])
-    data = b.bytes()
+    data = b.encode()
     type_len = len(b.types) - 4  # the member record reaches past the section's end
     cut = data[:12] + struct.pack("<II", type_len, type_len) + data[20:]
     with pytest.raises(btf.BtfError) as exc:
@@ -214,13 +219,13 @@ def test_an_unreadable_file_is_named(tmp_path: Path) -> None:
 
 def test_sweep_offsets_refuse_a_field_of_another_size(monkeypatch: pytest.MonkeyPatch) -> None:
     b = Blob()
-    u32 = b.int("u32", 4)
+    u32 = b.integer("u32", 4)
     b.record("tcp_sock", 8, [("bytes_acked", u32, 0), ("segs_in", u32, 32)])
     monkeypatch.setattr(
         probe, "SWEEP_FIELDS", {"SEGS": ("segs_in", 4), "ACKED": ("bytes_acked", 8)}
     )
     with pytest.raises(btf.BtfError) as exc:
-        probe.sweep_offsets(btf.Btf(b.bytes()))
+        probe.sweep_offsets(btf.Btf(b.encode()))
     assert str(exc.value) == "tcp_sock.bytes_acked is 4 bytes, the probe reads 8"
 
 
