@@ -1,5 +1,6 @@
-"""`make bench`, part two: what kmeshd costs one long bulk transfer, the case any per-packet
-probe would hurt (kmeshd has none: live bytes come from a socket sweep at each publish). A benchmark, not a test: it prints a table,
+"""`make bench`, part two: what kmeshd costs one long bulk transfer, the case any
+per-packet probe would hurt (kmeshd has none: live bytes come from a socket sweep at each
+publish). A benchmark, not a test: it prints a table,
 writes JSON, and fails only if it cannot run.
 
     .venv/bin/python -m tests.bench.bulk [--rounds N] [--seconds S] [--out FILE]
