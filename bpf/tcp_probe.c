@@ -1,11 +1,11 @@
 /* kmeshd TCP probe: a sock_ops program on the cgroup v2 root, compiled by bcc at start-up,
  * and a TCP socket iterator that user space runs before each publish.
  *
- * The sock_ops program reads only layout-stable kernel data (struct bpf_sock_ops context
- * fields, the TCP header of a packet, tracepoint arguments whose format comes from
- * tracefs): the kernel headers on these hosts do not match the running kernel (see
- * ENVIRONMENT.md). The iterator reads a few struct tcp_sock fields at offsets kmeshd takes
- * from the running kernel's BTF (kmeshd/btf.py), passed in as TCP_*_OFF.
+ * The kernel headers on these hosts do not match the running kernel (see ENVIRONMENT.md),
+ * so the sock_ops program reads struct bpf_sock_ops context fields and tracepoint
+ * arguments, whose layouts are stable, and one struct sock field (sk_flags, at close) at
+ * the offset kmeshd takes from the running kernel's BTF (kmeshd/btf.py); the iterator
+ * reads a few struct tcp_sock fields the same way. Offsets arrive as *_OFF defines.
  *
  * Two outputs:
  *   flows   - cumulative per-flow counters (client, server, server port, direction):
@@ -17,10 +17,7 @@
  * kmeshd/probe.py), so a restarted daemon neither resets nor double counts.
  */
 #include <uapi/linux/bpf.h>
-#include <uapi/linux/tcp.h>
 #include "tcp_probe.h"
-
-#define TCPHDR_FIN 0x01 /* in bpf_sock_ops.skb_tcp_flags */
 
 #define AF_INET 2
 #define AF_INET6 10
@@ -31,11 +28,8 @@
  * the kernel does not free an entry by itself: the program deletes it at TCP_CLOSE, and
  * kmeshd sweeps out entries of sockets that closed while no program was attached
  * (kmeshd/sockdiag.py), counting those closes. */
-#define SF_OUR_FIN_ACKED 2  /* our FIN was acknowledged: bytes_acked holds one extra */
-#define SF_PEER_FIN 4       /* the peer's FIN was taken in order: bytes_received holds one extra */
-#define SF_PEER_FIN_SEEN 8 /* a FIN arrived while we were closing; see fin_end */
-#define SF_RTO_EXPIRED 16   /* the retransmission timer gave up */
-#define SF_RESET 32         /* a RST arrived (set by the tcp_receive_reset tracepoint) */
+#define SF_RTO_EXPIRED 2 /* the retransmission timer gave up */
+#define SF_RESET 4       /* a RST arrived (set by the tcp_receive_reset tracepoint) */
 
 struct addr16 {
     __u8 a[16];
@@ -200,9 +194,9 @@ static __always_inline struct sock_state *state_of(struct bpf_sock_ops *ctx)
     return socks.lookup(&cookie);
 }
 
-static __always_inline void set_cb_flags(struct bpf_sock_ops *ctx, __u32 set, __u32 clear)
+static __always_inline void enable_callbacks(struct bpf_sock_ops *ctx, __u32 flags)
 {
-    bpf_sock_ops_cb_flags_set(ctx, (ctx->bpf_sock_ops_cb_flags | set) & ~clear);
+    bpf_sock_ops_cb_flags_set(ctx, ctx->bpf_sock_ops_cb_flags | flags);
 }
 
 static __always_inline __u64 setting(int index)
@@ -234,11 +228,11 @@ static __always_inline void on_start(struct bpf_sock_ops *ctx, __u8 direction)
         return;
     }
     if (direction == DIR_OUTBOUND) {
-        set_cb_flags(ctx, BPF_SOCK_OPS_STATE_CB_FLAG | BPF_SOCK_OPS_RTO_CB_FLAG, 0);
+        enable_callbacks(ctx, BPF_SOCK_OPS_STATE_CB_FLAG | BPF_SOCK_OPS_RTO_CB_FLAG);
         return;
     }
     count(STAT_OPENED);
-    set_cb_flags(ctx, BPF_SOCK_OPS_STATE_CB_FLAG, 0);
+    enable_callbacks(ctx, BPF_SOCK_OPS_STATE_CB_FLAG);
     struct flow_counters *c = flow_of(&st.key);
     if (c)
         __sync_fetch_and_add(&c->opened, 1);
@@ -276,30 +270,47 @@ static __always_inline __u64 minus(__u64 v, __u64 d)
     return v > d ? v - d : 0;
 }
 
-/* `our_fin_now`, `peer_fin_now`: a FIN acknowledged or taken that the flags do not show
- * yet (seen only as the socket closes; see closing_fins). */
-static __always_inline void app_bytes(struct sock_state *st, __u64 acked, __u64 rcvd, int our_fin_now,
-                                      int peer_fin_now, struct progress *p)
+/* `our_fin`: our FIN was acknowledged, so bytes_acked counts it; `peer_fin`: the peer's
+ * FIN was taken, so bytes_received counts it. */
+static __always_inline void app_bytes(struct sock_state *st, __u64 acked, __u64 rcvd, int our_fin, int peer_fin,
+                                      struct progress *p)
 {
     if (st->key.direction == DIR_OUTBOUND)
         acked = minus(acked, 1);
-    if ((st->flags & SF_OUR_FIN_ACKED) || our_fin_now)
+    if (our_fin)
         acked = minus(acked, 1);
-    if ((st->flags & SF_PEER_FIN) || peer_fin_now)
+    if (peer_fin)
         rcvd = minus(rcvd, 1);
     p->sent = acked;
     p->received = rcvd;
 }
 
-/* At TCP_CLOSE, leaving `state`: our FIN was acknowledged if it is all that was
- * outstanding in CLOSING or LAST_ACK; the peer's was taken if rcv_nxt passed it. */
+/* Whether the peer's FIN was taken: tcp_fin() sets SOCK_DONE in sk_flags as it takes the
+ * FIN in order, which is when bytes_received counts it. A FIN that reaches only the
+ * TIME_WAIT socket left behind after we closed is not counted, nor flagged. */
+static __always_inline int peer_fin_taken(struct bpf_sock_ops *ctx)
+{
+    struct bpf_sock *sk = ctx->sk;
+    if (!sk)
+        return 0;
+    void *tp = bpf_skc_to_tcp_sock(sk);
+    if (!tp)
+        return 0;
+    /* A direct load, which the verifier checks against the kernel's BTF: sock_ops may not
+     * call bpf_probe_read(), which older bcc versions turn bpf_probe_read_kernel() into. */
+    __u64 flags = *(volatile __u64 *)(tp + SOCK_FLAGS_OFF);
+    return (flags >> SOCK_DONE_BIT) & 1;
+}
+
+/* At TCP_CLOSE, leaving `state`: our FIN was acknowledged if we were in FIN_WAIT2 (the
+ * ACK of our FIN moved us there), or if it is all that was outstanding in CLOSING or
+ * LAST_ACK. */
 static __always_inline void closing_app_bytes(struct bpf_sock_ops *ctx, struct sock_state *st,
                                               __u32 state, struct progress *p)
 {
-    int our_fin = (state == BPF_TCP_CLOSING || state == BPF_TCP_LAST_ACK) &&
-                  ctx->snd_una == ctx->snd_nxt;
-    int peer_fin = (st->flags & SF_PEER_FIN_SEEN) && ctx->rcv_nxt == st->fin_end;
-    app_bytes(st, ctx->bytes_acked, ctx->bytes_received, our_fin, peer_fin, p);
+    int our_fin = state == BPF_TCP_FIN_WAIT2 ||
+                  ((state == BPF_TCP_CLOSING || state == BPF_TCP_LAST_ACK) && ctx->snd_una == ctx->snd_nxt);
+    app_bytes(st, ctx->bytes_acked, ctx->bytes_received, our_fin, peer_fin_taken(ctx), p);
 }
 
 /* Segments retransmitted, less those the peer's D-SACKs showed to be duplicates: what was
@@ -467,44 +478,15 @@ static __always_inline void on_close(struct bpf_sock_ops *ctx, struct sock_state
     socks.delete(&cookie);
 }
 
-/* While we close, look at each arriving packet for the peer's FIN and note the
- * sequence number just past it: rcv_nxt reaches it only if the FIN was taken. */
-static __always_inline void on_header(struct bpf_sock_ops *ctx)
-{
-    if (!(ctx->skb_tcp_flags & TCPHDR_FIN))
-        return;
-    struct sock_state *st = state_of(ctx);
-    void *data = (void *)(long)ctx->skb_data;
-    void *end = (void *)(long)ctx->skb_data_end;
-    struct tcphdr *th = data;
-    if (!st || data + sizeof(*th) > end)
-        return;
-    __u32 header_len = th->doff * 4;
-    st->fin_end = bpf_ntohl(th->seq) + (ctx->skb_len - header_len) + 1;
-    st->flags |= SF_PEER_FIN_SEEN;
-}
-
 static __always_inline void on_state(struct bpf_sock_ops *ctx)
 {
-    __u32 old_state = ctx->args[0], new_state = ctx->args[1];
-    /* SYN_SENT -> ESTABLISHED and CLOSE_WAIT -> LAST_ACK, among others, change nothing
-     * here: return before the socket's state is looked up. */
-    if (new_state != BPF_TCP_CLOSE_WAIT && new_state != BPF_TCP_CLOSING &&
-        new_state != BPF_TCP_FIN_WAIT1 && new_state != BPF_TCP_FIN_WAIT2 &&
-        new_state != BPF_TCP_CLOSE)
+    /* Only the close changes anything here: return before the socket's state is looked up. */
+    if (ctx->args[1] != BPF_TCP_CLOSE)
         return;
     __u64 cookie = bpf_get_socket_cookie(ctx);
     struct sock_state *st = socks.lookup(&cookie);
-    if (!st)
-        return;
-    if (new_state == BPF_TCP_CLOSE_WAIT || new_state == BPF_TCP_CLOSING)
-        st->flags |= SF_PEER_FIN;
-    if (old_state == BPF_TCP_FIN_WAIT1 && new_state == BPF_TCP_FIN_WAIT2)
-        st->flags |= SF_OUR_FIN_ACKED;
-    if (new_state == BPF_TCP_FIN_WAIT1) /* we close: watch for the peer's FIN */
-        set_cb_flags(ctx, BPF_SOCK_OPS_PARSE_ALL_HDR_OPT_CB_FLAG, 0);
-    if (new_state == BPF_TCP_CLOSE)
-        on_close(ctx, st, old_state, cookie);
+    if (st)
+        on_close(ctx, st, ctx->args[0], cookie);
 }
 
 int kmeshd_sockops(struct bpf_sock_ops *ctx)
@@ -530,9 +512,6 @@ int kmeshd_sockops(struct bpf_sock_ops *ctx)
             if (st)
                 st->flags |= SF_RTO_EXPIRED;
         }
-        break;
-    case BPF_SOCK_OPS_PARSE_HDR_OPT_CB:
-        on_header(ctx);
         break;
     }
     return 1;
@@ -628,7 +607,9 @@ int bpf_iter__tcp(struct kmeshd_iter_tcp *ctx)
     if (!st || !(st->flags & SF_ESTABLISHED))
         return 0;
     struct progress p = {.retrans = tcp_u32(tp, TCP_TOTAL_RETRANS_OFF), .lost = st->reported_lost};
-    app_bytes(st, tcp_u64(tp, TCP_BYTES_ACKED_OFF), tcp_u64(tp, TCP_BYTES_RECEIVED_OFF), 0, 0, &p);
+    /* In CLOSE_WAIT the peer's FIN was taken; we have sent none. */
+    app_bytes(st, tcp_u64(tp, TCP_BYTES_ACKED_OFF), tcp_u64(tp, TCP_BYTES_RECEIVED_OFF), 0,
+              state == BPF_TCP_CLOSE_WAIT, &p);
     if (p.sent == st->reported_sent && p.received == st->reported_received &&
         p.retrans == st->reported_retrans)
         return 0;

@@ -8,7 +8,7 @@
 #ifndef KMESHD_TCP_PROBE_H
 #define KMESHD_TCP_PROBE_H
 
-#define KMESHD_LAYOUT 5
+#define KMESHD_LAYOUT 6
 
 #define DIR_OUTBOUND 1 /* this socket called connect(): the client */
 #define DIR_INBOUND 2  /* this socket was accepted: the server */
@@ -82,7 +82,8 @@ struct flow_counters {
  * client's port name both ends: a record needs nothing else of the socket. */
 struct sock_state {
     struct flow_key key;
-    __u32 fin_end;          /* rcv_nxt once the peer's FIN is taken (with SF_PEER_FIN_SEEN) */
+    __u16 flags;            /* SF_* in tcp_probe.c */
+    __u16 client_port;
     __u64 start_ns;         /* connect() for OUTBOUND, establishment for INBOUND */
     __u64 established_ns;
     __u64 reported_sent;    /* application bytes this socket sent, already in flows */
@@ -90,10 +91,7 @@ struct sock_state {
     __u64 last_record_ns;   /* establishment, then each periodic record */
     __u32 reported_retrans;
     __u32 reported_lost;
-    __u16 flags;            /* SF_* in tcp_probe.c */
-    __u16 client_port;
-    __u8 _pad[4];
-};                                     /* 96 bytes */
+};                                     /* 88 bytes */
 
 #define SF_ESTABLISHED 1
 
@@ -122,7 +120,7 @@ struct conn_record {
 _Static_assert(sizeof(struct flow_key) == 36, "flow_key size");
 _Static_assert(sizeof(struct histogram) == 152, "histogram size");
 _Static_assert(sizeof(struct flow_counters) == 688, "flow_counters size");
-_Static_assert(sizeof(struct sock_state) == 96, "sock_state size");
+_Static_assert(sizeof(struct sock_state) == 88, "sock_state size");
 _Static_assert(sizeof(struct conn_record) == 96, "conn_record size");
 
 #endif

@@ -1,13 +1,15 @@
-"""Where a field lies in a kernel struct, read from the running kernel's BTF.
+"""Where a field lies in a kernel struct, and what an enum member's value is, read from
+the running kernel's BTF.
 
-The probe's socket sweep (bpf/tcp_probe.c, `bpf_iter__tcp`) reads a few fields of struct
-tcp_sock that no stable interface offers to an iterator. The kernel headers bcc compiles
-against do not describe the running kernel (ENVIRONMENT.md), so the offsets come from
-/sys/kernel/btf/vmlinux, the kernel's own description of its types, and reach the probe as
--D defines: what libbpf's CO-RE relocations do, for the handful of fields we need.
+The probe (bpf/tcp_probe.c) reads a few fields of struct tcp_sock that no stable interface
+offers: the socket's flags at close, and what the socket sweep (`bpf_iter__tcp`) reads.
+The kernel headers bcc compiles against do not describe the running kernel
+(ENVIRONMENT.md), so the offsets come from /sys/kernel/btf/vmlinux, the kernel's own
+description of its types, and reach the probe as -D defines: what libbpf's CO-RE
+relocations do, for the handful of fields we need.
 
 Only what that needs is decoded: the type records' shapes (to step over them), names,
-struct and union members, arrays, and the qualifiers and typedefs between them.
+struct and union members, arrays, enums, and the qualifiers and typedefs between them.
 """
 
 from __future__ import annotations
@@ -23,8 +25,11 @@ _HEADER = struct.Struct("<HBBIIIII")  # magic, version, flags, hdr_len, type/str
 _TYPE = struct.Struct("<III")  # name_off, info, size or type
 _MEMBER = struct.Struct("<III")  # name_off, type, offset
 _ARRAY = struct.Struct("<III")  # type, index_type, nelems
+_ENUM = struct.Struct("<II")  # name_off, value (signed when kind_flag is set)
+_ENUM64 = struct.Struct("<III")  # name_off, low and high 32 bits of the value
 
-KIND_INT, KIND_PTR, KIND_ARRAY, KIND_STRUCT, KIND_UNION = 1, 2, 3, 4, 5
+KIND_INT, KIND_PTR, KIND_ARRAY, KIND_STRUCT, KIND_UNION, KIND_ENUM = 1, 2, 3, 4, 5, 6
+KIND_ENUM64 = 19
 KIND_TYPEDEF, KIND_VOLATILE, KIND_CONST, KIND_RESTRICT, KIND_TYPE_TAG = 8, 9, 10, 11, 18
 # Bytes each kind carries after its 12-byte record: fixed, and per vlen item.
 _EXTRA: dict[int, tuple[int, int]] = {
@@ -70,7 +75,7 @@ class Btf:
         self._strings = data[hdr_len + str_off : hdr_len + str_off + str_len]
         self._offsets = [0]  # type id 0 is void
         self._index(self._types_start, self._types_start + type_len)
-        self._structs: dict[str, int] | None = None
+        self._named: dict[tuple[int, str], int] | None = None
 
     def _index(self, pos: int, end: int) -> None:
         while pos < end:
@@ -95,17 +100,36 @@ class Btf:
         name_off, info, size_or_type = _TYPE.unpack_from(self._data, self._offsets[type_id])
         return name_off, (info >> 24) & 0x1F, info & 0xFFFF, info >> 31, size_or_type
 
-    def struct_id(self, name: str) -> int:
-        if self._structs is None:
-            self._structs = {}
+    def _by_name(self, kinds: tuple[int, ...], name: str, what: str) -> int:
+        """The first type of one of `kinds` named `name` that is defined, not declared."""
+        if self._named is None:
+            self._named = {}
             for type_id in range(1, len(self._offsets)):
                 name_off, kind, vlen, _flag, _size = self._type(type_id)
-                if kind == KIND_STRUCT and vlen and name_off:  # not a forward declaration
-                    self._structs.setdefault(self.name(name_off), type_id)
-        try:
-            return self._structs[name]
-        except KeyError:
-            raise BtfError(f"no struct {name}") from None
+                if kind in (KIND_STRUCT, KIND_ENUM, KIND_ENUM64) and vlen and name_off:
+                    self._named.setdefault((kind, self.name(name_off)), type_id)
+        for kind in kinds:
+            if (kind, name) in self._named:
+                return self._named[(kind, name)]
+        raise BtfError(f"no {what} {name}")
+
+    def struct_id(self, name: str) -> int:
+        return self._by_name((KIND_STRUCT,), name, "struct")
+
+    def enum_value(self, enum_name: str, member: str) -> int:
+        """The value of `member` in enum `enum_name`."""
+        type_id = self._by_name((KIND_ENUM, KIND_ENUM64), enum_name, "enum")
+        _name, kind, vlen, signed, _size = self._type(type_id)
+        base, bits = self._offsets[type_id] + _TYPE.size, 32 if kind == KIND_ENUM else 64
+        for i in range(vlen):
+            if kind == KIND_ENUM:
+                name_off, value = _ENUM.unpack_from(self._data, base + i * _ENUM.size)
+            else:
+                name_off, low, high = _ENUM64.unpack_from(self._data, base + i * _ENUM64.size)
+                value = high << 32 | low
+            if self.name(name_off) == member:
+                return int(value - (1 << bits) if signed and value >> (bits - 1) else value)
+        raise BtfError(f"enum {enum_name} has no {member}")
 
     def _resolve(self, type_id: int) -> tuple[int, int, int]:
         """Through typedefs and qualifiers: (type id, kind, vlen)."""

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from kmeshd.identity.model import IPAddress, plain_ip
 
-LAYOUT = 5  # KMESHD_LAYOUT in bpf/tcp_probe.h
+LAYOUT = 6  # KMESHD_LAYOUT in bpf/tcp_probe.h
 
 
 class Direction(enum.IntEnum):
@@ -112,7 +112,8 @@ class SockStateStruct(ctypes.Structure):
 
     _fields_ = (
         ("key", FlowKeyStruct),
-        ("fin_end", ctypes.c_uint32),
+        ("flags", ctypes.c_uint16),
+        ("client_port", ctypes.c_uint16),
         ("start_ns", ctypes.c_uint64),
         ("established_ns", ctypes.c_uint64),
         ("reported_sent", ctypes.c_uint64),
@@ -120,9 +121,6 @@ class SockStateStruct(ctypes.Structure):
         ("last_record_ns", ctypes.c_uint64),
         ("reported_retrans", ctypes.c_uint32),
         ("reported_lost", ctypes.c_uint32),
-        ("flags", ctypes.c_uint16),
-        ("client_port", ctypes.c_uint16),
-        ("_pad", ctypes.c_uint8 * 4),
     )
 
 

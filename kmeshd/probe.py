@@ -41,8 +41,15 @@ PROGRAM = "kmeshd_sockops"
 BPF_FS_MAGIC = 0xCAFE4A11
 SETTING_RECORDS, SETTING_PERIODIC = 0, 1  # the probe's settings array
 SWEEP_PROGRAM = "bpf_iter__tcp"  # bcc attaches an iterator by its name: bpf_iter__<target>
-# The struct tcp_sock fields the sweep reads, each as the -D define that carries its offset
-# into the probe, its member path, and the size the probe reads.
+# The struct tcp_sock fields the probe reads, each as the -D define that carries its offset
+# into the probe, its member path, and the size the probe reads. At every close:
+CLOSE_FIELDS = {
+    "SOCK_FLAGS_OFF": ("inet_conn.icsk_inet.sk.__sk_common.skc_flags", 8),  # sk_flags
+}
+# Enum members the probe tests, each as its -D define: SOCK_DONE is the sk_flags bit that
+# tcp_fin() sets as it takes the peer's FIN.
+ENUM_VALUES = {"SOCK_DONE_BIT": ("sock_flags", "SOCK_DONE")}
+# And in the socket sweep (bpf.live_updates):
 SWEEP_FIELDS = {
     "TCP_STATE_OFF": ("inet_conn.icsk_inet.sk.__sk_common.skc_state", 1),
     "TCP_BYTES_ACKED_OFF": ("bytes_acked", 8),
@@ -89,11 +96,11 @@ def check_host(release: str | None = None, modules: Path = Path("/lib/modules"))
         )
 
 
-def sweep_offsets(kernel: btf.Btf) -> dict[str, int]:
-    """The SWEEP_FIELDS defines' offsets in the running kernel; BtfError names a field that
-    is missing or not the size the probe reads."""
+def tcp_sock_offsets(kernel: btf.Btf, fields: dict[str, tuple[str, int]]) -> dict[str, int]:
+    """The defines' offsets in the running kernel; BtfError names a field that is missing
+    or not the size the probe reads."""
     offsets = {}
-    for define, (path, size) in SWEEP_FIELDS.items():
+    for define, (path, size) in fields.items():
         field = kernel.field("tcp_sock", path)
         if field.size != size:
             raise btf.BtfError(f"tcp_sock.{path} is {field.size} bytes, the probe reads {size}")
@@ -101,13 +108,35 @@ def sweep_offsets(kernel: btf.Btf) -> dict[str, int]:
     return offsets
 
 
-def kernel_sweep_offsets() -> dict[str, int]:
+def sweep_offsets(kernel: btf.Btf) -> dict[str, int]:
+    return tcp_sock_offsets(kernel, SWEEP_FIELDS)
+
+
+def close_defines(kernel: btf.Btf) -> dict[str, int]:
+    defines = tcp_sock_offsets(kernel, CLOSE_FIELDS)
+    for define, (enum, member) in ENUM_VALUES.items():
+        defines[define] = kernel.enum_value(enum, member)
+    return defines
+
+
+def kernel_defines(sweep: bool) -> dict[str, int]:
+    """What the probe needs to know of the running kernel's types, as -D defines."""
     try:
-        return sweep_offsets(btf.load())
+        kernel = btf.load()
+        defines = close_defines(kernel)
     except btf.BtfError as exc:
         raise UnavailableError(
-            f"the socket sweep cannot find its fields in the kernel's BTF ({exc}): {NO_SWEEP}"
+            f"the probe cannot find what it reads in the kernel's BTF ({exc}): kmeshd needs a"
+            " kernel built with CONFIG_DEBUG_INFO_BTF=y, which publishes /sys/kernel/btf/vmlinux"
         ) from exc
+    if sweep:
+        try:
+            defines |= sweep_offsets(kernel)
+        except btf.BtfError as exc:
+            raise UnavailableError(
+                f"the socket sweep cannot find its fields in the kernel's BTF ({exc}): {NO_SWEEP}"
+            ) from exc
+    return defines
 
 
 def import_bcc() -> Any:
@@ -239,9 +268,9 @@ class Probe:
         check_host()
         bcc = import_bcc()
         pins = prepare_pin_dir(pin_dir)
-        offsets = kernel_sweep_offsets() if sweep else {}
+        defines = kernel_defines(sweep)
         phase("compiling the BPF probe")
-        bpf = compile_probe(bcc, pins, offsets)
+        bpf = compile_probe(bcc, pins, defines)
         sweep_link = attach_sweep(bcc, bpf) if sweep else None
         libbpf = _LibBpf()
         if may_enter_namespaces():
@@ -464,10 +493,10 @@ def is_bpffs(path: Path) -> bool:
     return cgroup.fs_magic(path) == BPF_FS_MAGIC
 
 
-def compile_probe(bcc: Any, pins: Path, sweep_offsets: dict[str, int]) -> Any:
-    """Without `sweep_offsets`, the probe has no socket sweep."""
+def compile_probe(bcc: Any, pins: Path, kernel: dict[str, int]) -> Any:
+    """`kernel`: kernel_defines(); without the sweep's, the probe has no socket sweep."""
     src = bpf_source_dir()
-    cflags = [f"-D{define}={offset}" for define, offset in sweep_offsets.items()]
+    cflags = [f"-D{define}={value}" for define, value in kernel.items()]
     cflags += [
         f"-I{src}",
         f'-DPIN_DIR="{pins}"',

@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 
 from kmeshd import btf, probe
+from kmeshd.errors import UnavailableError
 
-INT, PTR, ARRAY, STRUCT, UNION, ENUM, FWD, TYPEDEF, CONST = 1, 2, 3, 4, 5, 6, 7, 8, 10
+INT, PTR, ARRAY, STRUCT, UNION, ENUM, FWD, TYPEDEF, CONST, ENUM64 = 1, 2, 3, 4, 5, 6, 7, 8, 10, 19
 
 
 class Blob:
@@ -52,6 +53,18 @@ class Blob:
 
     def enum(self, name: str, values: int) -> int:
         return self._add(name, ENUM, values, 4, bytes(8 * values))
+
+    def named_enum(self, name: str, values: dict[str, int], signed: bool = False) -> int:
+        extra = b"".join(
+            struct.pack("<II", self._name(n), v & 0xFFFFFFFF) for n, v in values.items()
+        )
+        return self._add(name, ENUM, len(values), 4, extra, flag=int(signed))
+
+    def enum64(self, name: str, values: dict[str, int]) -> int:
+        extra = b"".join(
+            struct.pack("<III", self._name(n), v & 0xFFFFFFFF, v >> 32) for n, v in values.items()
+        )
+        return self._add(name, ENUM64, len(values), 8, extra)
 
     def fwd(self, name: str) -> int:
         return self._add(name, FWD, 0, 0)
@@ -229,6 +242,55 @@ def test_sweep_offsets_refuse_a_field_of_another_size(monkeypatch: pytest.Monkey
     assert str(exc.value) == "tcp_sock.bytes_acked is 4 bytes, the probe reads 8"
 
 
+def enums() -> btf.Btf:
+    b = Blob()
+    b.named_enum("", {"ANON": 7})  # an anonymous enum is never found by name
+    b.named_enum("sock_flags", {"SOCK_DEAD": 0, "SOCK_DONE": 1, "SOCK_URGINLINE": 2})
+    b.named_enum("signed", {"MINUS_ONE": -1}, signed=True)
+    b.named_enum("unsigned", {"TOP": 0xFFFFFFFF})
+    b.enum64("wide", {"BIG": 1 << 40})
+    return btf.Btf(b.encode())
+
+
+@pytest.mark.parametrize(
+    ("enum", "member", "value"),
+    [
+        ("sock_flags", "SOCK_DEAD", 0),
+        ("sock_flags", "SOCK_DONE", 1),
+        ("sock_flags", "SOCK_URGINLINE", 2),
+        ("signed", "MINUS_ONE", -1),  # kind_flag: the value is signed
+        ("unsigned", "TOP", 0xFFFFFFFF),
+        ("wide", "BIG", 1 << 40),  # ENUM64: two 32-bit halves
+    ],
+)
+def test_enum_values(enum: str, member: str, value: int) -> None:
+    assert enums().enum_value(enum, member) == value
+
+
+@pytest.mark.parametrize(
+    ("enum", "member", "problem"),
+    [
+        ("sock_flags", "SOCK_NOPE", "enum sock_flags has no SOCK_NOPE"),
+        ("missing", "X", "no enum missing"),
+        ("", "ANON", "no enum "),
+    ],
+)
+def test_enum_members_that_are_not_there_are_named(enum: str, member: str, problem: str) -> None:
+    with pytest.raises(btf.BtfError) as exc:
+        enums().enum_value(enum, member)
+    assert str(exc.value) == problem
+
+
+@pytest.mark.skipif(not btf.VMLINUX.exists(), reason="this kernel publishes no BTF")
+def test_the_running_kernel_has_what_the_close_reads() -> None:
+    """The path through tcp_sock lands on sock_common's skc_flags (struct sock_common starts
+    every TCP socket), and SOCK_DONE is the bit it has been since Linux 2.6."""
+    kernel = btf.load()
+    skc_flags = kernel.field("sock_common", "skc_flags")
+    assert skc_flags.size == 8
+    assert probe.close_defines(kernel) == {"SOCK_FLAGS_OFF": skc_flags.offset, "SOCK_DONE_BIT": 1}
+
+
 @pytest.mark.skipif(not btf.VMLINUX.exists(), reason="this kernel publishes no BTF")
 def test_the_running_kernel_has_every_field_the_sweep_reads() -> None:
     kernel = btf.load()
@@ -240,3 +302,61 @@ def test_the_running_kernel_has_every_field_the_sweep_reads() -> None:
     for define, (_path, size) in probe.SWEEP_FIELDS.items():
         assert 0 < offsets[define] <= tcp_sock - size, define
     assert len(set(offsets.values())) == len(offsets)  # no two fields in one place
+
+
+def tiny_kernel() -> btf.Btf:
+    b = Blob()
+    u64 = b.integer("u64", 8)
+    b.record("tcp_sock", 16, [("flags", u64, 0), ("acked", u64, 64)])
+    b.named_enum("sock_flags", {"SOCK_DONE": 1})
+    return btf.Btf(b.encode())
+
+
+@pytest.fixture
+def tiny_probe(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(btf, "load", tiny_kernel)
+    monkeypatch.setattr(probe, "CLOSE_FIELDS", {"FLAGS_OFF": ("flags", 8)})
+    monkeypatch.setattr(probe, "ENUM_VALUES", {"DONE_BIT": ("sock_flags", "SOCK_DONE")})
+    monkeypatch.setattr(probe, "SWEEP_FIELDS", {"ACKED_OFF": ("acked", 8)})
+
+
+@pytest.mark.usefixtures("tiny_probe")
+@pytest.mark.parametrize(
+    ("sweep", "defines"),
+    [
+        (False, {"FLAGS_OFF": 0, "DONE_BIT": 1}),
+        (True, {"FLAGS_OFF": 0, "DONE_BIT": 1, "ACKED_OFF": 8}),
+    ],
+)
+def test_kernel_defines_carry_the_sweeps_offsets_only_with_the_sweep(
+    sweep: bool, defines: dict[str, int]
+) -> None:
+    assert probe.kernel_defines(sweep) == defines
+
+
+@pytest.mark.usefixtures("tiny_probe")
+def test_a_kernel_without_what_the_close_reads_names_the_kernel_option(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(probe, "ENUM_VALUES", {"DONE_BIT": ("sock_flags", "SOCK_GONE")})
+    with pytest.raises(UnavailableError) as exc:
+        probe.kernel_defines(sweep=False)
+    assert str(exc.value) == (
+        "the probe cannot find what it reads in the kernel's BTF (enum sock_flags has no"
+        " SOCK_GONE): kmeshd needs a kernel built with CONFIG_DEBUG_INFO_BTF=y, which"
+        " publishes /sys/kernel/btf/vmlinux"
+    )
+
+
+@pytest.mark.usefixtures("tiny_probe")
+def test_a_kernel_without_what_the_sweep_reads_names_live_updates_off(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(probe, "SWEEP_FIELDS", {"ACKED_OFF": ("bytes_acked", 8)})
+    assert probe.kernel_defines(sweep=False) == {"FLAGS_OFF": 0, "DONE_BIT": 1}
+    with pytest.raises(UnavailableError) as exc:
+        probe.kernel_defines(sweep=True)
+    assert str(exc.value) == (
+        "the socket sweep cannot find its fields in the kernel's BTF (tcp_sock.bytes_acked:"
+        f" no member bytes_acked): {probe.NO_SWEEP}"
+    )
