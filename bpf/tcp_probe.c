@@ -57,11 +57,14 @@ BPF_ARRAY(settings, __u64, 2);
 /* A zeroed flow_counters to create flows from: too large for the BPF stack. */
 BPF_ARRAY(zero_flow, struct flow_counters, 1);
 
+/* Atomic although the counter is this CPU's own: a connect() runs the program in process
+ * context, where a softirq running it for another socket can interrupt between a load
+ * and its store, and one of the two increments would be lost. */
 static __always_inline void count(int index)
 {
     __u64 *v = stats.lookup(&index);
     if (v)
-        (*v)++;
+        __sync_fetch_and_add(v, 1);
 }
 
 struct tuple {
