@@ -23,8 +23,9 @@
 #define AF_INET6 10
 
 /* State of each tracked socket (struct sock_state), in a hash map keyed by socket cookie.
- * Not socket-local storage: creating and freeing that per connection cost about 4% of the
- * host's connection rate under churn (measured, see README "Overhead"). The price is that
+ * Not socket-local storage: creating and deleting an entry there took 594 and 426 ns per
+ * socket, against about 310 and 100 ns for this hash (kernel 6.18, see README "Overhead";
+ * about half the hash insert is a cache miss on its bucket array). The price is that
  * the kernel does not free an entry by itself: the program deletes it at TCP_CLOSE, and
  * kmeshd sweeps out entries of sockets that closed while no program was attached
  * (kmeshd/sockdiag.py), counting those closes. */
