@@ -125,12 +125,13 @@ def probe_runs() -> int:
 def test_a_bulk_transfer_runs_the_probe_per_connection_not_per_packet(
     daemon: Daemon, pods: dict[str, Pod]
 ) -> None:
-    """The program runs for 64 MiB in one connection as often as for any connection of
+    """The program runs for 128 MiB in one connection as often as for any connection of
     two tracked sockets (17 times: see README "Overhead"), plus what other TCP sockets on
-    the host cause meanwhile (nothing scrapes /metrics during the transfer); the bytes
-    are exact. A callback on each packet the server receives, even with GRO merging them
-    into large ones on the veth, made it 202 runs when tried."""
-    size = 64 * 1024 * 1024
+    the host cause meanwhile (nothing scrapes /metrics during the transfer; the bound
+    leaves room for a few); the bytes are exact. A callback on each packet the server
+    receives, even with GRO merging them into large ones on the veth, made it 477 runs
+    when tried."""
+    size = 128 * 1024 * 1024
     with bpf_stats():
         before = probe_runs()
         exchange(pods, [(size, 5, 1)])
@@ -138,7 +139,7 @@ def test_a_bulk_transfer_runs_the_probe_per_connection_not_per_packet(
     s = daemon.wait_for(closed(1), what="the close")
     assert both(s, "received_bytes_total") == [size, size]
     assert both(s, "sent_bytes_total") == [5, 5]
-    assert 17 <= runs <= 40, runs
+    assert 17 <= runs <= 100, runs
 
 
 def test_a_burst_then_silence_shows_every_byte_at_the_next_publish(
