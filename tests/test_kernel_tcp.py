@@ -3,7 +3,6 @@ connections, active connections, resets, failure reasons, RTT under a known dela
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import time
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.bench.probes import bpf_stats
+from tests.bench.probes import bpf_stats, prog_stats
 from tests.daemon_proc import Daemon, Samples, value
 from tests.e2e import INVENTORY, W, closed, exchange, hold, release, serve
 from tests.netns import Pod, is_root, sh
@@ -114,14 +113,6 @@ def test_a_long_connection_shows_its_bytes_while_open_and_exactly_at_close(
         daemon.close()
 
 
-def probe_runs() -> int:
-    """How many times the kernel has run kmeshd's sock_ops program (while stats are on)."""
-    out = sh("bpftool", "-j", "prog", "show").stdout
-    progs = [p for p in json.loads(out) if p.get("name") == "kmeshd_sockops"]
-    assert len(progs) == 1, progs
-    return int(progs[0].get("run_cnt", 0))
-
-
 def test_a_bulk_transfer_runs_the_probe_per_connection_not_per_packet(
     daemon: Daemon, pods: dict[str, Pod]
 ) -> None:
@@ -133,9 +124,9 @@ def test_a_bulk_transfer_runs_the_probe_per_connection_not_per_packet(
     when tried."""
     size = 128 * 1024 * 1024
     with bpf_stats():
-        before = probe_runs()
+        before = prog_stats().runs  # kmeshd's sock_ops program, as bpftool lists it
         exchange(pods, [(size, 5, 1)])
-        runs = probe_runs() - before
+        runs = prog_stats().runs - before
     s = daemon.wait_for(closed(1), what="the close")
     assert both(s, "received_bytes_total") == [size, size]
     assert both(s, "sent_bytes_total") == [5, 5]
