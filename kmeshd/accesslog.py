@@ -63,6 +63,8 @@ class AccessRecord:
     srtt_us: int
     min_rtt_us: int
     retransmits: int
+    segs_in: int  # segments the reporting socket received
+    segs_out: int  # segments it sent
     periodic: bool = False  # an open connection's totals so far (accesslog.periodic)
 
 
@@ -140,6 +142,8 @@ def fields(r: AccessRecord) -> dict[str, object]:
         "srtt_us": r.srtt_us,
         "min_rtt_us": r.min_rtt_us,
         "retransmits": r.retransmits,
+        "segs_in": r.segs_in,
+        "segs_out": r.segs_out,
     }
     if r.failure_reason is not None:
         out["failure_reason"] = r.failure_reason
@@ -169,7 +173,7 @@ def journal_key(key: str) -> str:
 # Every key of fields(), in its order.
 JSON_KEYS = (
     "time", *_MESSAGE_KEYS, "duration_ns", "srtt_us", "min_rtt_us", "retransmits",
-    *_OPTIONAL_KEYS,
+    "segs_in", "segs_out", *_OPTIONAL_KEYS,
 )  # fmt: skip
 _JOURNAL_KEYS = {key: journal_key(key) for key in JSON_KEYS}
 

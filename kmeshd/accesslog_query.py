@@ -30,8 +30,11 @@ FAILURE_REASONS = tuple(r.name.lower() for r in Reason if r is not Reason.NONE)
 
 # JSON keys whose journal values are decimal integers (everything else is text).
 _INTEGERS = frozenset(
-    {"sent_bytes", "received_bytes", "duration_ns", "srtt_us", "min_rtt_us", "retransmits"}
-)
+    {
+        "sent_bytes", "received_bytes", "duration_ns", "srtt_us", "min_rtt_us", "retransmits",
+        "segs_in", "segs_out",
+    }
+)  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -158,5 +158,7 @@ def access_record(rec: ConnectionRecord, ids: IdentityView, wall_offset_ns: int)
         srtt_us=rec.srtt_us,
         min_rtt_us=rec.min_rtt_us,
         retransmits=rec.retransmits,
+        segs_in=rec.segs_in,
+        segs_out=rec.segs_out,
         periodic=rec.kind is Kind.PROGRESS,
     )

@@ -38,6 +38,8 @@ SEED = AccessRecord(
     srtt_us=412,
     min_rtt_us=97,
     retransmits=0,
+    segs_in=6,
+    segs_out=5,
 )
 SEED_MESSAGE = (
     "src.addr=10.244.0.17:51842, src.workload=prometheus-5fb7f6f8d8-h9cts, "
@@ -66,6 +68,8 @@ FAILED = replace(
     srtt_us=0,
     min_rtt_us=0,
 )
+# A long transfer: byte counts past 32 bits (and the largest 64-bit one) print whole.
+LARGE = replace(SEED, sent_bytes=5_000_000_001, received_bytes=2**64 - 1)
 UNKNOWN = replace(
     SEED,
     src_workload="-",
@@ -98,6 +102,8 @@ def test_fields_of_the_seed_example() -> None:
         ("srtt_us", 412),
         ("min_rtt_us", 97),
         ("retransmits", 0),
+        ("segs_in", 6),
+        ("segs_out", 5),
     ]
 
 
@@ -134,6 +140,8 @@ def test_journal_fields_of_the_seed_example() -> None:
         ("KMESHD_SRTT_US", "412"),
         ("KMESHD_MIN_RTT_US", "97"),
         ("KMESHD_RETRANSMITS", "0"),
+        ("KMESHD_SEGS_IN", "6"),
+        ("KMESHD_SEGS_OUT", "5"),
     ]
     assert MESSAGE_ID == "2fbe419c00fb412cafa2600c22093fd2"
 
@@ -211,12 +219,27 @@ def test_message_table(record: AccessRecord, expected: str) -> None:
             },
             id="unknowns-and-zeros",
         ),
+        pytest.param(
+            LARGE,
+            {"sent_bytes": 5_000_000_001, "received_bytes": 18_446_744_073_709_551_615},
+            id="beyond-32-bits",
+        ),
     ],
 )
 def test_fields_table(record: AccessRecord, expected: dict[str, object]) -> None:
     """IPv6, failed and unknown/zero records carry these JSON values."""
     rendered = fields(record)
     assert {key: rendered[key] for key in expected} == expected
+
+
+def test_byte_counts_beyond_32_bits_in_message_and_journal() -> None:
+    """64-bit byte counts reach the text line and the journal fields digit for digit."""
+    assert "sent_bytes=5000000001, received_bytes=18446744073709551615," in message(LARGE)
+    journal = journal_fields(LARGE)
+    assert (journal["KMESHD_SENT_BYTES"], journal["KMESHD_RECEIVED_BYTES"]) == (
+        "5000000001",
+        "18446744073709551615",
+    )
 
 
 def test_failure_reason_is_the_last_key_and_only_when_failed() -> None:

@@ -44,7 +44,7 @@ SEED_LINE = (
     '"dst.workload": "productpage-v1-8499c849b9-bz9t9", "dst.namespace": "echo-1-27855", '
     '"direction": "INBOUND", "sent_bytes": 5, "received_bytes": 292, '
     '"duration": "2.733902ms", "duration_ns": 2733902, '
-    '"srtt_us": 412, "min_rtt_us": 97, "retransmits": 0}\n'
+    '"srtt_us": 412, "min_rtt_us": 97, "retransmits": 0, "segs_in": 6, "segs_out": 5}\n'
 )
 
 
@@ -270,6 +270,8 @@ def test_journald_gets_the_exact_datagram(server: socket.socket) -> None:
             b"KMESHD_SRTT_US=412\n",
             b"KMESHD_MIN_RTT_US=97\n",
             b"KMESHD_RETRANSMITS=0\n",
+            b"KMESHD_SEGS_IN=6\n",
+            b"KMESHD_SEGS_OUT=5\n",
         ]
     )
     sink.close()

@@ -194,6 +194,7 @@ def test_inbound_record_names_the_remote_as_source() -> None:
     assert r.dst_service == "httpbin.default.svc.cluster.local"
     assert (r.direction, r.sent_bytes, r.received_bytes) == ("INBOUND", 5, 292)
     assert r.time_ns == 1_726_301_966_552_709_932 and r.failure_reason is None
+    assert (r.srtt_us, r.min_rtt_us, r.retransmits, r.segs_in, r.segs_out) == (40, 20, 0, 5, 4)
 
 
 def test_outbound_failed_record_to_vip() -> None:
