@@ -118,6 +118,7 @@ class Daemon:
         self.known_refused = 0
         self.records_handled = 0
         self.textfile_up = True
+        self.textfile_failures = 0
         self.budget = TokenBucket(config.accesslog.max_rate)
         self._stop = False
         self._reload = False
@@ -270,7 +271,7 @@ class Daemon:
             for s in self.sinks.sinks
         ]
         if self.config.metrics.textfile:
-            sinks.append(SinkHealth("textfile", self.textfile_up, 0))
+            sinks.append(SinkHealth("textfile", self.textfile_up, None))
         return Health(
             version=__version__,
             events={
@@ -288,6 +289,7 @@ class Daemon:
             unattributed=stats[Stat.UNATTRIBUTED] + self.aggregate.unattributed,
             unseen_closes=unseen_closes,
             sinks=tuple(sinks),
+            textfile_failures=self.textfile_failures if self.config.metrics.textfile else None,
             sources=self.source.up(),
             last_publish=self._last_publish,
             publish_seconds=self._publish_seconds,
@@ -305,6 +307,7 @@ class Daemon:
             self.textfile_up = True
         except OSError as exc:
             self.textfile_up = False
+            self.textfile_failures += 1
             if self._textfile_complaints.ready():  # once a minute, not every interval
                 log.error("cannot write %s: %s", self.config.metrics.textfile, exc)
 

@@ -63,7 +63,12 @@ def snapshot() -> Snapshot:
         events_lost=3,
         map_full={"flows": 0, "sockets": 0},
         unattributed=4,
-        sinks=(SinkHealth("file", True, 0), SinkHealth("journald", False, 7)),
+        sinks=(
+            SinkHealth("file", True, 0),
+            SinkHealth("journald", False, 7),
+            SinkHealth("textfile", False, None),
+        ),
+        textfile_failures=2,
         sources={"inventory": True},
         last_publish=1700000000.5,
         publish_seconds=0.01,
@@ -116,6 +121,8 @@ def test_ten_families_with_contract_labels(
         "kmeshd_connections_unattributed_total 4.0",
         'kmeshd_accesslog_records_dropped_total{sink="journald"} 7.0',
         'kmeshd_sink_up{sink="journald"} 0.0',
+        'kmeshd_sink_up{sink="textfile"} 0.0',
+        "kmeshd_textfile_write_failures_total 2.0",
         'kmeshd_identity_source_up{source="inventory"} 1.0',
         'kmeshd_bpf_map_full_total{map="flows"} 0.0',
         "kmeshd_last_publish_timestamp_seconds 1.7000000005e+09",
@@ -124,6 +131,15 @@ def test_ten_families_with_contract_labels(
 def test_self_metrics(line: str) -> None:
     """The daemon's own health is exported under kmeshd_."""
     assert line + "\n" in render(snapshot())
+
+
+def test_the_textfile_is_no_access_log_sink() -> None:
+    """The textfile has a sink_up gauge and its own failure counter, but no series in the
+    access-log dropped family; without a textfile, no failure counter either."""
+    text = render(snapshot())
+    assert 'kmeshd_accesslog_records_dropped_total{sink="textfile"}' not in text
+    assert 'kmeshd_accesslog_records_dropped_total{sink="file"} 0.0' in text
+    assert "kmeshd_textfile_write_failures_total" not in render(Snapshot(health=Health()))
 
 
 def test_no_process_or_python_families_in_collector_output() -> None:

@@ -454,10 +454,25 @@ def test_textfile_directory_removed_at_run_time(daemon: Daemon, pods: dict[str, 
     exchange(pods, [(10, 1, 0)])
     s = daemon.wait_for(lambda s: value(s, "kmeshd_sink_up", sink="textfile") == 0, what="down")
     assert value(s, W + "received_bytes_total", reporter="source") == 10
+    failures = value(s, "kmeshd_textfile_write_failures_total")
+    assert failures >= 1
+    # Each failed publish counts once.
+    daemon.wait_for(
+        lambda s: value(s, "kmeshd_textfile_write_failures_total") == failures + 1,
+        what="the next failed publish counted",
+    )
     directory.mkdir()
-    daemon.wait_for(lambda s: value(s, "kmeshd_sink_up", sink="textfile") == 1, what="up again")
+    s = daemon.wait_for(lambda s: value(s, "kmeshd_sink_up", sink="textfile") == 1, what="up again")
     assert daemon.textfile.exists()
+    failures = value(s, "kmeshd_textfile_write_failures_total")
+    published = value(s, "kmeshd_last_publish_timestamp_seconds")
+    s = daemon.wait_for(
+        lambda s: value(s, "kmeshd_last_publish_timestamp_seconds") > published + 0.3,
+        what="two more publishes",
+    )
+    assert value(s, "kmeshd_textfile_write_failures_total") == failures  # written: none failed
     assert daemon.stderr().count("cannot write") == 1  # logged once, not every interval
+    assert 'kmeshd_accesslog_records_dropped_total{sink="textfile"}' not in daemon.scrape()
 
 
 def test_access_log_budget_delays_records_but_not_metrics(

@@ -92,7 +92,7 @@ FAILURE_REASONS = (
 class SinkHealth:
     name: str
     up: bool
-    dropped: int
+    dropped: int | None  # access-log records it could not take; None: the textfile
 
 
 @dataclass(frozen=True)
@@ -107,6 +107,7 @@ class Health:
     unattributed: int = 0
     unseen_closes: int = 0  # closes the sweep found (no probe was attached)
     sinks: tuple[SinkHealth, ...] = ()
+    textfile_failures: int | None = None  # failed textfile writes; None: no textfile
     sources: Mapping[str, bool] = field(default_factory=dict)
     last_publish: float = 0.0
     publish_seconds: float = 0.0
@@ -269,8 +270,14 @@ def _health(h: Health) -> Iterator[Metric]:
         "kmeshd_accesslog_records_dropped_total",
         "Access-log records a sink could not take, by sink",
         "sink",
-        {s.name: s.dropped for s in h.sinks},
+        {s.name: s.dropped for s in h.sinks if s.dropped is not None},
     )
+    if h.textfile_failures is not None:
+        yield CounterMetricFamily(
+            "kmeshd_textfile_write_failures_total",
+            "Publishes whose textfile could not be written (the previous one stays in place)",
+            value=h.textfile_failures,
+        )
     yield _gauge(
         "kmeshd_sink_up",
         "1 while the sink works, 0 while it fails",
