@@ -13,12 +13,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from kmeshd import __version__
-from kmeshd.config import DEFAULT_CONFIG_PATH, Config, load_config
+from kmeshd.config import DEFAULT_CONFIG_PATH, Config, load_config, load_config_leniently
 from kmeshd.errors import ConfigError, KmeshdError, UnavailableError
 
 EX_OK = 0
 EX_UNAVAILABLE = 69
 EX_CONFIG = 78
+SOURCE_TABLES = ("identity", "kubernetes")  # config tables that say where identities come from
 
 log = logging.getLogger("kmeshd")
 
@@ -115,10 +116,17 @@ def read_config(path: Path | None) -> Config:
 
 
 def check_config(path: Path | None) -> int:
+    """Every problem of the config and of the inventory (or credentials) it names, at once;
+    the identity source is checked only where the config's own keys for it are valid."""
     from kmeshd.identity.sources import check_source
 
-    config = read_config(path)
-    check_source(config)
+    config, problems = load_config_leniently(path or DEFAULT_CONFIG_PATH, explicit=path is not None)
+    if not any(key.split(".")[0] in SOURCE_TABLES for key in problems.keys):
+        try:
+            check_source(config)
+        except ConfigError as exc:
+            problems.lines.extend(exc.problems)
+    problems.raise_if_any()
     print(f"{config.path}: ok")
     return EX_OK
 

@@ -280,6 +280,14 @@ _TABLES = ("accesslog", "bpf", "identity", "kubernetes", "metrics")
 
 def parse_config(text: str, path: Path) -> Config:
     """The validated config in `text`; ConfigError with every problem found."""
+    config, problems = parse_config_leniently(text, path)
+    problems.raise_if_any()
+    return config
+
+
+def parse_config_leniently(text: str, path: Path) -> tuple[Config, Problems]:
+    """The config in `text` with the default in place of each bad value, and the problems;
+    ConfigError only when the file is no TOML at all."""
     problems = Problems(path)
     doc = Table(read_toml(text, path), "", problems, _TABLES)
     d = Config()
@@ -297,11 +305,19 @@ def parse_config(text: str, path: Path) -> Config:
             "accesslog.periodic",
             'needs bpf.live_updates = true: set it, or set periodic = "" for records at close only',
         )
-    problems.raise_if_any()
-    return config
+    return config, problems
 
 
 def load_config(path: Path = DEFAULT_CONFIG_PATH, explicit: bool = True) -> Config:
     """The config in `path`; if it does not exist and was not named explicitly, the defaults."""
     text = read_text(path, missing_ok=not explicit)
     return parse_config(text or "", path)
+
+
+def load_config_leniently(
+    path: Path = DEFAULT_CONFIG_PATH, explicit: bool = True
+) -> tuple[Config, Problems]:
+    """As load_config, but a bad value leaves its default and joins the problems returned,
+    so a check can go on to what the config points at."""
+    text = read_text(path, missing_ok=not explicit)
+    return parse_config_leniently(text or "", path)

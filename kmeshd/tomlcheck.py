@@ -53,9 +53,11 @@ class Problems:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.lines: list[str] = []
+        self.keys: list[str] = []  # the key path of each line
 
     def add(self, key: str, problem: str) -> None:
         self.lines.append(f"{self.path}: {key}: {problem}")
+        self.keys.append(key)
 
     def raise_if_any(self) -> None:
         if self.lines:

@@ -58,6 +58,30 @@ def test_check_config_reports_every_problem(tmp_path: Path) -> None:
     assert lines[1].startswith(f'{path}: metrics.interval: "5 s" is not a duration')
 
 
+def test_check_config_reports_config_and_inventory_problems_together(tmp_path: Path) -> None:
+    """A bad config value and a bad inventory: both files' problems in one run, config first."""
+    path = config(tmp_path, '[metrics]\ninterval = "5 s"\n')
+    inventory = tmp_path / "inventory.toml"
+    inventory.write_text('[[workload]]\nname = "a"\naddresses = ["10.0.0.300"]\n')
+    result = kmeshd("check-config", "--config", str(path))
+    assert result.returncode == 78
+    assert result.stderr.splitlines() == [
+        f'{path}: metrics.interval: "5 s" is not a duration (use a number with a unit: 250ms,'
+        " 5s, 1m)",
+        f'{inventory}: workload[0].addresses[0]: "10.0.0.300" is not an IP address',
+    ]
+
+
+def test_check_config_skips_the_inventory_a_bad_identity_key_would_name(tmp_path: Path) -> None:
+    """When identity.inventory itself is bad, no inventory is checked in its place."""
+    path = tmp_path / "kmeshd.toml"
+    path.write_text("[identity]\ninventory = 5\n")
+    result = kmeshd("check-config", "--config", str(path))
+    assert result.returncode == 78
+    [line] = result.stderr.splitlines()
+    assert line.startswith(f"{path}: identity.inventory: ")
+
+
 def test_check_config_reports_inventory_problems(tmp_path: Path) -> None:
     """A bad inventory address fails check-config with the inventory's file and key path."""
     path = config(tmp_path, "")
