@@ -42,7 +42,12 @@ def resolve(setting: str, where: str, mountinfo: Path = Path("/proc/self/mountin
     if setting != "auto":
         path = Path(setting)
         if not path.is_dir() or fs_magic(path) != CGROUP2_SUPER_MAGIC:
-            raise ConfigError([f"{where}: {setting} is not a cgroup v2 directory"])
+            raise ConfigError(
+                [
+                    f"{where}: {setting} is not a cgroup v2 directory"
+                    ' (use "auto", or a directory on a cgroup2 mount)'
+                ]
+            )
         return path
     found = choose(cgroup2_mounts(mountinfo.read_text()))
     if found is None:

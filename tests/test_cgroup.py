@@ -49,4 +49,5 @@ def test_explicit_non_cgroup_directory_is_a_config_error(tmp_path: Path) -> None
         cgroup.resolve(str(tmp_path), "/etc/kmeshd/kmeshd.toml: bpf.cgroup")
     assert exc.value.problems == [
         f"/etc/kmeshd/kmeshd.toml: bpf.cgroup: {tmp_path} is not a cgroup v2 directory"
+        ' (use "auto", or a directory on a cgroup2 mount)'
     ]

@@ -173,8 +173,31 @@ def test_cgroup_that_is_not_cgroup2(tmp_path: Path) -> None:
     result = kmeshd("run", "--config", str(path))
     assert result.returncode == 78
     assert result.stderr.strip().splitlines()[-1] == (
-        f"{path}: bpf.cgroup: {tmp_path} is not a cgroup v2 directory"
+        f'{path}: bpf.cgroup: {tmp_path} is not a cgroup v2 directory (use "auto", or a'
+        " directory on a cgroup2 mount)"
     )
+
+
+def test_run_without_bcc_is_unavailable_in_one_line(tmp_path: Path) -> None:
+    """`kmeshd run` where the bcc bindings do not import: exit 69, one line naming the
+    package, and nothing attached."""
+    shadow = tmp_path / "shadow" / "bcc"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text('raise ImportError("no module named bcc (test)")\n')
+    path = config(tmp_path, '[metrics]\nlisten = ""\ntextfile = ""\n[accesslog]\nfile = ""')
+    result = subprocess.run(
+        [sys.executable, "-m", "kmeshd.cli", "run", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={**os.environ, "PYTHONPATH": f"{tmp_path / 'shadow'}:{Path.cwd()}"},
+    )
+    assert result.returncode == 69
+    assert [line for line in result.stderr.splitlines() if line.startswith("kmeshd:")] == [
+        "kmeshd: the bcc Python bindings cannot be imported (no module named bcc (test)):"
+        " apt-get install python3-bpfcc, and run kmeshd with /usr/bin/python3"
+    ]
 
 
 def test_missing_bcc_names_the_package(monkeypatch: pytest.MonkeyPatch) -> None:
