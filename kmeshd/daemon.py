@@ -154,8 +154,14 @@ class Daemon:
         self.probe.want_records(bool(self.sinks.sinks))
         self.probe.want_live_updates(cfg.bpf.live_updates)
         self.probe.want_periodic_records(cfg.accesslog.periodic)
+        if self._stop:  # a stop signal came while bcc compiled: shutdown() takes over
+            return
         self.notify.status("waiting for the identity sources")
-        self.source.wait_synced(SYNC_TIMEOUT_S, lambda: self.notify.extend_timeout(5))
+        self.source.wait_synced(
+            SYNC_TIMEOUT_S, lambda: self.notify.extend_timeout(5), lambda: self._stop
+        )
+        if self._stop:
+            return
         release_freed_memory()  # the first lists' JSON is garbage now
         self._update_known(force=True)
         self._source_status = self.source.status()  # READY=1's STATUS says it first

@@ -103,8 +103,10 @@ pin_dir = "{pin_dir}"
         env: Mapping[str, str] | None = None,
         timeout: float = 60,
         wrapper: Sequence[str] = (),
+        until: str = "READY=1",
     ) -> None:
-        """Start and wait for READY=1; `wrapper` prefixes the command (e.g. nsenter)."""
+        """Start and wait for READY=1 (or the notification line `until`); `wrapper`
+        prefixes the command (e.g. nsenter)."""
         notify_path = self.workdir / f"notify-{time.monotonic_ns()}"
         notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         notify.bind(str(notify_path))
@@ -119,12 +121,12 @@ pin_dir = "{pin_dir}"
                 text=True,
             )
         try:
-            self._wait_ready(notify, timeout)
+            self._wait_ready(notify, timeout, until)
         finally:
             notify.close()
             notify_path.unlink(missing_ok=True)
 
-    def _wait_ready(self, notify: socket.socket, timeout: float) -> None:
+    def _wait_ready(self, notify: socket.socket, timeout: float, until: str) -> None:
         assert self.proc is not None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -135,9 +137,9 @@ pin_dir = "{pin_dir}"
             except TimeoutError:
                 continue
             self.notifications.append(message)
-            if "READY=1" in message.split("\n"):
+            if until in message.split("\n"):
                 return
-        raise TimeoutError(f"kmeshd not ready in {timeout}s: {self.stderr()}")
+        raise TimeoutError(f"kmeshd sent no {until} in {timeout}s: {self.stderr()}")
 
     def stderr(self) -> str:
         return self.stderr_path.read_text() if self.stderr_path.exists() else ""

@@ -4,6 +4,8 @@ IPs. Needs root, like every kernel test."""
 
 from __future__ import annotations
 
+import signal
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,7 +14,7 @@ from typing import Any
 import pytest
 
 from tests.daemon_proc import Daemon, value
-from tests.e2e import CLIENT, SERVER, SERVICE, W, closed, exchange, wait_records
+from tests.e2e import CLIENT, SERVER, SERVICE, W, attached_probes, closed, exchange, wait_records
 from tests.k8s_server import ApiServer, Cluster, FakeKubelet, write_kubeconfig
 from tests.netns import Pod
 from tests.tls import TlsFiles
@@ -189,3 +191,30 @@ def test_starts_with_the_apiserver_down_and_keeps_identities_through_faults(
         assert d.proc is not None and d.proc.poll() is None
     finally:
         d.close()
+
+
+def test_a_stop_signal_while_waiting_for_silent_sources_exits_at_once(
+    tmp_path: Path, pin_dir: Path, tls_files: TlsFiles
+) -> None:
+    """An apiserver and a kubelet that accept connections but never answer keep start-up
+    waiting (up to a minute); SIGTERM meanwhile ends it within seconds, exit 0, the
+    program detached."""
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(64)  # the kernel completes the handshakes; nothing ever reads
+    url = f"https://127.0.0.1:{silent.getsockname()[1]}"
+    kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", url, tls_files)
+    table = f'kubeconfig = "{kubeconfig}"\nnode_name = "{NODE}"\nkubelet_url = "{url}"\n'
+    before = attached_probes()
+    d = Daemon(tmp_path, "", pin_dir, kubernetes=table)
+    try:
+        d.start(until="STATUS=waiting for the identity sources")
+        time.sleep(1)  # well into the wait
+        assert attached_probes() == before + 1
+        started = time.monotonic()
+        assert d.stop(signal.SIGTERM, timeout=30) == 0
+        assert time.monotonic() - started < 3
+        assert attached_probes() == before
+    finally:
+        d.close()
+        silent.close()

@@ -48,7 +48,9 @@ class StaticSource:
     def refresh(self, now: float) -> None:
         """Nothing arrives between reloads."""
 
-    def wait_synced(self, timeout: float, tick: Callable[[], None]) -> None:
+    def wait_synced(
+        self, timeout: float, tick: Callable[[], None], stopped: Callable[[], bool] = lambda: False
+    ) -> None:
         """Loaded already."""
 
     def up(self) -> dict[str, bool]:
@@ -131,11 +133,18 @@ class KubernetesSource:
         elif not s.error and before:
             log.info("%s %s: in sync again", s.source, s.resource)
 
-    def wait_synced(self, timeout: float, tick: Callable[[], None]) -> None:
-        """Until every source answered once (well or not), at most `timeout` seconds;
-        `tick` keeps systemd's start timeout at bay meanwhile."""
+    def wait_synced(
+        self, timeout: float, tick: Callable[[], None], stopped: Callable[[], bool] = lambda: False
+    ) -> None:
+        """Until every source answered once (well or not), at most `timeout` seconds, or
+        until `stopped()` (a stop signal: no reason to wait on); `tick` keeps systemd's
+        start timeout at bay meanwhile."""
         deadline = time.monotonic() + timeout
-        while any(v is None for v in self.states.values()) and time.monotonic() < deadline:
+        while (
+            any(v is None for v in self.states.values())
+            and time.monotonic() < deadline
+            and not stopped()
+        ):
             self.refresh(time.monotonic())
             tick()
             time.sleep(0.05)
