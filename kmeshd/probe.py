@@ -79,13 +79,22 @@ def bpf_source_dir() -> Path:
     )
 
 
-def check_host(release: str | None = None, modules: Path = Path("/lib/modules")) -> None:
-    """Fail fast, with the fix, on what bcc and the ring buffer need."""
+def check_host(
+    release: str | None = None, modules: Path = Path("/lib/modules"), sweep: bool = True
+) -> None:
+    """Fail fast, with the fix, on what bcc and the probe need: Linux 5.10 for the sock_ops
+    program (the ring buffer came in 5.8, BTF-typed socket pointers in networking programs
+    in 5.10), 5.15 for the socket sweep (TCP iterators that hold each socket's lock)."""
     release = release or os.uname().release
     major, minor = (int(x) for x in release.split(".")[:2])
-    if (major, minor) < (5, 8):
+    if (major, minor) < (5, 10):
         raise UnavailableError(
-            f"kernel {release} is too old: the BPF ring buffer needs Linux 5.8 or newer"
+            f"kernel {release} is too old: kmeshd needs Linux 5.10 or newer"
+            " (5.15 with bpf.live_updates, the default)"
+        )
+    if sweep and (major, minor) < (5, 15):
+        raise UnavailableError(
+            f"kernel {release} is too old for the socket sweep (Linux 5.15 or newer): {NO_SWEEP}"
         )
     build = modules / release / "build"
     if not (build / "include").is_dir():
@@ -265,7 +274,7 @@ class Probe:
     ) -> Probe:
         """Compile, load and attach; `phase` hears what it is doing (for STATUS=). Without
         `sweep`, open connections' bytes count at their close only."""
-        check_host()
+        check_host(sweep=sweep)
         bcc = import_bcc()
         pins = prepare_pin_dir(pin_dir)
         defines = kernel_defines(sweep)
