@@ -144,3 +144,14 @@ def test_every_metric_family_is_documented() -> None:
         short = name.removeprefix("kmesh_tcp_workload_").removeprefix("kmesh_tcp_")
         short = short.removesuffix("_total") if name.startswith("kmesh_") else name
         assert short in text, name
+
+
+def test_every_access_log_key_is_documented() -> None:
+    """kmeshd(8) ACCESS LOG names each JSON key, and journald's MESSAGE_ID."""
+    from kmeshd.accesslog import JSON_KEYS, MESSAGE_ID
+
+    text = (MAN / "kmeshd.8.scd").read_text()
+    section = text.split("# ACCESS LOG", 1)[1].split("\n# ", 1)[0]
+    for key in JSON_KEYS:
+        assert f"*{key}*" in section, key
+    assert MESSAGE_ID in section
