@@ -6,14 +6,18 @@ import errno
 import os
 import socket
 import stat
+import threading
 import urllib.request
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from kmeshd.events import FlowCounters
+from kmeshd.config import parse_config
+from kmeshd.daemon import Daemon
+from kmeshd.events import FlowCounters, Stat
 from kmeshd.export.http import MetricsServer
 from kmeshd.export.metrics import Health, KmeshCollector, SinkHealth, Snapshot
 from kmeshd.export.textfile import write_atomic
@@ -250,6 +254,17 @@ def test_beyond_seed_families_render_exact_values() -> None:
     assert samples(text)["TYPE:kmesh_tcp_workload_connections_active"][0][0]["type"] == "gauge"
 
 
+def test_byte_counters_beyond_32_bits_render_exactly() -> None:
+    """A byte count past 2**32 (and up to 2**53, where float64 samples stop being whole
+    numbers) reaches /metrics digit for digit."""
+    for total in (5_000_000_001, 2**53):
+        counts = FlowCounters(opened=1, closed=1, received_bytes=total, sent_bytes=total - 1)
+        text = render(Snapshot({WL: counts}, {SVC: counts}, Health(), {}, {}))
+        for prefix in ("kmesh_tcp_workload_", "kmesh_tcp_"):
+            assert one(text, prefix + "received_bytes_total") == total
+            assert one(text, prefix + "sent_bytes_total") == total - 1
+
+
 def test_histograms_are_cumulative_in_seconds() -> None:
     """Kernel per-bucket counts become Prometheus's cumulative buckets with le in seconds,
     the sum in seconds; a label set without observations has no series."""
@@ -289,3 +304,54 @@ def test_beyond_seed_exposition_passes_promtool(tmp_path: Path) -> None:
     path.write_text(render(beyond_seed()))
     done = subprocess.run([promtool, "check", "metrics"], stdin=path.open(), capture_output=True)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+class StuckProbe:
+    """The kernel edge of a publish, stuck in its socket sweep until released: what a
+    slow namespace or a loaded host can do to a publish."""
+
+    def __init__(self) -> None:
+        self.entered, self.released = threading.Event(), threading.Event()
+
+    def sweep(self, on_error: Callable[[Exception], None]) -> int:
+        self.entered.set()
+        assert self.released.wait(30)
+        return 0
+
+    def unseen_closes(self) -> dict[bytes, int]:
+        return {}
+
+    def flows(self) -> Iterator[tuple[bytes, bytes]]:
+        return iter(())
+
+    def stats(self) -> dict[Stat, int]:
+        return {s: 0 for s in Stat}
+
+
+def test_a_scrape_is_answered_from_the_last_snapshot_while_a_publish_is_stuck(
+    tmp_path: Path,
+) -> None:
+    """/metrics never waits on the daemon's own work: while a publish hangs, a scrape is
+    answered at once from the previous snapshot; the publish's values come after it."""
+    config = parse_config('[metrics]\nlisten = ""\ntextfile = ""\n', tmp_path / "k.toml")
+    daemon = Daemon(config)
+    probe = StuckProbe()
+    daemon.probe = probe  # type: ignore[assignment]
+    server = MetricsServer("127.0.0.1", 0, daemon._http_registry())
+    url = f"http://127.0.0.1:{server.port}/metrics"
+    publish = threading.Thread(target=daemon.publish)
+    try:
+        publish.start()
+        assert probe.entered.wait(10)
+        with urllib.request.urlopen(url, timeout=2) as r:
+            before = r.read().decode()
+        assert "kmeshd_last_publish_timestamp_seconds 0.0\n" in before
+        probe.released.set()
+        publish.join(10)
+        with urllib.request.urlopen(url, timeout=2) as r:
+            after = r.read().decode()
+        assert "kmeshd_last_publish_timestamp_seconds 0.0\n" not in after
+    finally:
+        probe.released.set()
+        publish.join(10)
+        server.close()

@@ -29,6 +29,7 @@ from tests.e2e import (
     exchange,
     hold,
     release,
+    run_plan,
     serve,
     socket_states,
     wait_records,
@@ -36,6 +37,7 @@ from tests.e2e import (
 from tests.netns import Pod, is_root, sh
 
 REASONS = ("refused", "timeout", "other")
+BPF_F_ALLOW_MULTI = 2
 
 pytestmark = [
     pytest.mark.kernel,
@@ -109,15 +111,21 @@ def test_timed_out_connect_counts_one_failed(daemon: Daemon, pods: dict[str, Pod
     out = client.run(*client.traffic("fail", "--host", server.ip4, "--port", "81"))
     assert json.loads(out.stdout) == {"error": "ETIMEDOUT"}
     s = daemon.wait_for(lambda s: value(s, W + "connections_failed_total") >= 1, what="failed")
+    time.sleep(0.5)  # a second publish must not add anything
+    s = daemon.samples()
     assert (
         value(s, W + "connections_failed_total", reporter="source", destination_workload="httpbin")
         == 1
     )
+    assert value(s, W + "connections_failed_total", reporter="destination") == 0
     assert value(s, W + "connections_opened_total") == 0
+    assert value(s, W + "connections_closed_total") == 0
     reasons = {r: value(s, W + "connect_failures_total", reason=r) for r in REASONS}
     assert reasons == {"refused": 0, "timeout": 1, "other": 0}
     [record] = wait_records(daemon, 1)
     assert record["failure_reason"] == "timeout"
+    assert record["direction"] == "OUTBOUND" and record["dst.addr"] == "10.244.77.3:81"
+    assert (record["sent_bytes"], record["received_bytes"]) == (0, 0)
 
 
 def random_plan(n: int, seed: int) -> list[tuple[int, int, int]]:
@@ -149,14 +157,46 @@ def test_200_connections_of_random_sizes_sum_exactly(daemon: Daemon, pods: dict[
 
 
 def test_ipv6_connection_is_reported(daemon: Daemon, pods: dict[str, Pod]) -> None:
-    """An IPv6 connection between pods is counted and logged with bracketed addresses."""
+    """An IPv6 connection between pods is counted for each reporter and logged with
+    bracketed addresses, bytes exact in both."""
     exchange(pods, [(1234, 567, 1)], ipv6=True)
     s = daemon.wait_for(closed(1), what="an IPv6 connection")
-    assert value(s, W + "received_bytes_total", destination_pod_address="fd00:77::3") == 2 * 1234
-    assert value(s, W + "sent_bytes_total", destination_pod_address="fd00:77::3") == 2 * 567
+    time.sleep(0.5)  # a second publish must not add anything
+    s = daemon.samples()
+    for reporter in ("source", "destination"):
+        labels = {"reporter": reporter, "destination_pod_address": "fd00:77::3"}
+        assert value(s, W + "received_bytes_total", **labels) == 1234
+        assert value(s, W + "sent_bytes_total", **labels) == 567
+        assert value(s, W + "connections_opened_total", **labels) == 1
+        assert value(s, W + "connections_closed_total", **labels) == 1
+        assert value(s, "kmesh_tcp_received_bytes_total", reporter=reporter) == 1234
     records = wait_records(daemon, 2)
-    assert {r["dst.addr"] for r in records} == {"[fd00:77::3]:80"}
-    assert {r["src.workload"] for r in records} == {CLIENT}
+    assert sorted(r["direction"] for r in records) == ["INBOUND", "OUTBOUND"]
+    for r in records:
+        assert r["dst.addr"] == "[fd00:77::3]:80" and r["src.addr"].startswith("[fd00:77::2]:")
+        assert (r["src.workload"], r["dst.workload"]) == (CLIENT, SERVER)
+        assert (r["sent_bytes"], r["received_bytes"]) == (567, 1234)
+
+
+def test_ipv4_client_of_a_dual_stack_server_shows_ipv4(
+    daemon: Daemon, pods: dict[str, Pod]
+) -> None:
+    """A server on [::] accepts an IPv4 client on an AF_INET6 socket, with v4-mapped
+    addresses (::ffff:10.244.77.2): both reporters show plain IPv4 and one identity."""
+    server = serve(pods["server"], 1, bind="::")
+    run_plan(pods["client"], pods["server"].ip4, [(292, 5, 0)])
+    assert server.wait(timeout=30) == 0
+    s = daemon.wait_for(closed(1), what="one closed connection")
+    for reporter in ("source", "destination"):
+        labels = {"reporter": reporter, "destination_pod_address": "10.244.77.3"}
+        assert value(s, W + "received_bytes_total", source_workload="sleep", **labels) == 292
+        assert value(s, W + "sent_bytes_total", source_workload="sleep", **labels) == 5
+    assert value(s, W + "received_bytes_total") == 2 * 292  # no series under ::ffff: addresses
+    records = wait_records(daemon, 2)
+    assert sorted(r["direction"] for r in records) == ["INBOUND", "OUTBOUND"]
+    for r in records:
+        assert r["dst.addr"] == "10.244.77.3:80" and r["src.addr"].startswith("10.244.77.2:")
+        assert (r["src.workload"], r["dst.workload"]) == (CLIENT, SERVER)
 
 
 def test_sigkilled_daemon_restarted_does_not_double_count(
@@ -313,12 +353,16 @@ def test_start_up_reports_each_phase(daemon: Daemon) -> None:
     ]
 
 
-def test_sigterm_publishes_detaches_and_exits_zero(daemon: Daemon, pods: dict[str, Pod]) -> None:
-    """SIGTERM: final textfile written, program detached, exit 0 within a few seconds."""
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_stop_signal_publishes_detaches_and_exits_zero(
+    daemon: Daemon, pods: dict[str, Pod], sig: signal.Signals
+) -> None:
+    """SIGTERM or SIGINT: final textfile written, program detached, exit 0 within a few
+    seconds."""
     before = attached_probes()
     exchange(pods, [(50, 5, 0)])
     started = time.monotonic()
-    assert daemon.stop(signal.SIGTERM) == 0
+    assert daemon.stop(sig) == 0
     assert time.monotonic() - started < 5
     assert attached_probes() == before - 1
     final = parse_metrics(daemon.textfile.read_text())  # the last publish saw the connection
@@ -343,6 +387,53 @@ def test_other_sock_ops_programs_can_attach_below(daemon: Daemon, tmp_path: Path
         os.close(fd)
         b.cleanup()
         child.rmdir()
+
+
+OTHER_SOCK_OPS = b"""
+BPF_ARRAY(seen, u64, 2);
+int other(struct bpf_sock_ops *ctx)
+{
+    int i = -1;
+    if (ctx->op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB && bpf_ntohl(ctx->remote_port) == 80)
+        i = 0;
+    if (ctx->op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB && ctx->local_port == 80)
+        i = 1;
+    u64 *n = seen.lookup(&i);
+    if (n)
+        __sync_fetch_and_add(n, 1);
+    return 1;
+}
+"""
+
+
+def test_another_sock_ops_program_on_the_root_keeps_working(
+    daemon: Daemon, pods: dict[str, Pod]
+) -> None:
+    """A second program attached to the root cgroup beside kmeshd (BPF_F_ALLOW_MULTI) sees
+    every connection, and kmeshd still counts them all: neither displaces the other."""
+    import bcc
+
+    root = cgroup.resolve("auto", "test")
+    probes = attached_probes()
+    b = bcc.BPF(text=OTHER_SOCK_OPS)
+    fn = b.load_func(b"other", bcc.BPF.SOCK_OPS)
+    fd = os.open(root, os.O_RDONLY)
+    try:
+        b.attach_func(fn, fd, bcc.BPFAttachType.CGROUP_SOCK_OPS, BPF_F_ALLOW_MULTI)
+        try:
+            exchange(pods, [(100, 10, 0), (200, 20, 1), (300, 30, 0)])
+            seen = b[b"seen"]
+            assert (seen[seen.Key(0)].value, seen[seen.Key(1)].value) == (3, 3)
+        finally:
+            b.detach_func(fn, fd, bcc.BPFAttachType.CGROUP_SOCK_OPS)
+    finally:
+        os.close(fd)
+        b.cleanup()
+    s = daemon.wait_for(closed(3), what="three closed connections")
+    for reporter in ("source", "destination"):
+        assert value(s, W + "connections_opened_total", reporter=reporter) == 3
+        assert value(s, W + "received_bytes_total", reporter=reporter) == 600
+    assert attached_probes() == probes
 
 
 def test_sighup_reopens_the_access_log_and_keeps_counters(

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.bench import loadgen
 from tests.bench.probes import bpf_stats, prog_stats
-from tests.daemon_proc import Daemon, Samples, value
+from tests.daemon_proc import Daemon, Samples, parse_metrics, value
 from tests.e2e import INVENTORY, W, closed, exchange, hold, release, serve
 from tests.netns import Pod, is_root, sh
 
@@ -421,3 +422,43 @@ def test_random_loss_shows_as_retransmits_and_a_loss_counter_that_only_grows(
         assert both(s, "sent_bytes_total") == [5, 5]
     finally:
         daemon.close()
+
+
+# The ring buffer holds 4 MiB of 104-byte records (96 + the kernel's 8-byte header).
+RING_RECORDS = 4 * 1024 * 1024 // 104
+
+
+def test_records_the_ring_cannot_take_are_counted_and_metrics_stay_exact(
+    tmp_path: Path, pin_dir: Path, pods: dict[str, Pod]
+) -> None:
+    """More closes than the ring buffer holds while the daemon reads one record a second
+    (accesslog.max_rate = 1): the records the kernel could not queue are counted in
+    kmeshd_events_lost_total, and written + lost is exactly one record per socket; the
+    metrics count every connection and byte whatever the access log lost."""
+    client, server = pods["client"], pods["server"]
+    gen = loadgen.Loadgen(loadgen.build(tmp_path), loadgen.Load(4, 2, 100, 7))
+    target = loadgen.Target(client.netns, server.netns, server.ip4, 80)
+    daemon = Daemon(tmp_path, INVENTORY, pin_dir, max_rate=1)
+    daemon.start()
+    try:
+        connections = 0
+        with gen.serving(target):
+            while 2 * connections < RING_RECORDS * 1.25:
+                churn = gen.churn(target, 1.0)
+                assert churn.errors == 0
+                connections += churn.connections
+        s = daemon.wait_for(closed(connections), timeout=30, what="every connection closed")
+        for reporter in REPORTERS:
+            assert value(s, W + "connections_opened_total", reporter=reporter) == connections
+            assert value(s, W + "received_bytes_total", reporter=reporter) == 100 * connections
+            assert value(s, W + "sent_bytes_total", reporter=reporter) == 7 * connections
+        assert daemon.stop() == 0  # the final drain writes what the ring holds, past the budget
+    finally:
+        daemon.close()
+    final = parse_metrics(daemon.textfile.read_text())
+    lost = value(final, "kmeshd_events_lost_total")
+    written = len(daemon.access_log())
+    assert lost > 0
+    assert written + lost == 2 * connections
+    assert value(final, "kmeshd_accesslog_records_total") == written
+    assert value(final, "kmeshd_accesslog_records_dropped_total", sink="file") == 0
