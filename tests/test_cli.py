@@ -16,13 +16,14 @@ from kmeshd.errors import UnavailableError
 from tests.netns import is_root
 
 
-def kmeshd(*args: str) -> subprocess.CompletedProcess[str]:
+def kmeshd(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "kmeshd.cli", *args],
         capture_output=True,
         text=True,
         timeout=60,
         check=False,
+        env=env,
     )
 
 
@@ -58,11 +59,17 @@ def test_check_config_reports_every_problem(tmp_path: Path) -> None:
     assert lines[1].startswith(f'{path}: metrics.interval: "5 s" is not a duration')
 
 
+def bad_inventory(tmp_path: Path) -> Path:
+    """Replace config()'s inventory with one whose address is no IP address."""
+    inventory = tmp_path / "inventory.toml"
+    inventory.write_text('[[workload]]\nname = "a"\naddresses = ["10.0.0.300"]\n')
+    return inventory
+
+
 def test_check_config_reports_config_and_inventory_problems_together(tmp_path: Path) -> None:
     """A bad config value and a bad inventory: both files' problems in one run, config first."""
     path = config(tmp_path, '[metrics]\ninterval = "5 s"\n')
-    inventory = tmp_path / "inventory.toml"
-    inventory.write_text('[[workload]]\nname = "a"\naddresses = ["10.0.0.300"]\n')
+    inventory = bad_inventory(tmp_path)
     result = kmeshd("check-config", "--config", str(path))
     assert result.returncode == 78
     assert result.stderr.splitlines() == [
@@ -85,8 +92,7 @@ def test_check_config_skips_the_inventory_a_bad_identity_key_would_name(tmp_path
 def test_check_config_reports_inventory_problems(tmp_path: Path) -> None:
     """A bad inventory address fails check-config with the inventory's file and key path."""
     path = config(tmp_path, "")
-    inventory = tmp_path / "inventory.toml"
-    inventory.write_text('[[workload]]\nname = "a"\naddresses = ["10.0.0.300"]\n')
+    inventory = bad_inventory(tmp_path)
     result = kmeshd("check-config", "--config", str(path))
     assert result.returncode == 78
     assert (
@@ -185,14 +191,8 @@ def test_run_without_bcc_is_unavailable_in_one_line(tmp_path: Path) -> None:
     shadow.mkdir(parents=True)
     (shadow / "__init__.py").write_text('raise ImportError("no module named bcc (test)")\n')
     path = config(tmp_path, '[metrics]\nlisten = ""\ntextfile = ""\n[accesslog]\nfile = ""')
-    result = subprocess.run(
-        [sys.executable, "-m", "kmeshd.cli", "run", "--config", str(path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-        env={**os.environ, "PYTHONPATH": f"{tmp_path / 'shadow'}:{Path.cwd()}"},
-    )
+    shadowed = {**os.environ, "PYTHONPATH": f"{tmp_path / 'shadow'}:{Path.cwd()}"}
+    result = kmeshd("run", "--config", str(path), env=shadowed)
     assert result.returncode == 69
     assert [line for line in result.stderr.splitlines() if line.startswith("kmeshd:")] == [
         "kmeshd: the bcc Python bindings cannot be imported (no module named bcc (test)):"
