@@ -56,6 +56,7 @@ bench: venv kernel-headers
 	$(VENV)/bin/python -m tests.bench.run $(BENCH_ARGS)
 	$(VENV)/bin/python -m tests.bench.bulk $(BENCH_BULK_ARGS)
 	$(VENV)/bin/python -m tests.bench.sweep $(BENCH_SWEEP_ARGS)
+	$(VENV)/bin/python -m tests.bench.paired $(BENCH_PAIRED_ARGS)
 	$(VENV)/bin/python -m tests.bench.identity $(BENCH_IDENTITY_ARGS)
 
 bench-identity: venv kernel-headers
