@@ -169,7 +169,10 @@ def test_read_only_accesslog_directory(tmp_path: Path, read_only_dir: Path) -> N
     text = f'[metrics]\nlisten = ""\ntextfile = ""\n[accesslog]\nfile = "{read_only_dir}/a.json"'
     result = run_fails(tmp_path, text)
     assert result.returncode == 78
-    assert "accesslog.file: directory" in result.stderr and "not writable" in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"{tmp_path / 'kmeshd.toml'}: accesslog.file: directory {read_only_dir} is not "
+        "writable (Read-only file system) (create it or change accesslog.file)"
+    )
 
 
 def test_cgroup_that_is_not_cgroup2(tmp_path: Path) -> None:
