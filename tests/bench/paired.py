@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from kmeshd import cgroup
-from kmeshd.probe import BPF_CGROUP_SOCK_OPS, PROGRAM, Probe, remove_pins
+from kmeshd.probe import PROGRAM, Probe, attach, remove_pins
 from tests.bench import loadgen
 from tests.bench.scenarios import Scenario, all_scenarios
 
@@ -48,31 +48,27 @@ def parse_args() -> argparse.Namespace:
 class Switch:
     """The daemon's probe, compiled and attached, knowing the scenario's addresses, that
     can be detached and attached again in a few milliseconds. The daemon never does this
-    (it detaches once, at stop), so it lives here, on the probe's own handles."""
+    (it detaches once, at stop), so it lives here, on the probe's own handles; attaching
+    again goes through kmeshd.probe.attach(), with a link pinned beside the probe's."""
 
     def __init__(self, probe: Probe, cgroup_dir: Path) -> None:
         self._probe, self._cgroup_dir = probe, cgroup_dir
-        self._link: int | None = None
+        self._pin = probe._link_pin.with_name("bench-link")
+        self._link: int | None = None  # None: the link Probe.start made is the one attached
 
     def detach(self) -> None:
         libbpf = self._probe._libbpf
-        if self._link is None:  # the first time: the link Probe.start made and pinned
+        if self._link is None:
             libbpf.link_detach(self._probe._link_fd)
             return
         libbpf.link_detach(self._link)
         os.close(self._link)
+        self._pin.unlink()
         self._link = None
 
     def attach(self) -> None:
         prog_fd = self._probe._bpf.load_func(PROGRAM, self._probe._bpf.SOCK_OPS).fd
-        fd = os.open(self._cgroup_dir, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            libbpf = self._probe._libbpf
-            self._link = libbpf.check(
-                libbpf.link_create(prog_fd, fd, BPF_CGROUP_SOCK_OPS, None), "bpf_link_create"
-            )
-        finally:
-            os.close(fd)
+        self._link = attach(self._probe._libbpf, prog_fd, self._cgroup_dir, self._pin)
 
 
 @contextmanager
