@@ -4,7 +4,7 @@
  * The kernel headers on these hosts do not match the running kernel (see ENVIRONMENT.md),
  * so the sock_ops program reads struct bpf_sock_ops context fields and tracepoint
  * arguments, whose layouts are stable, and one struct sock field (sk_flags, at close) at
- * the offset kmeshd takes from the running kernel's BTF (kmeshd/btf.py); the iterator
+ * the offset kmeshd takes from the running kernel's BTF (kmeshd/kernel/btf.py); the iterator
  * reads a few struct tcp_sock fields the same way. Offsets arrive as *_OFF defines.
  *
  * Two outputs:
@@ -14,7 +14,7 @@
  *             access log only. A record the ring cannot take is counted, never silent.
  *
  * Maps that must outlive a daemon restart are pinned under PIN_DIR (set by
- * kmeshd/probe.py), so a restarted daemon neither resets nor double counts.
+ * kmeshd/kernel/pins.py), so a restarted daemon neither resets nor double counts.
  */
 #include <uapi/linux/bpf.h>
 #include "tcp_probe.h"
@@ -28,9 +28,7 @@
  * about half the hash insert is a cache miss on its bucket array). The price is that
  * the kernel does not free an entry by itself: the program deletes it at TCP_CLOSE, and
  * kmeshd sweeps out entries of sockets that closed while no program was attached
- * (kmeshd/sockdiag.py), counting those closes. */
-#define SF_RTO_EXPIRED 2 /* the retransmission timer gave up */
-#define SF_RESET 4       /* a RST arrived (set by the tcp_receive_reset tracepoint) */
+ * (kmeshd/kernel/stale.py), counting those closes. */
 
 struct addr16 {
     __u8 a[16];
@@ -48,13 +46,9 @@ BPF_TABLE_PINNED("hash", __u64, struct sock_state, socks, SOCKS_MAX, PIN_DIR "/s
 BPF_TABLE_PINNED("hash", struct flow_key, __u64, unseen_closes, FLOWS_MAX, PIN_DIR "/unseen_closes",
                  BPF_F_NO_PREALLOC);
 BPF_RINGBUF_OUTPUT(records, RINGBUF_PAGES);
-/* Set by user space, from the running daemon's config (so not pinned):
- *   [SETTING_RECORDS]  = 1 while an access log wants records; off, a close costs no
- *                        ring-buffer work at all;
- *   [SETTING_PERIODIC] = ns between two records of one open connection; 0: none. */
-#define SETTING_RECORDS 0
-#define SETTING_PERIODIC 1
-BPF_ARRAY(settings, __u64, 2);
+/* SETTING_* in tcp_probe.h: set by user space, from the running daemon's config (so not
+ * pinned). */
+BPF_ARRAY(settings, __u64, SETTING_COUNT);
 /* A zeroed flow_counters to create flows from: too large for the BPF stack. */
 BPF_ARRAY(zero_flow, struct flow_counters, 1);
 
@@ -534,7 +528,7 @@ TRACEPOINT_PROBE(tcp, tcp_receive_reset)
 
 #ifdef TCP_BYTES_ACKED_OFF
 /* The socket sweep. Before each publish, user space runs this iterator over the TCP sockets
- * of each network namespace (kmeshd/probe.py): every tracked connection that is open adds
+ * of each network namespace (kmeshd/kernel/probe.py): every tracked connection that is open adds
  * what it moved since the last time to its flow, as its close would. So open connections
  * show their bytes at each publish, however long they last and however quiet they have
  * gone, at no cost per packet. The kernel holds each socket's lock while this runs, as it

@@ -1,9 +1,11 @@
-/* Records shared by bpf/tcp_probe.c and kmeshd/events.py.
+/* Everything bpf/tcp_probe.c and user space share: constants, and the structs of the maps
+ * and of the ring buffer.
  *
- * Every field is fixed-size and naturally aligned, so the Python ctypes mirrors in
- * kmeshd/events.py see the same layout; tests compare ctypes.sizeof() with the sizes
- * asserted here. Bump KMESHD_LAYOUT when any of these change: the pinned maps live
- * under <pin_dir>/v<KMESHD_LAYOUT>, so a daemon never reads maps of another layout.
+ * kmeshd/kernel/layout.py mirrors this file, and tests/test_layout.py compiles it to
+ * compare every #define and every field's offset and size with the mirror: change both
+ * sides together. Every field is fixed-size and naturally aligned, with explicit padding.
+ * Bump KMESHD_LAYOUT when a struct changes: the pinned maps live under
+ * <pin_dir>/v<KMESHD_LAYOUT>, so a daemon never reads maps of another layout.
  */
 #ifndef KMESHD_TCP_PROBE_H
 #define KMESHD_TCP_PROBE_H
@@ -22,9 +24,7 @@
 #define REASON_TIMEOUT 2 /* the SYN (or later data) retransmission timer expired */
 #define REASON_OTHER 3
 
-#define RECORD_RESET 1 /* flag: a RST was received before the close */
-
-/* Per-CPU counters of what the probe saw and what it could not record. */
+/* Per-CPU counters of what the probe saw and what it could not record: the stats map. */
 #define STAT_OPENED 0
 #define STAT_CLOSED 1
 #define STAT_FAILED 2
@@ -33,6 +33,12 @@
 #define STAT_FLOWS_FULL 5     /* flow updates refused: the flows map was full */
 #define STAT_SOCKS_FULL 6     /* sockets not tracked: the socks map was full */
 #define STAT_COUNT 7
+
+/* Indexes of the settings map, written by user space from the running daemon's config. */
+#define SETTING_RECORDS 0  /* 1 while an access log wants records; off, a close costs no
+                            * ring-buffer work at all */
+#define SETTING_PERIODIC 1 /* ns between two records of one open connection; 0: none */
+#define SETTING_COUNT 2
 
 /* IPv4 addresses are stored v4-mapped (::ffff:a.b.c.d) so both families share a key. */
 struct flow_key {
@@ -43,8 +49,7 @@ struct flow_key {
     __u8 _pad;
 };                                     /* 36 bytes */
 
-/* Histogram bucket upper bounds, in microseconds, smallest first (kmeshd/events.py keeps
- * the same lists; a test compares them). Each histogram has one more bucket, for values
+/* Histogram bucket upper bounds, in microseconds, smallest first. Each histogram has one more bucket, for values
  * above the last bound. RTT and handshake: 50 µs (one rack) to 10 s (SYN retransmitted
  * three times). Connection duration: 0.5 ms to 4 h. */
 #define LATENCY_BOUNDS_US(X) X(50) X(100) X(250) X(500) X(1000) X(2500) X(5000) X(10000) \
@@ -59,7 +64,8 @@ struct histogram {
     __u64 sum_us;
 };                                     /* 152 bytes */
 
-/* Cumulative since the maps were created; bytes in Istio's terms (see INTERFACE.md). */
+/* Cumulative since the maps were created. Bytes in Istio's terms, for both reporters:
+ * received by the destination (the request direction), sent by it (the response). */
 struct flow_counters {
     __u64 opened;
     __u64 closed;
@@ -82,7 +88,7 @@ struct flow_counters {
  * client's port name both ends: a record needs nothing else of the socket. */
 struct sock_state {
     struct flow_key key;
-    __u16 flags;            /* SF_* in tcp_probe.c */
+    __u16 flags;            /* SF_* below */
     __u16 client_port;
     __u64 start_ns;         /* connect() for OUTBOUND, establishment for INBOUND */
     __u64 established_ns;
@@ -93,7 +99,9 @@ struct sock_state {
     __u32 reported_lost;
 };                                     /* 88 bytes */
 
-#define SF_ESTABLISHED 1
+#define SF_ESTABLISHED 1 /* the handshake completed */
+#define SF_RTO_EXPIRED 2 /* the retransmission timer gave up */
+#define SF_RESET 4       /* a RST arrived (set by the tcp_receive_reset tracepoint) */
 
 /* One ring-buffer record per closed socket and per failed connect: the access log. */
 struct conn_record {
@@ -108,7 +116,7 @@ struct conn_record {
     __u8 kind;
     __u8 direction;
     __u8 reason;
-    __u8 flags;
+    __u8 flags;            /* RECORD_* below */
     __u32 srtt_us;         /* smoothed RTT in microseconds (the kernel keeps it << 3) */
     __u32 min_rtt_us;
     __u32 total_retrans;
@@ -116,6 +124,8 @@ struct conn_record {
     __u32 segs_out;
     __u32 _pad;
 };                                     /* 96 bytes */
+
+#define RECORD_RESET 1 /* a RST was received before the close */
 
 _Static_assert(sizeof(struct flow_key) == 36, "flow_key size");
 _Static_assert(sizeof(struct histogram) == 152, "histogram size");

@@ -22,7 +22,7 @@ from typing import TextIO
 
 from kmeshd.accesslog import JSON_KEYS, MESSAGE_ID, go_time, journal_key
 from kmeshd.errors import UnavailableError
-from kmeshd.events import Reason
+from kmeshd.kernel.layout import Reason
 
 # The failure_reason values a failed connect's record can carry (the access record's
 # reason is the probe's, lower-cased).

@@ -132,7 +132,7 @@ def check_config(path: Path | None) -> int:
 
 
 def sweep_sockets(path: Path | None) -> int:
-    from kmeshd.probe import NOT_PINNED, sweep_pinned
+    from kmeshd.kernel.stale import NOT_PINNED, sweep_pinned
 
     config = read_config(path)
     pins = Path(config.bpf.pin_dir)

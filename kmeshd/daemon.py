@@ -24,12 +24,12 @@ from prometheus_client import (
     process_collector,
 )
 
-from kmeshd import __version__, cgroup
+from kmeshd import __version__
 from kmeshd.accesslog_sinks import Fanout, FileSink, JournaldSink, NullSink, Sink
 from kmeshd.aggregate import Aggregate, add_unseen_closes
 from kmeshd.config import Config, load_config, parse_listen
 from kmeshd.errors import ConfigError, UnavailableError
-from kmeshd.events import Stat, decode_flow, decode_flow_key, decode_record
+from kmeshd.events import decode_flow, decode_flow_key, decode_record, encode_address
 from kmeshd.export.http import MetricsServer
 from kmeshd.export.metrics import Health, KmeshCollector, SinkHealth, Snapshot
 from kmeshd.export.textfile import write_atomic
@@ -41,11 +41,14 @@ from kmeshd.identity.sources import (
     StaticSource,
     open_source,
 )
+from kmeshd.kernel import cgroup
+from kmeshd.kernel.layout import Stat
+from kmeshd.kernel.memory import release_freed_memory
+from kmeshd.kernel.probe import Probe
+from kmeshd.kernel.sockdiag import SockDiagError
 from kmeshd.labels import access_record
 from kmeshd.paths import check_directory
-from kmeshd.probe import Probe, release_freed_memory
 from kmeshd.ratelimit import LOG_EVERY_S, Throttle, TokenBucket
-from kmeshd.sockdiag import SockDiagError
 from kmeshd.systemd import Notifier
 
 log = logging.getLogger("kmeshd")
@@ -142,7 +145,7 @@ class Daemon:
         if cfg.metrics.textfile:
             path = Path(cfg.metrics.textfile)
             prepare_directory(cfg, "metrics.textfile", path, cfg.metrics.textfile_explicit)
-        cgroup_dir = cgroup.resolve(cfg.bpf.cgroup, f"{cfg.path}: bpf.cgroup")
+        cgroup_dir = cgroup.directory(cfg.bpf.cgroup, f"{cfg.path}: bpf.cgroup")
         if cfg.metrics.listen:
             self.notify.status(f"listening on {cfg.metrics.listen}")
         self.http = bind_http(cfg, self._http_registry())
@@ -180,7 +183,8 @@ class Daemon:
         ):
             return
         self._known_version, self._known_at = self.source.known_version, now
-        self.known_refused = self.probe.set_known(self.source.view().known_addresses())
+        addresses = self.source.view().known_addresses()
+        self.known_refused = self.probe.set_known(encode_address(a) for a in addresses)
 
     def _listening(self) -> str:
         return f"/metrics on {self.config.metrics.listen}" if self.http else "no /metrics listener"

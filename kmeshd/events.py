@@ -1,155 +1,28 @@
 """Decode what the kernel probe hands over: bytes in, frozen dataclasses out.
 
-The ctypes structures mirror `bpf/tcp_probe.h` field for field (tests compare their
-sizes with the header's _Static_asserts). Addresses arrive as 16 bytes, IPv4 v4-mapped;
-they leave as ipaddress objects, IPv4 plain.
+Each struct is read through its mirror in kmeshd.kernel.layout (one `struct` unpack per
+record or flow). Addresses arrive as 16 bytes, IPv4 v4-mapped; they leave as ipaddress
+objects, IPv4 plain.
 """
 
 from __future__ import annotations
 
-import ctypes
-import enum
 import functools
 import ipaddress
-import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from kmeshd.identity.model import IPAddress, plain_ip
-
-LAYOUT = 6  # KMESHD_LAYOUT in bpf/tcp_probe.h
-
-
-class Direction(enum.IntEnum):
-    OUTBOUND = 1  # this socket connected: the client side
-    INBOUND = 2  # this socket was accepted: the server side
-
-
-class Kind(enum.IntEnum):
-    CLOSED = 1
-    FAILED = 2
-    PROGRESS = 3  # an open connection's totals so far (accesslog.periodic)
-
-
-class Reason(enum.IntEnum):
-    NONE = 0
-    REFUSED = 1
-    TIMEOUT = 2
-    OTHER = 3
-
-
-class Stat(enum.IntEnum):
-    """Indexes of the per-CPU `stats` array (STAT_* in the header)."""
-
-    OPENED = 0
-    CLOSED = 1
-    FAILED = 2
-    UNATTRIBUTED = 3
-    RINGBUF_LOST = 4
-    FLOWS_FULL = 5
-    SOCKS_FULL = 6
-
-
-RECORD_RESET = 1
-
-
-class FlowKeyStruct(ctypes.Structure):
-    """struct flow_key"""
-
-    _fields_ = (
-        ("client", ctypes.c_uint8 * 16),
-        ("server", ctypes.c_uint8 * 16),
-        ("server_port", ctypes.c_uint16),
-        ("direction", ctypes.c_uint8),
-        ("_pad", ctypes.c_uint8),
-    )
-
-
-# Histogram bucket upper bounds in microseconds (LATENCY_BOUNDS_US and DURATION_BOUNDS_US
-# in the header; a test compares them), and the slots per histogram: one per bound, one
-# for what lies above the last, then the sum.
-LATENCY_BOUNDS_US = (
-    50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000,
-    1_000_000, 2_500_000, 5_000_000, 10_000_000,
-)  # fmt: skip
-DURATION_BOUNDS_US = (
-    500, 1_000, 5_000, 10_000, 50_000, 100_000, 500_000, 1_000_000, 5_000_000, 10_000_000,
-    30_000_000, 60_000_000, 300_000_000, 600_000_000, 1_800_000_000, 3_600_000_000,
-    14_400_000_000,
-)  # fmt: skip
-BUCKETS = 18
-
-
-class HistogramStruct(ctypes.Structure):
-    """struct histogram"""
-
-    _fields_ = (("buckets", ctypes.c_uint64 * BUCKETS), ("sum_us", ctypes.c_uint64))
-
-
-class FlowCountersStruct(ctypes.Structure):
-    """struct flow_counters"""
-
-    _fields_ = (
-        ("opened", ctypes.c_uint64),
-        ("closed", ctypes.c_uint64),
-        ("failed", ctypes.c_uint64),
-        ("received_bytes", ctypes.c_uint64),
-        ("sent_bytes", ctypes.c_uint64),
-        ("reset", ctypes.c_uint64),
-        ("refused", ctypes.c_uint64),
-        ("timeout", ctypes.c_uint64),
-        ("retransmits", ctypes.c_uint64),
-        ("lost", ctypes.c_uint64),
-        ("duration", HistogramStruct),
-        ("srtt", HistogramStruct),
-        ("min_rtt", HistogramStruct),
-        ("connect", HistogramStruct),
-    )
-
-
-class SockStateStruct(ctypes.Structure):
-    """struct sock_state"""
-
-    _fields_ = (
-        ("key", FlowKeyStruct),
-        ("flags", ctypes.c_uint16),
-        ("client_port", ctypes.c_uint16),
-        ("start_ns", ctypes.c_uint64),
-        ("established_ns", ctypes.c_uint64),
-        ("reported_sent", ctypes.c_uint64),
-        ("reported_received", ctypes.c_uint64),
-        ("last_record_ns", ctypes.c_uint64),
-        ("reported_retrans", ctypes.c_uint32),
-        ("reported_lost", ctypes.c_uint32),
-    )
-
-
-SF_ESTABLISHED = 1
-
-
-class ConnRecordStruct(ctypes.Structure):
-    """struct conn_record"""
-
-    _fields_ = (
-        ("time_ns", ctypes.c_uint64),
-        ("duration_ns", ctypes.c_uint64),
-        ("received_bytes", ctypes.c_uint64),
-        ("sent_bytes", ctypes.c_uint64),
-        ("local", ctypes.c_uint8 * 16),
-        ("remote", ctypes.c_uint8 * 16),
-        ("local_port", ctypes.c_uint16),
-        ("remote_port", ctypes.c_uint16),
-        ("kind", ctypes.c_uint8),
-        ("direction", ctypes.c_uint8),
-        ("reason", ctypes.c_uint8),
-        ("flags", ctypes.c_uint8),
-        ("srtt_us", ctypes.c_uint32),
-        ("min_rtt_us", ctypes.c_uint32),
-        ("total_retrans", ctypes.c_uint32),
-        ("segs_in", ctypes.c_uint32),
-        ("segs_out", ctypes.c_uint32),
-        ("_pad", ctypes.c_uint32),
-    )
+from kmeshd.kernel.layout import (
+    BUCKETS,
+    CONN_RECORD,
+    FLOW_COUNTERS,
+    FLOW_KEY,
+    Direction,
+    Kind,
+    Reason,
+    RecordFlag,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,7 +104,6 @@ class FlowCounters:
 
 
 _SCALARS = 10
-_FLOW_VALUE = struct.Struct(f"<{_SCALARS + 4 * (BUCKETS + 1)}Q")
 ZERO = FlowCounters()
 
 
@@ -272,21 +144,16 @@ def encode_address(ip: IPAddress) -> bytes:
 
 
 def decode_flow_key(key: bytes) -> FlowKey:
-    k = FlowKeyStruct.from_buffer_copy(key)
+    client, server, server_port, direction, _pad = FLOW_KEY.codec.unpack_from(key)
     return FlowKey(
-        decode_address(bytes(k.client)),
-        decode_address(bytes(k.server)),
-        k.server_port,
-        Direction(k.direction),
+        decode_address(client), decode_address(server), server_port, Direction(direction)
     )
 
 
 def decode_flow(key: bytes, value: bytes) -> tuple[FlowKey, FlowCounters]:
-    return decode_flow_key(key), FlowCounters.from_vector(_FLOW_VALUE.unpack_from(value))
+    return decode_flow_key(key), FlowCounters.from_vector(FLOW_COUNTERS.codec.unpack_from(value))
 
 
-# struct conn_record, for the hot path: one unpack is several times cheaper than ctypes.
-_RECORD = struct.Struct("<4Q16s16s2H4B6I")
 _KINDS = {k.value: k for k in Kind}
 _DIRECTIONS = {d.value: d for d in Direction}
 _REASONS = {r.value: r for r in Reason}
@@ -295,7 +162,7 @@ _REASONS = {r.value: r for r in Reason}
 def decode_record(data: bytes) -> ConnectionRecord:
     (time_ns, duration, received, sent, local, remote, local_port, remote_port,
      kind, direction, reason, flags, srtt, min_rtt, retrans, segs_in, segs_out, _) = (
-        _RECORD.unpack_from(data)
+        CONN_RECORD.codec.unpack_from(data)
     )  # fmt: skip
     return ConnectionRecord(
         time_ns=time_ns,
@@ -309,7 +176,7 @@ def decode_record(data: bytes) -> ConnectionRecord:
         kind=_KINDS[kind],
         direction=_DIRECTIONS[direction],
         reason=_REASONS[reason],
-        reset=bool(flags & RECORD_RESET),
+        reset=bool(flags & RecordFlag.RESET),
         srtt_us=srtt,
         min_rtt_us=min_rtt,
         retransmits=retrans,

@@ -10,8 +10,9 @@ import ipaddress
 from typing import NamedTuple
 
 from kmeshd.accesslog import AccessRecord
-from kmeshd.events import ConnectionRecord, Direction, FlowKey, Kind
+from kmeshd.events import ConnectionRecord, FlowKey
 from kmeshd.identity.model import IdentityView, IPAddress, Service, Workload
+from kmeshd.kernel.layout import Direction, Kind
 
 UNKNOWN = "-"
 

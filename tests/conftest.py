@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from kmeshd.probe import remove_pins
+from kmeshd.kernel.pins import remove_pins
 from tests.daemon_proc import Daemon
 from tests.e2e import INVENTORY
 from tests.journald import journald  # noqa: F401  (a fixture for every test module)

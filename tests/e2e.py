@@ -9,8 +9,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from kmeshd import cgroup
-from kmeshd.events import LAYOUT
+from kmeshd.kernel import cgroup
+from kmeshd.kernel.layout import LAYOUT
 from tests.daemon_proc import Daemon, Samples, value
 from tests.netns import Pod, sh
 
@@ -88,7 +88,7 @@ def wait_records(daemon: Daemon, n: int, timeout: float = 10) -> list[dict[str, 
 
 def attached_probes() -> int:
     """How many kmeshd sock_ops programs are attached to the cgroup v2 root."""
-    root = cgroup.resolve("auto", "test")
+    root = cgroup.directory("auto", "test")
     out = sh("bpftool", "-j", "cgroup", "show", str(root)).stdout
     return sum(1 for p in json.loads(out.strip() or "[]") if p.get("name") == "kmeshd_sockops")
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import ipaddress
 
 from kmeshd.aggregate import Aggregate, add_unseen_closes
-from kmeshd.events import Direction, FlowCounters, FlowKey
+from kmeshd.events import FlowCounters, FlowKey
 from kmeshd.identity.model import Identities, Workload
+from kmeshd.kernel.layout import Direction
 
 ip = ipaddress.ip_address
 A = Workload("a-1", "a", "default", "a", "latest", "-", "Kubernetes", (ip("10.0.0.1"),))

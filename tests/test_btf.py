@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from kmeshd import btf, probe
 from kmeshd.errors import UnavailableError
+from kmeshd.kernel import btf, build
 
 INT, PTR, ARRAY, STRUCT, UNION, ENUM, FWD, TYPEDEF, CONST, ENUM64 = 1, 2, 3, 4, 5, 6, 7, 8, 10, 19
 
@@ -235,10 +235,10 @@ def test_sweep_offsets_refuse_a_field_of_another_size(monkeypatch: pytest.Monkey
     u32 = b.integer("u32", 4)
     b.record("tcp_sock", 8, [("bytes_acked", u32, 0), ("segs_in", u32, 32)])
     monkeypatch.setattr(
-        probe, "SWEEP_FIELDS", {"SEGS": ("segs_in", 4), "ACKED": ("bytes_acked", 8)}
+        build, "SWEEP_FIELDS", {"SEGS": ("segs_in", 4), "ACKED": ("bytes_acked", 8)}
     )
     with pytest.raises(btf.BtfError) as exc:
-        probe.sweep_offsets(btf.Btf(b.encode()))
+        build.sweep_offsets(btf.Btf(b.encode()))
     assert str(exc.value) == "tcp_sock.bytes_acked is 4 bytes, the probe reads 8"
 
 
@@ -288,18 +288,18 @@ def test_the_running_kernel_has_what_the_close_reads() -> None:
     kernel = btf.load()
     skc_flags = kernel.field("sock_common", "skc_flags")
     assert skc_flags.size == 8
-    assert probe.close_defines(kernel) == {"SOCK_FLAGS_OFF": skc_flags.offset, "SOCK_DONE_BIT": 1}
+    assert build.close_defines(kernel) == {"SOCK_FLAGS_OFF": skc_flags.offset, "SOCK_DONE_BIT": 1}
 
 
 @pytest.mark.skipif(not btf.VMLINUX.exists(), reason="this kernel publishes no BTF")
 def test_the_running_kernel_has_every_field_the_sweep_reads() -> None:
     kernel = btf.load()
-    offsets = probe.sweep_offsets(kernel)
-    assert set(offsets) == set(probe.SWEEP_FIELDS)
+    offsets = build.sweep_offsets(kernel)
+    assert set(offsets) == set(build.SWEEP_FIELDS)
     # skc_state has sat at byte 18 of struct sock_common, the start of tcp_sock, for years.
     assert offsets["TCP_STATE_OFF"] == 18
     tcp_sock = kernel.size(kernel.struct_id("tcp_sock"))
-    for define, (_path, size) in probe.SWEEP_FIELDS.items():
+    for define, (_path, size) in build.SWEEP_FIELDS.items():
         assert 0 < offsets[define] <= tcp_sock - size, define
     assert len(set(offsets.values())) == len(offsets)  # no two fields in one place
 
@@ -315,9 +315,9 @@ def tiny_kernel() -> btf.Btf:
 @pytest.fixture
 def tiny_probe(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(btf, "load", tiny_kernel)
-    monkeypatch.setattr(probe, "CLOSE_FIELDS", {"FLAGS_OFF": ("flags", 8)})
-    monkeypatch.setattr(probe, "ENUM_VALUES", {"DONE_BIT": ("sock_flags", "SOCK_DONE")})
-    monkeypatch.setattr(probe, "SWEEP_FIELDS", {"ACKED_OFF": ("acked", 8)})
+    monkeypatch.setattr(build, "CLOSE_FIELDS", {"FLAGS_OFF": ("flags", 8)})
+    monkeypatch.setattr(build, "ENUM_VALUES", {"DONE_BIT": ("sock_flags", "SOCK_DONE")})
+    monkeypatch.setattr(build, "SWEEP_FIELDS", {"ACKED_OFF": ("acked", 8)})
 
 
 @pytest.mark.usefixtures("tiny_probe")
@@ -331,16 +331,16 @@ def tiny_probe(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_kernel_defines_carry_the_sweeps_offsets_only_with_the_sweep(
     sweep: bool, defines: dict[str, int]
 ) -> None:
-    assert probe.kernel_defines(sweep) == defines
+    assert build.kernel_defines(sweep) == defines
 
 
 @pytest.mark.usefixtures("tiny_probe")
 def test_a_kernel_without_what_the_close_reads_names_the_kernel_option(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(probe, "ENUM_VALUES", {"DONE_BIT": ("sock_flags", "SOCK_GONE")})
+    monkeypatch.setattr(build, "ENUM_VALUES", {"DONE_BIT": ("sock_flags", "SOCK_GONE")})
     with pytest.raises(UnavailableError) as exc:
-        probe.kernel_defines(sweep=False)
+        build.kernel_defines(sweep=False)
     assert str(exc.value) == (
         "the probe cannot find what it reads in the kernel's BTF (enum sock_flags has no"
         " SOCK_GONE): kmeshd needs a kernel built with CONFIG_DEBUG_INFO_BTF=y, which"
@@ -352,11 +352,11 @@ def test_a_kernel_without_what_the_close_reads_names_the_kernel_option(
 def test_a_kernel_without_what_the_sweep_reads_names_live_updates_off(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(probe, "SWEEP_FIELDS", {"ACKED_OFF": ("bytes_acked", 8)})
-    assert probe.kernel_defines(sweep=False) == {"FLAGS_OFF": 0, "DONE_BIT": 1}
+    monkeypatch.setattr(build, "SWEEP_FIELDS", {"ACKED_OFF": ("bytes_acked", 8)})
+    assert build.kernel_defines(sweep=False) == {"FLAGS_OFF": 0, "DONE_BIT": 1}
     with pytest.raises(UnavailableError) as exc:
-        probe.kernel_defines(sweep=True)
+        build.kernel_defines(sweep=True)
     assert str(exc.value) == (
         "the socket sweep cannot find its fields in the kernel's BTF (tcp_sock.bytes_acked:"
-        f" no member bytes_acked): {probe.NO_SWEEP}"
+        f" no member bytes_acked): {build.NO_SWEEP}"
     )

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from kmeshd import cgroup
 from kmeshd.errors import ConfigError, UnavailableError
+from kmeshd.kernel import cgroup
 
 HYBRID = """\
 25 1 0:23 / /sys rw,nosuid - sysfs sysfs rw
@@ -40,13 +40,13 @@ def test_no_cgroup2_is_unavailable(tmp_path: Path) -> None:
     info = tmp_path / "mountinfo"
     info.write_text(V1_ONLY)
     with pytest.raises(UnavailableError, match="mount -t cgroup2"):
-        cgroup.resolve("auto", "x", info)
+        cgroup.directory("auto", "x", info)
 
 
 def test_explicit_non_cgroup_directory_is_a_config_error(tmp_path: Path) -> None:
     """bpf.cgroup naming a plain directory is exit-78 material, with file and key."""
     with pytest.raises(ConfigError) as exc:
-        cgroup.resolve(str(tmp_path), "/etc/kmeshd/kmeshd.toml: bpf.cgroup")
+        cgroup.directory(str(tmp_path), "/etc/kmeshd/kmeshd.toml: bpf.cgroup")
     assert exc.value.problems == [
         f"/etc/kmeshd/kmeshd.toml: bpf.cgroup: {tmp_path} is not a cgroup v2 directory"
         ' (use "auto", or a directory on a cgroup2 mount)'

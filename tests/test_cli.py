@@ -205,11 +205,11 @@ def test_run_without_bcc_is_unavailable_in_one_line(tmp_path: Path) -> None:
 
 def test_missing_bcc_names_the_package(monkeypatch: pytest.MonkeyPatch) -> None:
     """Without the bcc bindings the error names python3-bpfcc."""
-    from kmeshd import probe
+    from kmeshd.kernel import build
 
     monkeypatch.setitem(sys.modules, "bcc", None)
     with pytest.raises(UnavailableError, match="apt-get install python3-bpfcc"):
-        probe.import_bcc()
+        build.import_bcc()
 
 
 def test_a_default_directory_is_created_readable_by_others(tmp_path: Path) -> None:

@@ -17,10 +17,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from kmeshd.config import parse_config
 from kmeshd.daemon import Daemon
-from kmeshd.events import FlowCounters, Stat
+from kmeshd.events import FlowCounters
 from kmeshd.export.http import MetricsServer
 from kmeshd.export.metrics import Health, KmeshCollector, SinkHealth, Snapshot
 from kmeshd.export.textfile import write_atomic
+from kmeshd.kernel.layout import Stat
 from kmeshd.labels import SERVICE_LABELS, WORKLOAD_LABELS
 from kmeshd.paths import check_directory
 

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from kmeshd import cgroup
-from kmeshd.probe import remove_pins
+from kmeshd.kernel import cgroup
+from kmeshd.kernel.pins import remove_pins
 from tests.daemon_proc import Daemon, parse_metrics, value
 from tests.e2e import (
     CLIENT,
@@ -309,15 +309,16 @@ def test_a_probe_of_an_older_layout_is_removed_at_start(tmp_path: Path, pin_dir:
     """An upgrade never leaves the old program counting beside the new one."""
     import bcc
 
-    from kmeshd.probe import BPF_CGROUP_SOCK_OPS, _LibBpf
+    from kmeshd.kernel.attach import BPF_CGROUP_SOCK_OPS
+    from kmeshd.kernel.libbpf import LibBpf
 
     before = attached_probes()
     old = pin_dir / "v1"
     old.mkdir(parents=True)
     b = bcc.BPF(text=b"int kmeshd_sockops(struct bpf_sock_ops *ctx) { return 1; }")
     fn = b.load_func(b"kmeshd_sockops", bcc.BPF.SOCK_OPS)
-    libbpf = _LibBpf()
-    fd = os.open(cgroup.resolve("auto", "test"), os.O_RDONLY)
+    libbpf = LibBpf()
+    fd = os.open(cgroup.directory("auto", "test"), os.O_RDONLY)
     link = libbpf.check(libbpf.link_create(fn.fd, fd, BPF_CGROUP_SOCK_OPS, None), "link")
     os.close(fd)
     libbpf.check(libbpf.obj_pin(link, str(old / "link").encode()), "pin")
@@ -338,7 +339,7 @@ def test_a_probe_of_an_older_layout_is_removed_at_start(tmp_path: Path, pin_dir:
 def test_start_up_reports_each_phase(daemon: Daemon) -> None:
     """STATUS= at each phase, more start time asked for before bcc compiles, READY=1 last."""
     lines = [line for message in daemon.notifications for line in message.split("\n")]
-    cgroup_dir = cgroup.resolve("auto", "test")
+    cgroup_dir = cgroup.directory("auto", "test")
     listen = f"127.0.0.1:{daemon.port}"
     assert lines == [
         "STATUS=loading identities",
@@ -374,7 +375,7 @@ def test_other_sock_ops_programs_can_attach_below(daemon: Daemon, tmp_path: Path
     """With kmeshd on the root, a program without ALLOW_MULTI still attaches in a child cgroup."""
     import bcc
 
-    root = cgroup.resolve("auto", "test")
+    root = cgroup.directory("auto", "test")
     child = root / f"kmeshd-test-{uuid.uuid4().hex[:6]}"
     child.mkdir()
     b = bcc.BPF(text=b"int other(struct bpf_sock_ops *ctx) { return 1; }")
@@ -413,7 +414,7 @@ def test_another_sock_ops_program_on_the_root_keeps_working(
     every connection, and kmeshd still counts them all: neither displaces the other."""
     import bcc
 
-    root = cgroup.resolve("auto", "test")
+    root = cgroup.directory("auto", "test")
     probes = attached_probes()
     b = bcc.BPF(text=OTHER_SOCK_OPS)
     fn = b.load_func(b"other", bcc.BPF.SOCK_OPS)

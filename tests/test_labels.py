@@ -6,8 +6,9 @@ import ipaddress
 
 import pytest
 
-from kmeshd.events import ConnectionRecord, Direction, FlowKey, Kind, Reason
+from kmeshd.events import ConnectionRecord, FlowKey
 from kmeshd.identity.model import Identities, Service, ServicePort, Workload
+from kmeshd.kernel.layout import Direction, Kind, Reason
 from kmeshd.labels import (
     SERVICE_LABELS,
     WORKLOAD_LABELS,

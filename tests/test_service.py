@@ -18,7 +18,8 @@ from typing import Any, TypeVar
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from kmeshd import __version__, cgroup
+from kmeshd import __version__
+from kmeshd.kernel import cgroup
 from tests.nspawn import Container, booted, cached_rootfs, install, run
 
 pytestmark = pytest.mark.service
@@ -196,7 +197,7 @@ def main_pid(c: Container) -> int:
 
 def sock_ops_attached(c: Container) -> int:
     """kmeshd's sock_ops programs attached in the container's cgroups (bpftool, host)."""
-    host_root = cgroup.resolve("auto", "the host's cgroup v2 mount")
+    host_root = cgroup.directory("auto", "the host's cgroup v2 mount")
     container_root = str(host_root) + c.cgroup().rsplit("/init.scope", 1)[0]
     tree = json.loads(run("bpftool", "-j", "cgroup", "tree", container_root).stdout or "[]")
     return sum(

@@ -14,9 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from kmeshd import sockdiag
-from kmeshd.events import SF_ESTABLISHED, Direction, FlowKeyStruct, SockStateStruct
-from kmeshd.probe import sweep_closed_sockets
+from kmeshd.kernel import sockdiag
 from tests.netns import is_root, sh
 
 SO_COOKIE = 57
@@ -167,81 +165,6 @@ def test_a_hidden_namespace_that_cannot_be_read_fails_the_answer(tmp_path: Path)
 
 def test_a_hidden_process_that_exited_is_no_gap(tmp_path: Path) -> None:
     sockdiag.check_hidden([tmp_path / "proc" / "43"], set())
-
-
-class FakeMap(dict[bytes, bytes]):
-    """What sweep_closed_sockets uses of a map (probe.SweptMap), over a dict."""
-
-    def pop(self, key: bytes) -> bytes | None:  # type: ignore[override]
-        return super().pop(key, None)
-
-    def add(self, key: bytes, n: int) -> None:
-        old = int.from_bytes(self.get(key, bytes(8)), sys.byteorder)
-        self[key] = (old + n).to_bytes(8, sys.byteorder)
-
-
-def flow_key(port: int) -> bytes:
-    return bytes(FlowKeyStruct(server_port=port, direction=Direction.OUTBOUND))
-
-
-def sock_state(port: int, established: bool) -> bytes:
-    state = SockStateStruct(flags=SF_ESTABLISHED if established else 0)
-    state.key = FlowKeyStruct.from_buffer_copy(flow_key(port))
-    return bytes(state)
-
-
-def fake_socks(states: dict[int, bytes]) -> FakeMap:
-    return FakeMap({c.to_bytes(8, sys.byteorder): v for c, v in states.items()})
-
-
-def test_sweep_removes_only_cookies_that_are_not_alive() -> None:
-    """Dead sockets go; of those, the established ones count as closes of their flow (the
-    connect that never finished opened nothing, so closes nothing)."""
-    socks = fake_socks(
-        {
-            1: sock_state(80, established=True),
-            2: sock_state(80, established=True),
-            3: sock_state(80, established=False),
-            4: sock_state(443, established=True),
-            5: sock_state(80, established=True),
-        }
-    )
-    unseen = FakeMap()
-    assert sweep_closed_sockets(socks, unseen, lambda: {2, 4, 99}) == 3
-    assert sorted(int.from_bytes(k, sys.byteorder) for k in socks) == [2, 4]
-    assert unseen == {flow_key(80): (2).to_bytes(8, sys.byteorder)}
-    sweep_closed_sockets(fake_socks({7: sock_state(80, established=True)}), unseen, set)
-    assert unseen == {flow_key(80): (3).to_bytes(8, sys.byteorder)}  # added, not replaced
-
-
-def test_sweep_counts_only_what_it_removed() -> None:
-    """An entry the old program deleted between listing and sweeping was counted by that
-    program: the sweep does not count it again."""
-
-    class Racing(FakeMap):
-        def pop(self, key: bytes) -> bytes | None:  # type: ignore[override]
-            return None
-
-    unseen = FakeMap()
-    assert sweep_closed_sockets(Racing(fake_socks({1: sock_state(80, True)})), unseen, set) == 0
-    assert unseen == {}
-
-
-def test_sweep_keeps_everything_when_live_sockets_cannot_be_listed() -> None:
-    def refuse() -> set[int]:
-        raise sockdiag.SockDiagError(1, "cannot enter network namespace /proc/1/ns/net")
-
-    socks = fake_socks({1: sock_state(80, True), 2: sock_state(80, True)})
-    unseen = FakeMap()
-    assert sweep_closed_sockets(socks, unseen, refuse) is None
-    assert len(socks) == 2 and unseen == {}
-
-
-def test_sweep_of_an_empty_map_lists_nothing() -> None:
-    def never() -> set[int]:
-        raise AssertionError("not needed")
-
-    assert sweep_closed_sockets(FakeMap(), FakeMap(), never) == 0
 
 
 def cookie(sock: socket.socket) -> int:

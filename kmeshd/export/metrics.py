@@ -18,7 +18,8 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-from kmeshd.events import DURATION_BOUNDS_US, LATENCY_BOUNDS_US, FlowCounters, Histogram
+from kmeshd.events import FlowCounters, Histogram
+from kmeshd.kernel.layout import DURATION_BOUNDS_US, LATENCY_BOUNDS_US
 from kmeshd.labels import SERVICE_LABELS, WORKLOAD_LABELS, LabelValues
 
 # (field of FlowCounters, family suffix, what it counts): the seed's five counters per

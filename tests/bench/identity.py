@@ -42,8 +42,9 @@ from kmeshd.identity.client import Client
 from kmeshd.identity.credentials import Credentials, TokenSource
 from kmeshd.identity.objects import Naming
 from kmeshd.identity.updates import Update, apply
+from kmeshd.kernel.memory import release_freed_memory
+from kmeshd.kernel.pins import remove_pins
 from kmeshd.labels import resolve
-from kmeshd.probe import release_freed_memory, remove_pins
 from tests.bench.probes import cpu_seconds
 from tests.daemon_proc import Daemon
 from tests.k8s_server import (

@@ -10,7 +10,7 @@ tenants one invocation's ratios move by several hundredths. With the access log 
 kmeshd's user space does nothing per connection (run.py: 0.000-0.001 s of CPU per 10,000
 connections; the sweep at each publish is sweep.py's figure): the cost to the churn is the
 kernel program's. So here one process loads the probe exactly as the daemon does
-(kmeshd.probe.Probe: the same source, maps and known addresses; no socket sweep), keeps
+(kmeshd.kernel.probe.Probe: the same source, maps and known addresses; no socket sweep), keeps
 the load generator's server up, and alternates S-second churns with the program attached
 and detached, N pairs per scenario, the order flipping from pair to pair. Each pair gives
 a ratio (attached / detached); the figures are their median and quartiles.
@@ -29,8 +29,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from kmeshd import cgroup
-from kmeshd.probe import PROGRAM, Probe, attach, remove_pins
+from kmeshd.events import encode_address
+from kmeshd.kernel import cgroup
+from kmeshd.kernel.attach import PROGRAM, attach
+from kmeshd.kernel.pins import remove_pins
+from kmeshd.kernel.probe import Probe
 from tests.bench import loadgen
 from tests.bench.scenarios import Scenario, all_scenarios
 
@@ -49,7 +52,7 @@ class Switch:
     """The daemon's probe, compiled and attached, knowing the scenario's addresses, that
     can be detached and attached again in a few milliseconds. The daemon never does this
     (it detaches once, at stop), so it lives here, on the probe's own handles; attaching
-    again goes through kmeshd.probe.attach(), with a link pinned beside the probe's."""
+    again goes through kmeshd.kernel.attach.attach(), with a link pinned beside the probe's."""
 
     def __init__(self, probe: Probe, cgroup_dir: Path) -> None:
         self._probe, self._cgroup_dir = probe, cgroup_dir
@@ -75,11 +78,13 @@ class Switch:
 def switch_for(scenario: Scenario, workdir: Path) -> Iterator[Switch]:
     """The probe for `scenario`, attached; detached and its maps removed at the end."""
     pins = BPFFS / f"kmeshd-bench-paired-{workdir.name}"
-    cgroup_dir = cgroup.resolve("auto", "bench")
+    cgroup_dir = cgroup.directory("auto", "bench")
     probe = Probe.start(pins, cgroup_dir, sweep=False)
     switch = Switch(probe, cgroup_dir)
     try:
-        probe.set_known(ipaddress.ip_address(address) for _, address in scenario.workloads)
+        probe.set_known(
+            encode_address(ipaddress.ip_address(address)) for _, address in scenario.workloads
+        )
         yield switch
     finally:
         switch.detach()

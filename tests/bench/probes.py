@@ -17,8 +17,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from kmeshd import cgroup
-from kmeshd.probe import remove_pins
+from kmeshd.kernel import cgroup
+from kmeshd.kernel.pins import remove_pins
 from tests.daemon_proc import Daemon
 
 TCPLIFE = Path("/usr/sbin/tcplife-bpfcc")
@@ -48,7 +48,7 @@ def peak_rss_bytes(pid: int) -> int:
 
 def sock_ops_attached() -> list[str]:
     """Programs attached to the cgroup v2 root (ours and any other prober's on this host)."""
-    root = cgroup.resolve("auto", "bench")
+    root = cgroup.directory("auto", "bench")
     out = subprocess.run(
         ["bpftool", "-j", "cgroup", "show", str(root)], capture_output=True, text=True, check=True
     ).stdout

@@ -71,7 +71,7 @@ from types import FrameType
 from typing import Any
 
 from kmeshd.config import parse_duration
-from kmeshd.probe import remove_pins
+from kmeshd.kernel.pins import remove_pins
 from tests.bench import loadgen, report
 from tests.bench.code import fingerprint
 from tests.bench.latency import close_to_metrics

@@ -33,7 +33,7 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
-from kmeshd import sockdiag
+from kmeshd.kernel import sockdiag
 from tests.bench.probes import DaemonSettings, bpf_stats, cpu_seconds, kmeshd, prog_stats
 from tests.bench.scenarios import LOOPBACK_ADDRESS, PORT, loopback, loopback_namespace
 from tests.bench.scenarios import inventory as inventory_of

@@ -2,21 +2,10 @@
 
 from __future__ import annotations
 
-import ctypes
 from pathlib import Path
 
 from kmeshd.errors import ConfigError, UnavailableError
-
-CGROUP2_SUPER_MAGIC = 0x63677270
-
-
-def fs_magic(path: Path) -> int:
-    """statfs(2) f_type, which os.statvfs does not expose (0 when statfs fails)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    buf = (ctypes.c_long * 16)()  # struct statfs: f_type is the first word
-    if libc.statfs(str(path).encode(), buf) != 0:
-        return 0
-    return int(buf[0]) & 0xFFFFFFFF
+from kmeshd.kernel.statfs import CGROUP2_SUPER_MAGIC, fs_magic
 
 
 def cgroup2_mounts(mountinfo: str) -> list[Path]:
@@ -37,8 +26,8 @@ def choose(mounts: list[Path]) -> Path | None:
     return mounts[0] if mounts else None
 
 
-def resolve(setting: str, where: str, mountinfo: Path = Path("/proc/self/mountinfo")) -> Path:
-    """The directory for `bpf.cgroup`; `where` prefixes errors ("file: bpf.cgroup")."""
+def directory(setting: str, where: str, mountinfo: Path = Path("/proc/self/mountinfo")) -> Path:
+    """The directory `bpf.cgroup` names; `where` prefixes errors ("file: bpf.cgroup")."""
     if setting != "auto":
         path = Path(setting)
         if not path.is_dir() or fs_magic(path) != CGROUP2_SUPER_MAGIC:

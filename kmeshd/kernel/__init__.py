@@ -1,0 +1,1 @@
+"""The kernel edge: building, attaching and reading the TCP probe (see probe.py)."""

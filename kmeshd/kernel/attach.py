@@ -1,0 +1,79 @@
+"""Attaching the probe's two programs.
+
+The sock_ops program is attached through a pinned bpf_link, so a restarted daemon
+*replaces* its predecessor's program in one step (bpf_link_update): never two programs
+counting every connection twice, never a moment with none. A link-based cgroup attachment
+is always "multi", so other sock_ops users in this or any lower cgroup keep working.
+
+The socket sweep is a TCP iterator program, linked (not pinned) for the daemon's life.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from kmeshd.errors import UnavailableError
+from kmeshd.kernel.build import NO_SWEEP
+from kmeshd.kernel.libbpf import LibBpf
+
+log = logging.getLogger(__name__)
+
+BPF_CGROUP_SOCK_OPS = 3  # enum bpf_attach_type
+PROGRAM = "kmeshd_sockops"
+SWEEP_PROGRAM = "bpf_iter__tcp"  # bcc attaches an iterator by its name: bpf_iter__<target>
+
+
+def attach(libbpf: LibBpf, prog_fd: int, cgroup_dir: Path, pin: Path) -> int:
+    """Replace the program behind our pinned link, or create and pin a new link."""
+    cgroup_id = os.stat(cgroup_dir).st_ino
+    if pin.exists():
+        link_fd = libbpf.open_pinned(pin)
+        if libbpf.link_cgroup_id(link_fd) == cgroup_id:
+            libbpf.check(libbpf.link_update(link_fd, prog_fd, None), "bpf_link_update")
+            log.info("replaced the probe left attached by a previous kmeshd")
+            return link_fd
+        # bpf.cgroup changed since that link was made: move, don't duplicate.
+        libbpf.link_detach(link_fd)
+        os.close(link_fd)
+        pin.unlink()
+    fd = os.open(cgroup_dir, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        link_fd = libbpf.check(
+            libbpf.link_create(prog_fd, fd, BPF_CGROUP_SOCK_OPS, None), "bpf_link_create"
+        )
+    finally:
+        os.close(fd)
+    libbpf.check(libbpf.obj_pin(link_fd, str(pin).encode()), f"pin {pin}")
+    return link_fd
+
+
+def attach_sweep(bcc: Any, bpf: Any) -> int:
+    """Load the socket sweep and link it as a TCP iterator: the link's fd."""
+    from bcc.libbcc import lib
+
+    try:
+        program = bpf.load_func(SWEEP_PROGRAM, bcc.BPF.TRACING)
+        return LibBpf.check(lib.bcc_iter_attach(program.fd, None, 0), "bpf_link_create")
+    except Exception as exc:
+        bpf.cleanup()
+        raise UnavailableError(
+            f"the kernel refused the socket sweep, a TCP iterator program (Linux 5.15 or"
+            f" newer): {exc}: {NO_SWEEP}"
+        ) from exc
+
+
+def run_iterator(link_fd: int) -> None:
+    """One pass of the iterator behind `link_fd` over the calling thread's network
+    namespace (an iterator takes the namespace it is created in). Ours writes nothing,
+    so the first read returns at the end."""
+    from bcc.libbcc import lib
+
+    fd = LibBpf.check(lib.bcc_iter_create(link_fd), "bpf_iter_create")
+    try:
+        while os.read(fd, 4096):
+            pass
+    finally:
+        os.close(fd)

@@ -1,0 +1,107 @@
+"""The handful of libbpf calls bcc lacks, through ctypes: bpf_link create/update/detach,
+pins, object info, and raw map access by file descriptor.
+
+bcc 0.26 has pinned tables but no link API, and `kmeshd sweep-sockets` opens the pinned
+maps without compiling anything; libbpf.so.1 comes with bcc.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import sys
+from collections.abc import Iterator
+
+
+class LibBpf:
+    """libbpf's low-level syscall wrappers, typed for ctypes."""
+
+    def __init__(self) -> None:
+        name = ctypes.util.find_library("bpf") or "libbpf.so.1"
+        lib = ctypes.CDLL(name, use_errno=True)
+        self.link_create = lib.bpf_link_create
+        self.link_create.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
+        self.link_update = lib.bpf_link_update
+        self.link_update.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
+        self.link_detach = lib.bpf_link_detach
+        self.link_detach.argtypes = [ctypes.c_int]
+        self.obj_pin = lib.bpf_obj_pin
+        self.obj_pin.argtypes = [ctypes.c_int, ctypes.c_char_p]
+        self.obj_get = lib.bpf_obj_get
+        self.obj_get.argtypes = [ctypes.c_char_p]
+        self.info_by_fd = lib.bpf_obj_get_info_by_fd
+        self.info_by_fd.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint32)]
+        self.map_get_next_key = lib.bpf_map_get_next_key
+        self.map_get_next_key.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
+        self.map_delete_elem = lib.bpf_map_delete_elem
+        self.map_delete_elem.argtypes = [ctypes.c_int, ctypes.c_void_p]
+        self.map_lookup_elem = lib.bpf_map_lookup_elem
+        self.map_lookup_elem.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
+        self.map_update_elem = lib.bpf_map_update_elem
+        self.map_update_elem.argtypes = [
+            ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint64,
+        ]  # fmt: skip
+
+    @staticmethod
+    def check(ret: int, what: str) -> int:
+        """`ret`, or OSError when it is a negative errno."""
+        if ret < 0:
+            raise OSError(-ret, f"{what}: {os.strerror(-ret)}")
+        return ret
+
+    def open_pinned(self, path: os.PathLike[str] | str) -> int:
+        """A file descriptor of the object pinned at `path` (BPF_OBJ_GET)."""
+        return self.check(self.obj_get(os.fsencode(path)), f"bpf_obj_get {path}")
+
+    def _info(self, fd: int) -> bytes:
+        buf = (ctypes.c_uint8 * 128)()
+        size = ctypes.c_uint32(128)
+        self.check(self.info_by_fd(fd, buf, ctypes.byref(size)), "bpf_obj_get_info_by_fd")
+        return bytes(buf)
+
+    def link_cgroup_id(self, link_fd: int) -> int:
+        """struct bpf_link_info: cgroup.cgroup_id sits at offset 16."""
+        return int.from_bytes(self._info(link_fd)[16:24], "little")
+
+    def map_sizes(self, map_fd: int) -> tuple[int, int]:
+        """struct bpf_map_info: key_size and value_size sit at offsets 8 and 12."""
+        info = self._info(map_fd)
+        return int.from_bytes(info[8:12], "little"), int.from_bytes(info[12:16], "little")
+
+
+class RawMap:
+    """A BPF map by file descriptor, keys and values as bytes: what the closed-socket sweep
+    does to the maps, whether a compiled probe holds them or `kmeshd sweep-sockets` opened
+    the pins."""
+
+    def __init__(self, libbpf: LibBpf, fd: int) -> None:
+        self._libbpf, self._fd = libbpf, fd
+        self._key_size, self._value_size = libbpf.map_sizes(fd)
+
+    def __iter__(self) -> Iterator[bytes]:
+        key, after = ctypes.create_string_buffer(self._key_size), None
+        while self._libbpf.map_get_next_key(self._fd, after, key) == 0:
+            yield key.raw
+            after = ctypes.create_string_buffer(key.raw, self._key_size)
+
+    def lookup(self, key: bytes) -> bytes | None:
+        value = ctypes.create_string_buffer(self._value_size)
+        if self._libbpf.map_lookup_elem(self._fd, key, value):
+            return None
+        return value.raw
+
+    def pop(self, key: bytes) -> bytes | None:
+        """The value, removed; None when it was not there or someone else removed it
+        first (the program of a killed kmeshd may still be attached)."""
+        value = self.lookup(key)
+        if value is None or self._libbpf.map_delete_elem(self._fd, key):
+            return None
+        return value
+
+    def add(self, key: bytes, n: int) -> None:
+        """value += n, for a map of __u64 counters only user space writes."""
+        old = self.lookup(key)
+        new = (int.from_bytes(old, sys.byteorder) if old else 0) + n
+        ret = self._libbpf.map_update_elem(self._fd, key, new.to_bytes(8, sys.byteorder), 0)
+        self._libbpf.check(ret, "bpf_map_update_elem")
