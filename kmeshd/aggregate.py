@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from kmeshd.events import ZERO, FlowCounters, FlowKey
 from kmeshd.identity.model import IdentityView
-from kmeshd.labels import LabelValues, flow_labels, resolve
+from kmeshd.labels import LabelValues, ends_of, flow_labels
 
 
 def add_unseen_closes(
@@ -73,7 +73,7 @@ class Aggregate:
     def _labels(
         key: FlowKey, ids: IdentityView, policy: str
     ) -> tuple[LabelValues, LabelValues] | None:
-        ends = resolve(ids, key.client, key.server, key.server_port)
+        ends = ends_of(ids, key.client, key.server, key.server_port)
         if not ends.known():
             return None
         return flow_labels(key, ends, policy)

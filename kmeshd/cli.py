@@ -91,7 +91,7 @@ def add_accesslog(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def accesslog(args: argparse.Namespace) -> int:
-    from kmeshd.accesslog_query import Filters, show
+    from kmeshd.accesslog.query import Filters, show
 
     filters = Filters(
         src_workload=args.src_workload,
@@ -151,8 +151,10 @@ def sweep_sockets(path: Path | None) -> int:
 
 def run(path: Path | None) -> int:
     from kmeshd.daemon import Daemon
+    from kmeshd.identity.sources import open_source
+    from kmeshd.kernel.probe import HostKernel
 
-    daemon = Daemon(read_config(path))
+    daemon = Daemon(read_config(path), HostKernel(), open_source)
     daemon.install_signals()
     try:
         daemon.startup()

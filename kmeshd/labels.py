@@ -1,20 +1,16 @@
-"""Pure: a flow or a connection record plus identities -> metric label sets / access records.
+"""Pure: what is known of a flow's two ends (`ends_of`), and the metric label sets it gets.
 
-Label names and order are the contract of INTERFACE.md; unknown values are "-".
+Label names and their order are the families' documented labels (kmeshd(8), METRICS);
+an unknown value is UNKNOWN ("-").
 """
 
 from __future__ import annotations
 
-import functools
-import ipaddress
 from typing import NamedTuple
 
-from kmeshd.accesslog import AccessRecord
-from kmeshd.events import ConnectionRecord, FlowKey
-from kmeshd.identity.model import IdentityView, IPAddress, Service, Workload
-from kmeshd.kernel.layout import Direction, Kind
-
-UNKNOWN = "-"
+from kmeshd.events import FlowKey
+from kmeshd.identity.model import UNKNOWN, IdentityView, IPAddress, Service, Workload
+from kmeshd.kernel.layout import Direction
 
 SOURCE_LABELS = (
     "reporter",
@@ -70,7 +66,7 @@ class Ends(NamedTuple):
         return self.source is not None or self.destination is not None or self.service is not None
 
 
-def resolve(ids: IdentityView, client: IPAddress, server: IPAddress, port: int) -> Ends:
+def ends_of(ids: IdentityView, client: IPAddress, server: IPAddress, port: int) -> Ends:
     """A peer that is a service VIP names the service (the client's socket sees the VIP:
     NAT happens below it); else the service forwarding to that address and target port.
     A pod's address is never a VIP, so for a pod the VIP lookup is skipped (lookups are
@@ -124,42 +120,4 @@ def flow_labels(
     return (
         (*head, *_pod(ends.destination, key.server), *tail),
         (*head, *_service(ends.service), *tail),
-    )
-
-
-@functools.lru_cache(maxsize=65536)
-def _host(ip: IPAddress) -> str:
-    return f"[{ip}]" if isinstance(ip, ipaddress.IPv6Address) else str(ip)
-
-
-def format_address(ip: IPAddress, port: int) -> str:
-    return f"{_host(ip)}:{port}"
-
-
-def access_record(rec: ConnectionRecord, ids: IdentityView, wall_offset_ns: int) -> AccessRecord:
-    """A kernel record -> the access-log record; `wall_offset_ns` = realtime - monotonic."""
-    outbound = rec.direction is Direction.OUTBOUND
-    src, src_port = (rec.local, rec.local_port) if outbound else (rec.remote, rec.remote_port)
-    dst, dst_port = (rec.remote, rec.remote_port) if outbound else (rec.local, rec.local_port)
-    ends = resolve(ids, src, dst, dst_port)
-    return AccessRecord(
-        time_ns=rec.time_ns + wall_offset_ns,
-        src_addr=format_address(src, src_port),
-        src_workload=ends.source.name if ends.source else UNKNOWN,
-        src_namespace=ends.source.namespace if ends.source else UNKNOWN,
-        dst_addr=format_address(dst, dst_port),
-        dst_service=ends.service.hostname if ends.service else UNKNOWN,
-        dst_workload=ends.destination.name if ends.destination else UNKNOWN,
-        dst_namespace=ends.destination.namespace if ends.destination else UNKNOWN,
-        direction=rec.direction.name,
-        sent_bytes=rec.sent_bytes,
-        received_bytes=rec.received_bytes,
-        duration_ns=rec.duration_ns,
-        failure_reason=rec.reason.name.lower() if rec.kind is Kind.FAILED else None,
-        srtt_us=rec.srtt_us,
-        min_rtt_us=rec.min_rtt_us,
-        retransmits=rec.retransmits,
-        segs_in=rec.segs_in,
-        segs_out=rec.segs_out,
-        periodic=rec.kind is Kind.PROGRESS,
     )

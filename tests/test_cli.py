@@ -210,19 +210,3 @@ def test_missing_bcc_names_the_package(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "bcc", None)
     with pytest.raises(UnavailableError, match="apt-get install python3-bpfcc"):
         build.import_bcc()
-
-
-def test_a_default_directory_is_created_readable_by_others(tmp_path: Path) -> None:
-    """A missing default directory is made 0755 even under the unit's UMask=0027:
-    node-exporter, another user, reads the textfile there."""
-    from kmeshd.config import Config
-    from kmeshd.daemon import prepare_directory
-
-    textfile = tmp_path / "prometheus" / "node-exporter" / "kmeshd.prom"
-    old = os.umask(0o027)
-    try:
-        prepare_directory(Config(), "metrics.textfile", textfile, explicit=False)
-    finally:
-        os.umask(old)
-    for directory in (textfile.parent, textfile.parent.parent):
-        assert (directory.stat().st_mode & 0o777) == 0o755

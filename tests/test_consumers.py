@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from kmeshd.accesslog import MESSAGE_ID
+from kmeshd.accesslog.render import MESSAGE_ID
 from tests.daemon_proc import Daemon, free_port, parse_metrics, value
 from tests.e2e import CLIENT, INVENTORY, SERVER, SERVICE, W, closed, exchange, wait_records
 from tests.journald import Journald

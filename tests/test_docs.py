@@ -148,7 +148,7 @@ def test_every_metric_family_is_documented() -> None:
 
 def test_every_access_log_key_is_documented() -> None:
     """kmeshd(8) ACCESS LOG names each JSON key, and journald's MESSAGE_ID."""
-    from kmeshd.accesslog import JSON_KEYS, MESSAGE_ID
+    from kmeshd.accesslog.render import JSON_KEYS, MESSAGE_ID
 
     text = (MAN / "kmeshd.8.scd").read_text()
     section = text.split("# ACCESS LOG", 1)[1].split("\n# ", 1)[0]

@@ -3,27 +3,18 @@
 from __future__ import annotations
 
 import errno
-import os
 import socket
-import stat
-import threading
 import urllib.request
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from kmeshd.config import parse_config
-from kmeshd.daemon import Daemon
 from kmeshd.events import FlowCounters
 from kmeshd.export.http import MetricsServer
 from kmeshd.export.metrics import Health, KmeshCollector, SinkHealth, Snapshot
-from kmeshd.export.textfile import write_atomic
-from kmeshd.kernel.layout import Stat
 from kmeshd.labels import SERVICE_LABELS, WORKLOAD_LABELS
-from kmeshd.paths import check_directory
 
 WL = (
     "destination",
@@ -155,39 +146,6 @@ def test_no_process_or_python_families_in_collector_output() -> None:
     assert names and all(n.startswith(("kmesh_", "kmeshd_")) for n in names)
 
 
-def test_write_atomic_replaces_with_mode_0644(tmp_path: Path) -> None:
-    """The textfile is replaced whole, world-readable, and no temp file is left behind."""
-    path = tmp_path / "kmeshd.prom"
-    path.write_text("old\n")
-    old_umask = os.umask(0o077)
-    try:
-        write_atomic(path, b"new\n")
-    finally:
-        os.umask(old_umask)
-    assert path.read_bytes() == b"new\n"
-    assert stat.S_IMODE(path.stat().st_mode) == 0o644
-    assert os.listdir(tmp_path) == ["kmeshd.prom"]
-
-
-def test_write_atomic_failure_keeps_old_file(tmp_path: Path) -> None:
-    """A failed write raises and leaves the previous textfile untouched."""
-    path = tmp_path / "kmeshd.prom"
-    path.write_text("old\n")
-    (tmp_path / f".kmeshd.prom.{os.getpid()}.tmp").mkdir()  # the temp name cannot be opened
-    with pytest.raises(OSError):
-        write_atomic(path, b"new\n")
-    assert path.read_text() == "old\n"
-
-
-def test_check_directory_reports_missing(tmp_path: Path) -> None:
-    """A missing textfile directory is named."""
-    assert (
-        check_directory(tmp_path / "nope" / "k.prom")
-        == f"directory {tmp_path / 'nope'} does not exist"
-    )
-    assert check_directory(tmp_path / "k.prom") is None
-
-
 def test_metrics_server_serves_and_reports_port_in_use() -> None:
     """/metrics answers over real HTTP; a second bind of the same port fails with EADDRINUSE."""
     collector = KmeshCollector()
@@ -305,54 +263,3 @@ def test_beyond_seed_exposition_passes_promtool(tmp_path: Path) -> None:
     path.write_text(render(beyond_seed()))
     done = subprocess.run([promtool, "check", "metrics"], stdin=path.open(), capture_output=True)
     assert done.returncode == 0, done.stdout + done.stderr
-
-
-class StuckProbe:
-    """The kernel edge of a publish, stuck in its socket sweep until released: what a
-    slow namespace or a loaded host can do to a publish."""
-
-    def __init__(self) -> None:
-        self.entered, self.released = threading.Event(), threading.Event()
-
-    def sweep(self, on_error: Callable[[Exception], None]) -> int:
-        self.entered.set()
-        assert self.released.wait(30)
-        return 0
-
-    def unseen_closes(self) -> dict[bytes, int]:
-        return {}
-
-    def flows(self) -> Iterator[tuple[bytes, bytes]]:
-        return iter(())
-
-    def stats(self) -> dict[Stat, int]:
-        return {s: 0 for s in Stat}
-
-
-def test_a_scrape_is_answered_from_the_last_snapshot_while_a_publish_is_stuck(
-    tmp_path: Path,
-) -> None:
-    """/metrics never waits on the daemon's own work: while a publish hangs, a scrape is
-    answered at once from the previous snapshot; the publish's values come after it."""
-    config = parse_config('[metrics]\nlisten = ""\ntextfile = ""\n', tmp_path / "k.toml")
-    daemon = Daemon(config)
-    probe = StuckProbe()
-    daemon.probe = probe  # type: ignore[assignment]
-    server = MetricsServer("127.0.0.1", 0, daemon._http_registry())
-    url = f"http://127.0.0.1:{server.port}/metrics"
-    publish = threading.Thread(target=daemon.publish)
-    try:
-        publish.start()
-        assert probe.entered.wait(10)
-        with urllib.request.urlopen(url, timeout=2) as r:
-            before = r.read().decode()
-        assert "kmeshd_last_publish_timestamp_seconds 0.0\n" in before
-        probe.released.set()
-        publish.join(10)
-        with urllib.request.urlopen(url, timeout=2) as r:
-            after = r.read().decode()
-        assert "kmeshd_last_publish_timestamp_seconds 0.0\n" not in after
-    finally:
-        probe.released.set()
-        publish.join(10)
-        server.close()

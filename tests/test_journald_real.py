@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from kmeshd.accesslog import MESSAGE_ID, AccessRecord, journal_fields
-from kmeshd.accesslog_sinks import SNDBUF, JournaldSink, encode_native
+from kmeshd.accesslog.render import MESSAGE_ID, AccessRecord, journal_fields
+from kmeshd.accesslog.sinks import SNDBUF, JournaldSink, encode_native
 from tests.journald import Journald
-from tests.test_accesslog import SEED
-from tests.test_accesslog_sinks import too_big_for_a_datagram
+from tests.test_render import SEED
+from tests.test_sinks import too_big_for_a_datagram
 
 pytestmark = pytest.mark.consumers
 

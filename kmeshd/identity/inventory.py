@@ -11,7 +11,15 @@ from __future__ import annotations
 import ipaddress
 from pathlib import Path
 
-from kmeshd.identity.model import Identities, IPAddress, Service, ServicePort, Workload, plain_ip
+from kmeshd.identity.model import (
+    UNKNOWN,
+    Identities,
+    IPAddress,
+    Service,
+    ServicePort,
+    Workload,
+    plain_ip,
+)
 from kmeshd.tomlcheck import Problems, Table, quote, read_text, read_toml
 
 _TOP_KEYS = ("cluster", "trust_domain", "workload", "service")
@@ -107,7 +115,7 @@ def _workload(t: Table, cluster: str, domain: str, claims: _Claims) -> Workload:
         namespace=namespace,
         canonical_service=canonical_service,
         canonical_revision=canonical_revision,
-        principal=f"spiffe://{domain}/ns/{namespace}/sa/{account}" if account else "-",
+        principal=f"spiffe://{domain}/ns/{namespace}/sa/{account}" if account else UNKNOWN,
         cluster=cluster,
         addresses=tuple(ip for _, ip in addresses),
     )

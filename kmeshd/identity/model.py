@@ -14,6 +14,10 @@ from typing import Protocol
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
+UNKNOWN = "-"
+"""What a label or an access-log field says when kmeshd does not know: a value, never
+an empty string or an error."""
+
 
 def plain_ip(ip: IPAddress) -> IPAddress:
     """IPv4 for a v4-mapped IPv6 address; anything else unchanged."""

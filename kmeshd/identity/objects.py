@@ -21,8 +21,6 @@ from typing import Any
 
 from kmeshd.identity.model import IPAddress, Service, ServicePort, Workload, ip_key, plain_ip
 
-UNKNOWN = "-"
-
 # Istio: a Job named <cronjob>-<scheduled time in minutes, 8 to 10 digits> belongs to a CronJob.
 _CRONJOB_JOB = re.compile(r"(.+)-\d{8,10}$")
 _TERMINAL = frozenset({"Succeeded", "Failed"})

@@ -22,8 +22,9 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from kmeshd.config import Config
 from kmeshd.errors import UnavailableError
-from kmeshd.kernel import sockdiag
+from kmeshd.kernel import cgroup, sockdiag
 from kmeshd.kernel.attach import PROGRAM, attach, attach_sweep, run_iterator
 from kmeshd.kernel.build import check_host, compile_probe, import_bcc, kernel_defines
 from kmeshd.kernel.layout import Setting, Stat
@@ -183,3 +184,14 @@ def _forget_closed_sockets(bpf: Any, libbpf: LibBpf) -> None:
         RawMap(libbpf, bpf["unseen_closes"].map_fd),
         sockdiag.live_cookies,
     )
+
+
+class HostKernel:
+    """This host's kernel, as the daemon starts its probe on it."""
+
+    def cgroup(self, config: Config) -> Path:
+        return cgroup.directory(config.bpf.cgroup, f"{config.path}: bpf.cgroup")
+
+    def start(self, config: Config, cgroup: Path, phase: Callable[[str], None]) -> Probe:
+        pin_dir = Path(config.bpf.pin_dir)
+        return Probe.start(pin_dir, cgroup, phase, sweep=config.bpf.live_updates)

@@ -10,7 +10,7 @@ reports:
 - memory: the daemon's RSS and peak RSS once synced; and, in this process, what the
   identity cache itself takes (RSS growth from parsing and holding the same lists);
 - lookup: microseconds per event to resolve both ends and the service of a flow
-  (`labels.resolve`) against the full cache, hits and misses mixed;
+  (`labels.ends_of`) against the full cache, hits and misses mixed;
 - requests: every request the daemon made, by kind, during the sync and during a steady
   window with pod churn (watch events only), and the requests per hour that follow from
   the watch lengths it asked for.
@@ -44,7 +44,7 @@ from kmeshd.identity.objects import Naming
 from kmeshd.identity.updates import Update, apply
 from kmeshd.kernel.memory import release_freed_memory
 from kmeshd.kernel.pins import remove_pins
-from kmeshd.labels import resolve
+from kmeshd.labels import ends_of
 from tests.bench.probes import cpu_seconds
 from tests.daemon_proc import Daemon
 from tests.k8s_server import (
@@ -210,7 +210,7 @@ class _ListSink:
 
 
 def lookup_us(cache: IdentityCache, args: argparse.Namespace) -> dict[str, float]:
-    """Microseconds per `resolve` (both ends and the service) over flows that mix pod IPs,
+    """Microseconds per `ends_of` (both ends and the service) over flows that mix pod IPs,
     service VIPs and unknown addresses, by how many distinct flows are looked up: the
     cost is memory latency, so a node's few hundred active flows cost less than lookups
     spread over the whole cluster."""
@@ -235,7 +235,7 @@ def lookup_us(cache: IdentityCache, args: argparse.Namespace) -> dict[str, float
         for _ in range(5):
             started = time.perf_counter()
             for client, server, port in batch:
-                resolve(cache, client, server, port)
+                ends_of(cache, client, server, port)
             runs.append((time.perf_counter() - started) / len(batch) * 1e6)
         result[f"{distinct} flows"] = statistics.median(runs)
     return result
@@ -292,7 +292,7 @@ def render(r: dict[str, Any]) -> str:
             f" peak {d['peak_rss_mib']:.0f} MiB; after the steady window: RSS"
             f" {d['rss_end_mib']:.0f} MiB, peak {d['peak_rss_end_mib']:.0f} MiB",
             f"identity cache alone: {c['cache_mib']:.0f} MiB for {c['counts']}",
-            "lookup per event (resolve both ends + service), median µs by distinct flows: "
+            "lookup per event (ends_of: both ends + service), median µs by distinct flows: "
             + ", ".join(f"{k} {v:.2f}" for k, v in c["lookup_us"].items()),
             f"requests during sync: {sync}",
             f"steady window {d['steady_window_s']:.0f} s with {d['churn_events_per_s']:.0f} pod"

@@ -6,7 +6,7 @@ from dataclasses import replace
 
 import pytest
 
-from kmeshd.accesslog import (
+from kmeshd.accesslog.render import (
     JSON_KEYS,
     MESSAGE_ID,
     AccessRecord,
@@ -114,7 +114,10 @@ def test_message_of_the_seed_example() -> None:
 
 def test_text_line_of_the_seed_example() -> None:
     """The text line is the seed's line: Go's time, then the message."""
-    assert text_line(SEED) == "accesslog: 2024-09-14 08:19:26.552709932 +0000 UTC " + SEED_MESSAGE
+    assert (
+        text_line(SEED.time_ns, message(SEED))
+        == "accesslog: 2024-09-14 08:19:26.552709932 +0000 UTC " + SEED_MESSAGE
+    )
 
 
 def test_journal_fields_of_the_seed_example() -> None:
@@ -252,7 +255,9 @@ def test_failure_reason_is_the_last_key_and_only_when_failed() -> None:
 
 def test_failed_text_line() -> None:
     """A failed connect's text line ends with its failure reason."""
-    assert text_line(FAILED).endswith("duration=1.000512s, failure_reason=refused")
+    assert text_line(FAILED.time_ns, message(FAILED)).endswith(
+        "duration=1.000512s, failure_reason=refused"
+    )
 
 
 @pytest.mark.parametrize(

@@ -1,11 +1,12 @@
 """Access records and their renderings: JSON fields, the seed's text line, journal fields.
 
-Pure: no IO. The producer (kmeshd.labels) fills an AccessRecord with "-" for what it does
-not know; the sinks (kmeshd.accesslog_sinks) write what these functions render.
+Pure: no IO. The producer (accesslog.records) fills an AccessRecord with "-" for what it
+does not know; the sinks (accesslog.sinks) write what these functions render, and `kmeshd
+accesslog` (accesslog.query) prints the text line of what journald kept.
 
     AccessRecord ──fields()──────────> JSON line          (FileSink)
                  ├─message()─────────> seed text          (journald MESSAGE)
-                 ├─text_line()───────> "accesslog: ..."   (kmeshd accesslog)
+                 │        └text_line()> "accesslog: ..."  (kmeshd accesslog)
                  └─journal_fields()──> KMESHD_* fields    (JournaldSink)
 """
 
@@ -160,9 +161,10 @@ def message(r: AccessRecord, f: dict[str, object] | None = None) -> str:
     return ", ".join(f"{key}={f[key]}" for key in (*_MESSAGE_KEYS, *extra))
 
 
-def text_line(r: AccessRecord) -> str:
-    """The seed's whole line: "accesslog: <Go time> " + message(r)."""
-    return f"accesslog: {go_time(r.time_ns)} {message(r)}"
+def text_line(time_ns: int, message_text: str) -> str:
+    """The seed's whole line, as `kmeshd accesslog` prints it: "accesslog: <Go time> " and
+    the record's message()."""
+    return f"accesslog: {go_time(time_ns)} {message_text}"
 
 
 def journal_key(key: str) -> str:

@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from kmeshd.accesslog import AccessRecord, fields, journal_fields
-from kmeshd.accesslog_sinks import (
+from kmeshd.accesslog.render import AccessRecord, fields, journal_fields
+from kmeshd.accesslog.sinks import (
     SNDBUF,
     Fanout,
     FileSink,
@@ -32,7 +32,7 @@ from kmeshd.accesslog_sinks import (
     encode_native,
     journal_socket,
 )
-from tests.test_accesslog import FAILED, IPV6, SEED
+from tests.test_render import FAILED, IPV6, SEED
 
 if TYPE_CHECKING:
     from _typeshed import ReadableBuffer

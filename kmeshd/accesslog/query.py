@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TextIO
 
-from kmeshd.accesslog import JSON_KEYS, MESSAGE_ID, go_time, journal_key
+from kmeshd.accesslog.render import JSON_KEYS, MESSAGE_ID, journal_key, text_line
 from kmeshd.errors import UnavailableError
 from kmeshd.kernel.layout import Reason
 
@@ -124,11 +124,11 @@ def text(entry: Mapping[str, object]) -> str:
     """The seed's line, as the daemon would print it: "accesslog: <Go time> <MESSAGE>"."""
     stamp = entry.get(journal_key("time"))
     if isinstance(stamp, str):
-        when = go_time(_time_ns(stamp))
+        time_ns = _time_ns(stamp)
     else:  # not ours to judge: show the journal's own time
-        when = go_time(int(str(entry.get("__REALTIME_TIMESTAMP", 0))) * 1000)
+        time_ns = int(str(entry.get("__REALTIME_TIMESTAMP", 0))) * 1000
     message = entry.get("MESSAGE", "")
-    return f"accesslog: {when} {message if isinstance(message, str) else _bytes_field(message)}"
+    return text_line(time_ns, message if isinstance(message, str) else _bytes_field(message))
 
 
 def render(lines: Iterable[str], f: Filters, output: str) -> Iterable[str]:

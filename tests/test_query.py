@@ -1,4 +1,4 @@
-"""kmeshd.accesslog_query and `kmeshd accesslog`: filters as journalctl matches, journal
+"""kmeshd.accesslog.query and `kmeshd accesslog`: filters as journalctl matches, journal
 entries rendered back, and the whole verb against a real systemd-journald."""
 
 from __future__ import annotations
@@ -11,14 +11,26 @@ from typing import Any
 
 import pytest
 
-from kmeshd.accesslog import MESSAGE_ID, fields, journal_fields, text_line
-from kmeshd.accesslog_query import Filters, journalctl_args, record_fields, render, text, wanted
-from kmeshd.accesslog_sinks import JournaldSink
+from kmeshd.accesslog.query import Filters, journalctl_args, record_fields, render, text, wanted
+from kmeshd.accesslog.render import (
+    MESSAGE_ID,
+    AccessRecord,
+    fields,
+    journal_fields,
+    message,
+    text_line,
+)
+from kmeshd.accesslog.sinks import JournaldSink
 from tests.journald import Journald
-from tests.test_accesslog import FAILED, IPV6, SEED
+from tests.test_render import FAILED, IPV6, SEED
 
 BASE = ["journalctl", "--output=json", "--all", "--no-pager"]
 ID = f"MESSAGE_ID={MESSAGE_ID}"
+
+
+def printed(r: AccessRecord) -> str:
+    """What `kmeshd accesslog` prints for the record `r`."""
+    return text_line(r.time_ns, message(r))
 
 
 @pytest.mark.parametrize(
@@ -98,14 +110,14 @@ def test_entries_render_as_the_daemon_writes(record: Any) -> None:
     entry = as_journalctl_prints(record)
     assert record_fields(entry) == fields(record)
     assert list(record_fields(entry)) == list(fields(record))  # same key order
-    assert text(entry) == text_line(record)
+    assert text(entry) == printed(record)
 
 
 def test_fractions_and_non_utf8_fields() -> None:
     """A whole second has no fraction; a field journalctl prints as bytes is decoded."""
     whole = replace(SEED, time_ns=1726301966_000000000)
     entry = as_journalctl_prints(whole)
-    assert text(entry) == text_line(whole)
+    assert text(entry) == printed(whole)
     entry["KMESHD_SRC_WORKLOAD"] = list(b"caf\xc3\xa9-\xff")
     assert record_fields(entry)["src.workload"] == "café-\ufffd"
 
@@ -166,15 +178,15 @@ def test_accesslog_reads_back_from_journald(journald: Journald) -> None:
         assert done.returncode == 0, done.stderr
         return done.stdout.splitlines()
 
-    assert lines() == [text_line(r) for r in records]
+    assert lines() == [printed(r) for r in records]
     assert [json.loads(x) for x in lines("--output", "json")] == [fields(r) for r in records]
-    assert lines("--failed") == [text_line(FAILED)]
-    assert lines("--namespace", "shop") == [text_line(other_ns)]
-    assert lines("--namespace", "default") == [text_line(IPV6), text_line(other_ns)]
-    assert lines("--direction", "OUTBOUND") == [text_line(FAILED)]
-    assert lines("--service", "httpbin") == [text_line(IPV6), text_line(other_ns)]
-    assert lines("--service", SEED.dst_service) == [text_line(SEED), text_line(FAILED)]
-    assert lines("--dst-workload", "cart-1", "--src-workload", "ui-1") == [text_line(other_ns)]
+    assert lines("--failed") == [printed(FAILED)]
+    assert lines("--namespace", "shop") == [printed(other_ns)]
+    assert lines("--namespace", "default") == [printed(IPV6), printed(other_ns)]
+    assert lines("--direction", "OUTBOUND") == [printed(FAILED)]
+    assert lines("--service", "httpbin") == [printed(IPV6), printed(other_ns)]
+    assert lines("--service", SEED.dst_service) == [printed(SEED), printed(FAILED)]
+    assert lines("--dst-workload", "cart-1", "--src-workload", "ui-1") == [printed(other_ns)]
     assert lines("--since", "2000-01-01", "--dst-workload", "nobody") == []
 
 

@@ -5,11 +5,12 @@
      ├── FileSink      JSON lines through python-json-logger, to a file or "-" (stdout)
      └── JournaldSink  journald's native protocol on its datagram socket (memfd when large)
     Fanout            every record to every sink; `sinks` lists the enabled ones for export
+    open_sinks()      the sinks a config asks for
 
 write() never raises: a record a sink cannot take is dropped and counted in `dropped`
 (kmeshd_accesslog_records_dropped_total{sink}), `up` says whether the destination works
 (kmeshd_sink_up{sink}), and problems are logged through the "kmeshd" logger at most once
-a minute per sink. Rendering lives in kmeshd.accesslog; nothing here decides content.
+a minute per sink. Rendering lives in accesslog.render; nothing here decides content.
 """
 
 from __future__ import annotations
@@ -24,9 +25,13 @@ import struct
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
 from typing import IO, Protocol
 
-from kmeshd.accesslog import AccessRecord, fields, journal_fields
+from kmeshd.accesslog.render import AccessRecord, fields, journal_fields
+from kmeshd.config import Config
+from kmeshd.errors import ConfigError
+from kmeshd.files import prepare_directory
 from kmeshd.ratelimit import LOG_EVERY_S, Throttle
 
 try:  # python-json-logger >= 3.1
@@ -139,8 +144,8 @@ class FileSink:
         self.dropped = 0
         self._stdout = stdout if stdout is not None else sys.stdout.buffer
         self._throttle = Throttle(LOG_EVERY_S, clock)
-        self._handler = _LineWriter()
-        self._handler.stream = self._open()
+        self._writer = _LineWriter()
+        self._writer.stream = self._open()
 
     def _open(self) -> IO[bytes]:
         if self.path == "-":
@@ -151,9 +156,9 @@ class FileSink:
 
     def write(self, r: AccessRecord) -> bool:
         try:
-            if self._handler.stream is None:
-                self._handler.stream = self._open()
-            self._handler.write_line(_JSON.jsonify_log_record(fields(r)))
+            if self._writer.stream is None:
+                self._writer.stream = self._open()
+            self._writer.write_line(_JSON.jsonify_log_record(fields(r)))
         except (OSError, ValueError) as exc:  # ValueError: a closed stream, unencodable text
             self.dropped += 1
             self._set_down(exc)
@@ -166,7 +171,7 @@ class FileSink:
             return
         self._close_stream()
         try:
-            self._handler.stream = self._open()
+            self._writer.stream = self._open()
         except OSError as exc:
             self._set_down(exc)
 
@@ -174,7 +179,7 @@ class FileSink:
         self._close_stream()
 
     def _close_stream(self) -> None:
-        stream, self._handler.stream = self._handler.stream, None
+        stream, self._writer.stream = self._writer.stream, None
         if stream is None:
             return
         try:
@@ -260,7 +265,7 @@ _GONE = {errno.ENOENT, errno.ECONNREFUSED, errno.ENOTCONN, errno.ECONNRESET, err
 
 
 class JournaldSink:
-    """Journal entries (see kmeshd.accesslog.journal_fields) sent to journald's native socket.
+    """Journal entries (see accesslog.render.journal_fields) sent to journald's native socket.
 
     Sends never block: a busy journald (EAGAIN) costs the record, counted. With no
     journald the sink is down, warns once, counts every record as dropped and looks for the
@@ -374,14 +379,29 @@ class JournaldSink:
 
 class Fanout:
     """Every record to every sink. `sinks` holds the enabled ones (NullSinks are left out:
-    a disabled sink has no state worth exporting) for kmeshd_sink_up / records_dropped."""
+    a disabled sink has no state worth exporting) for kmeshd_sink_up / records_dropped.
+    One Fanout lives as long as the daemon: a reload replaces the sinks inside it, and the
+    drops of the sinks it retires stay counted (`dropped`), since counters never go down."""
 
-    def __init__(self, sinks: Iterable[Sink]) -> None:
-        self.sinks: tuple[Sink, ...] = tuple(s for s in sinks if not isinstance(s, NullSink))
+    def __init__(self, sinks: Iterable[Sink] = ()) -> None:
+        self.sinks: tuple[Sink, ...] = ()
+        self._retired: dict[str, int] = {}  # sink name -> drops of sinks replaced
+        self.replace(sinks)
 
     def write(self, r: AccessRecord) -> None:
         for sink in self.sinks:
             sink.write(r)
+
+    def dropped(self, sink: Sink) -> int:
+        """Records dropped by `sink` and by the sinks of its name it replaced."""
+        return sink.dropped + self._retired.get(sink.name, 0)
+
+    def replace(self, sinks: Iterable[Sink]) -> None:
+        """Close the running sinks and use `sinks` from now on."""
+        for old in self.sinks:
+            self._retired[old.name] = self.dropped(old)
+            old.close()
+        self.sinks = tuple(s for s in sinks if not isinstance(s, NullSink))
 
     def reopen(self) -> None:
         for sink in self.sinks:
@@ -390,3 +410,19 @@ class Fanout:
     def close(self) -> None:
         for sink in self.sinks:
             sink.close()
+
+
+def open_sinks(config: Config) -> list[Sink]:
+    """The sinks `config` asks for, opened (ConfigError for an unusable access-log file)."""
+    file_sink: Sink = NullSink("file")
+    if config.accesslog.file:
+        if config.accesslog.file != "-":
+            path = Path(config.accesslog.file)
+            prepare_directory(path, config.accesslog.file_explicit, config.path, "accesslog.file")
+        try:
+            file_sink = FileSink(config.accesslog.file)
+        except OSError as exc:
+            problem = f"cannot open {config.accesslog.file}: {exc.strerror}"
+            raise ConfigError([f"{config.path}: accesslog.file: {problem}"]) from exc
+    journal: Sink = JournaldSink() if config.accesslog.journald else NullSink("journald")
+    return [file_sink, journal]

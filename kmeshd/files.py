@@ -1,0 +1,67 @@
+"""The files kmeshd writes: replaced atomically, in directories checked before use.
+
+write_atomic()        the textfile, the kubeconfig's embedded certificates
+prepare_directory()   the textfile's and the access log's directories, at start-up
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from kmeshd.errors import ConfigError
+
+
+def write_atomic(path: Path, data: bytes, mode: int) -> None:
+    """Replace `path` with `data`, with permissions `mode` whatever the umask. Written
+    aside and renamed, so a reader (node-exporter, a connection opening a certificate)
+    sees the old file or the new one, never half of one. Raises OSError, leaving the old
+    file intact."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.unlink(missing_ok=True)  # a leftover of a crash: never write through a link
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+        try:
+            os.fchmod(fd, mode)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def check_directory(path: Path) -> str | None:
+    """Why a file cannot be written at `path` (its directory), or None."""
+    directory = path.parent
+    if not directory.is_dir():
+        return f"directory {directory} does not exist"
+    if os.statvfs(directory).f_flag & os.ST_RDONLY:
+        return f"directory {directory} is not writable (Read-only file system)"
+    if not os.access(directory, os.W_OK | os.X_OK):
+        return f"directory {directory} is not writable (Permission denied)"
+    probe = directory / f".{path.name}.{os.getpid()}.probe"
+    try:
+        probe.touch()
+        probe.unlink()
+    except OSError as exc:  # a read-only mount passes os.access as root
+        return f"directory {directory} is not writable ({exc.strerror})"
+    return None
+
+
+def prepare_directory(path: Path, explicit: bool, config_path: Path, key: str) -> None:
+    """Create the directory of `path` when it is missing and the config left `key` at its
+    default; an explicit one must exist and be writable (ConfigError naming `key`)."""
+    if not path.parent.exists() and not explicit:
+        missing = [d for d in (path.parent, *path.parent.parents) if not d.exists()]
+        for directory in reversed(missing):
+            directory.mkdir(exist_ok=True)
+            # 0755 whatever the umask (the unit sets 0077): node-exporter, another user,
+            # must reach the textfile.
+            directory.chmod(0o755)
+    problem = check_directory(path)
+    if problem:
+        raise ConfigError([f"{config_path}: {key}: {problem} (create it or change {key})"])

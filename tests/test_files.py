@@ -1,0 +1,58 @@
+"""Files kmeshd writes: replaced whole with their mode, old content kept on failure;
+directories checked, default ones created readable by others."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from kmeshd.files import check_directory, prepare_directory, write_atomic
+
+
+def test_write_atomic_replaces_with_mode_0644(tmp_path: Path) -> None:
+    """The textfile is replaced whole, world-readable, and no temp file is left behind."""
+    path = tmp_path / "kmeshd.prom"
+    path.write_text("old\n")
+    old_umask = os.umask(0o077)
+    try:
+        write_atomic(path, b"new\n", 0o644)
+    finally:
+        os.umask(old_umask)
+    assert path.read_bytes() == b"new\n"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+    assert os.listdir(tmp_path) == ["kmeshd.prom"]
+
+
+def test_write_atomic_failure_keeps_old_file(tmp_path: Path) -> None:
+    """A failed write raises and leaves the previous textfile untouched."""
+    path = tmp_path / "kmeshd.prom"
+    path.write_text("old\n")
+    (tmp_path / f".kmeshd.prom.{os.getpid()}.tmp").mkdir()  # the temp name cannot be opened
+    with pytest.raises(OSError):
+        write_atomic(path, b"new\n", 0o644)
+    assert path.read_text() == "old\n"
+
+
+def test_check_directory_reports_missing(tmp_path: Path) -> None:
+    """A missing textfile directory is named."""
+    assert (
+        check_directory(tmp_path / "nope" / "k.prom")
+        == f"directory {tmp_path / 'nope'} does not exist"
+    )
+    assert check_directory(tmp_path / "k.prom") is None
+
+
+def test_a_default_directory_is_created_readable_by_others(tmp_path: Path) -> None:
+    """A missing default directory is made 0755 even under the unit's UMask=0027:
+    node-exporter, another user, reads the textfile there."""
+    textfile = tmp_path / "prometheus" / "node-exporter" / "kmeshd.prom"
+    old = os.umask(0o027)
+    try:
+        prepare_directory(textfile, False, Path("/etc/kmeshd/kmeshd.toml"), "metrics.textfile")
+    finally:
+        os.umask(old)
+    for directory in (textfile.parent, textfile.parent.parent):
+        assert (directory.stat().st_mode & 0o777) == 0o755

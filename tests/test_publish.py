@@ -1,0 +1,167 @@
+"""One publish, on a fake probe: the kernel's flows under today's identities in /metrics
+and the textfile, the daemon's health beside them, and a scrape that never waits."""
+
+from __future__ import annotations
+
+import os
+import threading
+import urllib.request
+from pathlib import Path
+
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from kmeshd.accesslog.records import RecordFeed
+from kmeshd.accesslog.sinks import Fanout
+from kmeshd.export.http import MetricsServer, scrape_registry
+from kmeshd.export.metrics import KmeshCollector
+from kmeshd.export.textfile import Textfile
+from kmeshd.identity.model import Identities, Workload
+from kmeshd.identity.sources import StaticSource
+from kmeshd.kernel.layout import Direction, Stat
+from kmeshd.known import KnownAddresses
+from kmeshd.publish import Publisher
+from tests.fakes import FakeClock, FakeProbe, flow_key, flow_value, ip
+
+CLIENT = Workload(
+    "sleep-1", "sleep", "default", "sleep", "latest", "-", "Kubernetes", (ip("10.0.0.1"),)
+)
+SERVER = Workload("web-1", "web", "default", "web", "v1", "-", "Kubernetes", (ip("10.0.0.2"),))
+IDS = Identities((CLIENT, SERVER))
+
+
+def publisher(
+    probe: FakeProbe, clock: FakeClock, textfile: Path | None = None
+) -> tuple[Publisher, KmeshCollector]:
+    collector = KmeshCollector()
+    feed = RecordFeed(Fanout(), IDS, 0, clock.monotonic)
+    known = KnownAddresses(probe, clock.monotonic)
+    tf = Textfile(textfile, collector, clock.monotonic) if textfile else None
+    return Publisher(probe, collector, tf, feed, known, clock), collector
+
+
+def values(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def scraped(collector: KmeshCollector) -> str:
+    return generate_latest(scrape_registry(collector)).decode()
+
+
+def one(text: str, name: str, **labels: str) -> float:
+    """The value of the one sample of `name` whose labels include `labels`."""
+    found = [v for (n, ls), v in values(text).items() if n == name and labels.items() <= ls]
+    assert len(found) == 1, (name, labels, found)
+    return found[0]
+
+
+def test_a_publish_folds_flows_under_the_identities_known_now(tmp_path: Path) -> None:
+    """Both reporters of one 292/5-byte connection land in their label sets, exactly, in
+    /metrics' families and in the textfile alike; the open one counts as active."""
+    probe, clock = FakeProbe(), FakeClock()
+    probe.flows_map = {
+        flow_key("10.0.0.1", "10.0.0.2", 80, Direction.OUTBOUND): flow_value(1, 1, 292, 5),
+        flow_key("10.0.0.1", "10.0.0.2", 80, Direction.INBOUND): flow_value(2, 1, 292, 5),
+    }
+    pub, collector = publisher(probe, clock, tmp_path / "kmeshd.prom")
+    pub.publish(IDS, {"inventory": True}, "unknown")
+    text = (tmp_path / "kmeshd.prom").read_text()
+    src = dict(source_workload="sleep", destination_workload="web")
+    for reporter, opened, active in (("source", 1, 0), ("destination", 2, 1)):
+        labels = dict(src, reporter=reporter)
+        assert one(text, "kmesh_tcp_workload_connections_opened_total", **labels) == opened
+        assert one(text, "kmesh_tcp_workload_received_bytes_total", **labels) == 292
+        assert one(text, "kmesh_tcp_workload_sent_bytes_total", **labels) == 5
+        assert one(text, "kmesh_tcp_workload_connections_active", **labels) == active
+    assert probe.sweeps == 1
+    assert one(text, "kmeshd_last_publish_timestamp_seconds") == clock.time()
+    assert one(text, "kmeshd_identity_source_up", source="inventory") == 1
+
+
+def test_counters_grow_by_what_changed_and_unseen_closes_count_as_closed() -> None:
+    """The next publish adds only the kernel's growth; closes the closed-socket sweep found
+    count as closed, not opened."""
+    probe, clock = FakeProbe(), FakeClock()
+    key = flow_key("10.0.0.1", "10.0.0.2", 80, Direction.OUTBOUND)
+    probe.flows_map = {key: flow_value(1, 0, 100, 0)}
+    pub, collector = publisher(probe, clock)
+    pub.publish(IDS, {}, "unknown")
+    probe.flows_map = {key: flow_value(3, 1, 350, 7)}
+    probe.unseen = {key: 1}
+    pub.publish(IDS, {}, "unknown")
+    text = scraped(collector)
+    labels = dict(reporter="source", source_workload="sleep")
+    assert one(text, "kmesh_tcp_workload_connections_opened_total", **labels) == 3
+    assert one(text, "kmesh_tcp_workload_connections_closed_total", **labels) == 2
+    assert one(text, "kmesh_tcp_workload_received_bytes_total", **labels) == 350
+    assert one(text, "kmeshd_connections_closed_unobserved_total") == 1
+
+
+def test_health_carries_the_probe_stats_and_the_feeds_counts() -> None:
+    """kmeshd_ families say what the kernel could not record, by map, and the previous
+    publish's duration."""
+    probe, clock = FakeProbe(), FakeClock()
+    probe.stats_values |= {Stat.FLOWS_FULL: 7, Stat.RINGBUF_LOST: 3, Stat.OPENED: 11}
+    probe.known_capacity = 1
+    pub, collector = publisher(probe, clock)
+    pub._known.update(StaticSource(IDS), force=True)  # two addresses, room for one
+    pub.publish(IDS, {}, "unknown")
+    text = scraped(collector)
+    assert one(text, "kmeshd_bpf_map_full_total", map="flows") == 7
+    assert one(text, "kmeshd_bpf_map_full_total", map="known_addrs") == 1
+    assert one(text, "kmeshd_events_lost_total") == 3
+    assert one(text, "kmeshd_events_total", kind="opened") == 11
+
+
+def test_a_scrape_is_answered_from_the_last_snapshot_while_a_publish_is_stuck() -> None:
+    """/metrics never waits on the daemon's own work: while a publish hangs, a scrape is
+    answered at once from the previous snapshot; the publish's values come after it."""
+    probe, clock = FakeProbe(), FakeClock()
+    probe.stuck = threading.Event()
+    pub, collector = publisher(probe, clock)
+    server = MetricsServer("127.0.0.1", 0, scrape_registry(collector))
+    url = f"http://127.0.0.1:{server.port}/metrics"
+    publish = threading.Thread(target=pub.publish, args=(IDS, {}, "unknown"))
+    try:
+        publish.start()
+        assert probe.in_sweep.wait(10)
+        with urllib.request.urlopen(url, timeout=2) as r:
+            before = r.read().decode()
+        assert "kmeshd_last_publish_timestamp_seconds 0.0\n" in before
+        probe.stuck.set()
+        publish.join(10)
+        with urllib.request.urlopen(url, timeout=2) as r:
+            after = r.read().decode()
+        assert "kmeshd_last_publish_timestamp_seconds 0.0\n" not in after
+    finally:
+        probe.stuck.set()
+        publish.join(10)
+        server.close()
+
+
+def test_a_textfile_that_cannot_be_written_is_counted_and_the_old_one_kept(
+    tmp_path: Path,
+) -> None:
+    """A failed write keeps the previous file, counts, and shows the sink down until a
+    write works again."""
+    probe, clock = FakeProbe(), FakeClock()
+    path = tmp_path / "kmeshd.prom"
+    pub, collector = publisher(probe, clock, path)
+    pub.publish(IDS, {}, "unknown")
+    first = path.read_text()
+    blocker = tmp_path / f".kmeshd.prom.{os.getpid()}.tmp"
+    blocker.mkdir()  # the temp file cannot be made: every write fails
+    pub.publish(IDS, {}, "unknown")
+    pub.publish(IDS, {}, "unknown")
+    assert path.read_text() == first
+    assert one(scraped(collector), "kmeshd_sink_up", sink="textfile") == 0
+    blocker.rmdir()
+    pub.publish(IDS, {}, "unknown")
+    text = path.read_text()
+    assert one(text, "kmeshd_textfile_write_failures_total") == 2
+    pub.publish(IDS, {}, "unknown")
+    assert one(path.read_text(), "kmeshd_sink_up", sink="textfile") == 1
