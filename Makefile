@@ -108,7 +108,7 @@ host-deps:
 	fi
 
 # bcc compiles against /lib/modules/$(uname -r)/build. When the running kernel has no headers
-# package, point it at Debian's (see ENVIRONMENT.md); and mount the filesystems BPF needs.
+# package, point it at Debian's (README, "How it works"); and mount the filesystems BPF needs.
 kernel-headers: host-deps
 	@if [ ! -e /lib/modules/$(KVER)/build/Makefile ]; then \
 		hdr=$$(ls -d /usr/src/linux-headers-*-amd64 | sort -V | tail -n1); \

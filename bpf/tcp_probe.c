@@ -1,7 +1,7 @@
 /* kmeshd TCP probe: a sock_ops program on the cgroup v2 root, compiled by bcc at start-up,
  * and a TCP socket iterator that user space runs before each publish.
  *
- * The kernel headers on these hosts do not match the running kernel (see ENVIRONMENT.md),
+ * The kernel headers bcc compiles against need not match the running kernel (README, "How it works"),
  * so the sock_ops program reads struct bpf_sock_ops context fields and tracepoint
  * arguments, whose layouts are stable, and one struct sock field (sk_flags, at close) at
  * the offset kmeshd takes from the running kernel's BTF (kmeshd/kernel/btf.py); the iterator

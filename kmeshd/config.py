@@ -1,4 +1,4 @@
-"""kmeshd.toml -> validated, frozen dataclasses (INTERFACE.md, "Config file").
+"""kmeshd.toml -> validated, frozen dataclasses (every key: kmeshd.toml(5)).
 
 Every key has a default (the dataclass defaults below; a test holds etc/kmeshd.toml to
 them), so an empty file is valid, and so is an absent file at the default path. All
@@ -16,10 +16,15 @@ from pathlib import Path
 from typing import TypeVar
 from urllib.parse import urlsplit
 
-from kmeshd.tomlcheck import Problems, Table, quote, read_text, read_toml
+from kmeshd.validate import Problems, Table, quote, read_text, read_toml
 
 DEFAULT_CONFIG_PATH = Path("/etc/kmeshd/kmeshd.toml")
 IDENTITY_SOURCES = ("inventory", "kubernetes")
+# What every identity carries unless configured: the [kubernetes] keys' defaults, and the
+# inventory's.
+DEFAULT_CLUSTER = "Kubernetes"
+DEFAULT_TRUST_DOMAIN = "cluster.local"
+DEFAULT_CLUSTER_DOMAIN = "cluster.local"
 T = TypeVar("T")
 
 
@@ -38,9 +43,9 @@ class KubernetesConfig:
     kubelet_token_file: str = ""  # "" = the apiserver's credentials
     kubelet_ca_file: str = ""  # "" = the apiserver's CA
     kubelet_interval: float = 10.0  # seconds
-    cluster: str = "Kubernetes"
-    trust_domain: str = "cluster.local"
-    cluster_domain: str = "cluster.local"
+    cluster: str = DEFAULT_CLUSTER
+    trust_domain: str = DEFAULT_TRUST_DOMAIN
+    cluster_domain: str = DEFAULT_CLUSTER_DOMAIN
 
 
 @dataclass(frozen=True, slots=True)

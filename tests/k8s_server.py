@@ -59,8 +59,8 @@ from urllib.parse import parse_qsl, urlsplit
 
 from tests.tls import TlsFiles
 
-# Real captured payloads (kubelet and apiserver bodies, a kubeconfig), copied from
-# ../shared/testdata/k8s with their PROVENANCE.md, so a fresh clone tests on its own.
+# Real captured payloads (kubelet and apiserver bodies, a kubeconfig), each with its origin
+# in tests/data/k8s/PROVENANCE.md.
 TESTDATA = Path(__file__).resolve().parent / "data" / "k8s"
 
 # Imported by name: Debian's python3-yaml ships no type stubs, and types-PyYAML is not a

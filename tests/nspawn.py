@@ -1,6 +1,6 @@
 """A Debian bookworm booted with systemd-nspawn, with kmeshd's .deb installed by apt.
 
-How (the facts are in ../shared/design/ENVIRONMENT.md):
+How:
 
 - the rootfs comes from debootstrap (minbase, plus systemd, dbus, python3 and iproute2 for
   the test's namespaces), cached in CACHE: building it takes ~45 s, copying it ~2 s;

@@ -74,7 +74,7 @@ def test_empty_file_is_all_defaults() -> None:
     ],
 )
 def test_default(key: str, expected: object) -> None:
-    """Each key's default is the one INTERFACE.md documents."""
+    """Each key's default is the one kmeshd.toml(5) documents."""
     assert value(parse_config("", P), key) == expected
 
 

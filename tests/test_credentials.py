@@ -1,4 +1,5 @@
-"""kmeshd.identity.credentials: finding and using apiserver and kubelet credentials."""
+"""kmeshd.identity.kubeconfig and .credentials: finding and using apiserver and kubelet
+credentials."""
 
 from __future__ import annotations
 
@@ -16,11 +17,10 @@ from kmeshd.identity.credentials import (
     Credentials,
     TokenSource,
     kubelet_credentials,
-    load_kubeconfig,
-    parse_kubeconfig,
-    resolve,
     session,
+    write_embedded,
 )
+from kmeshd.identity.kubeconfig import apiserver_credentials, load_kubeconfig, parse_kubeconfig
 from tests.k8s_server import TESTDATA
 
 MINIKUBE = TESTDATA / "kubeconfig-minikube-file-paths-k8stream.yaml"
@@ -151,6 +151,8 @@ def test_embedded_data_is_written_to_private_files(tmp_path: Path) -> None:
         data / "ca.crt",
         (data / "client.crt", data / "client.key"),
     )
+    assert list(data.iterdir()) == []  # reading writes nothing: check-config stays harmless
+    write_embedded(creds)
     assert stat.S_IMODE(data.stat().st_mode) == 0o700
     for name, content in (("ca.crt", PEM_CA), ("client.crt", PEM_CERT), ("client.key", PEM_KEY)):
         assert (data / name).read_bytes() == content
@@ -379,7 +381,7 @@ def test_unreadable_kubeconfig_names_who_chose_it(tmp_path: Path) -> None:
 
 @pytest.fixture
 def roots(tmp_path: Path) -> dict[str, Path]:
-    """A kubeconfig in each place resolve() looks, each with its own server."""
+    """A kubeconfig in each place apiserver_credentials() looks, each with its own server."""
     paths = {}
     for name in ("cfg", "env", "env2", "etc"):
         text = kubeconfig(f"server: https://{name}.example:6443", TOKEN)
@@ -414,7 +416,7 @@ def test_search_order(
     if "KUBECONFIG" in env:
         env = {**env, "KUBECONFIG": ":".join(path(n) for n in env["KUBECONFIG"].split(":"))}
     etc = roots["etc"] if etc_exists else roots["etc"].with_name("absent")
-    creds = resolve(path(cfg), env, etc, roots["sa"], roots["sa"].parent / "data")
+    creds = apiserver_credentials(path(cfg), env, etc, roots["sa"], roots["sa"].parent / "data")
     assert creds.server == server
 
 
@@ -425,7 +427,7 @@ def test_search_order(
 def test_in_cluster(roots: dict[str, Path], host: str, server: str) -> None:
     env = {"KUBERNETES_SERVICE_HOST": host, "KUBERNETES_SERVICE_PORT": "443"}
     sa = roots["sa"]
-    creds = resolve("", env, sa / "absent", sa, sa / "data")
+    creds = apiserver_credentials("", env, sa / "absent", sa, sa / "data")
     assert (creds.server, creds.ca_file, creds.insecure, creds.client_cert) == (
         server,
         sa / "ca.crt",
@@ -439,7 +441,7 @@ def test_in_cluster(roots: dict[str, Path], host: str, server: str) -> None:
 def test_in_cluster_problems(tmp_path: Path) -> None:
     env = {"KUBERNETES_SERVICE_HOST": "10.96.0.1", "KUBERNETES_SERVICE_PORT": "https"}
     with pytest.raises(ConfigError) as e:
-        resolve("", env, tmp_path / "absent", tmp_path / "sa", tmp_path / "data")
+        apiserver_credentials("", env, tmp_path / "absent", tmp_path / "sa", tmp_path / "data")
     assert e.value.problems == [
         '$KUBERNETES_SERVICE_PORT: "https" is not a port number',
         f'in-cluster service account: cannot read "{tmp_path}/sa/token": {ENOENT}',
@@ -450,7 +452,7 @@ def test_in_cluster_problems(tmp_path: Path) -> None:
 @pytest.mark.parametrize("env", [{}, {"KUBECONFIG": ""}, {"KUBERNETES_SERVICE_HOST": "10.96.0.1"}])
 def test_no_credentials_anywhere(tmp_path: Path, env: dict[str, str]) -> None:
     with pytest.raises(ConfigError) as e:
-        resolve("", env, tmp_path / "kubeconfig", tmp_path / "sa", tmp_path / "data")
+        apiserver_credentials("", env, tmp_path / "kubeconfig", tmp_path / "sa", tmp_path / "data")
     assert e.value.problems == [
         "kubernetes.kubeconfig: no apiserver credentials: $KUBECONFIG is not set,"
         f" {tmp_path}/kubeconfig does not exist and this is not a pod"
@@ -462,7 +464,7 @@ def test_no_credentials_anywhere(tmp_path: Path, env: dict[str, str]) -> None:
 def test_missing_named_kubeconfig_is_an_error_not_a_fallback(roots: dict[str, Path]) -> None:
     absent = roots["cfg"].with_name("absent")
     with pytest.raises(ConfigError) as e:
-        resolve(str(absent), IN_POD, roots["etc"], roots["sa"], roots["sa"] / "data")
+        apiserver_credentials(str(absent), IN_POD, roots["etc"], roots["sa"], roots["sa"] / "data")
     assert e.value.problems == [f"{absent}: cannot read: {ENOENT} (named by kubernetes.kubeconfig)"]
 
 

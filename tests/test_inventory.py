@@ -75,7 +75,7 @@ service_account = "httpbin"
 
 
 def test_workload_defaults() -> None:
-    """Only name and addresses are required; the rest default as INTERFACE.md says."""
+    """Only name and addresses are required; the rest default as kmeshd.toml(5) says."""
     toml = '[[workload]]\nname = "vm-1"\naddresses = ["192.0.2.1"]'
     assert parse_inventory(toml, P).workloads == (
         Workload(

@@ -1,4 +1,4 @@
-"""The static inventory (INTERFACE.md, "Inventory file"): identities on hosts without Kubernetes.
+"""The static inventory (kmeshd.toml(5), INVENTORY): identities on hosts without Kubernetes.
 
 TOML -> an `Identities` snapshot. Besides each entry's own keys, the file is checked as a
 whole: an address belongs to one workload, a service selects workloads that exist in its
@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 from pathlib import Path
 
+from kmeshd.config import DEFAULT_CLUSTER, DEFAULT_CLUSTER_DOMAIN, DEFAULT_TRUST_DOMAIN
 from kmeshd.identity.model import (
     UNKNOWN,
     Identities,
@@ -20,7 +21,7 @@ from kmeshd.identity.model import (
     Workload,
     plain_ip,
 )
-from kmeshd.tomlcheck import Problems, Table, quote, read_text, read_toml
+from kmeshd.validate import Problems, Table, quote, read_text, read_toml
 
 _TOP_KEYS = ("cluster", "trust_domain", "workload", "service")
 _WORKLOAD_KEYS = (
@@ -152,7 +153,7 @@ def _service(t: Table, known: set[tuple[str, str]], claims: _Claims) -> Service:
     name = t.nonempty("name")
     namespace = t.nonempty("namespace", "default")
     claims.name(t, "service", namespace, name)
-    hostname = t.nonempty("hostname", f"{name}.{namespace}.svc.cluster.local")
+    hostname = t.nonempty("hostname", f"{name}.{namespace}.svc.{DEFAULT_CLUSTER_DOMAIN}")
     vips = _addresses(t, required=False)
     ports = _ports(t)
     for key, ip in vips:
@@ -171,8 +172,8 @@ def parse_inventory(text: str, path: Path) -> Identities:
     """The identities in `text`; ConfigError with every problem found."""
     problems = Problems(path)
     doc = Table(read_toml(text, path), "", problems, _TOP_KEYS)
-    cluster = doc.nonempty("cluster", "Kubernetes")
-    domain = doc.nonempty("trust_domain", "cluster.local")
+    cluster = doc.nonempty("cluster", DEFAULT_CLUSTER)
+    domain = doc.nonempty("trust_domain", DEFAULT_TRUST_DOMAIN)
     claims = _Claims(problems)
     workloads = [
         _workload(t, cluster, domain, claims) for t in doc.tables("workload", _WORKLOAD_KEYS)

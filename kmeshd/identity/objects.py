@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from kmeshd.config import DEFAULT_CLUSTER, DEFAULT_CLUSTER_DOMAIN, DEFAULT_TRUST_DOMAIN
 from kmeshd.identity.model import IPAddress, Service, ServicePort, Workload, ip_key, plain_ip
 
 # Istio: a Job named <cronjob>-<scheduled time in minutes, 8 to 10 digits> belongs to a CronJob.
@@ -34,9 +35,9 @@ class Malformed(ValueError):
 class Naming:
     """Cluster-wide settings that go into every identity."""
 
-    cluster: str = "Kubernetes"
-    trust_domain: str = "cluster.local"
-    cluster_domain: str = "cluster.local"
+    cluster: str = DEFAULT_CLUSTER
+    trust_domain: str = DEFAULT_TRUST_DOMAIN
+    cluster_domain: str = DEFAULT_CLUSTER_DOMAIN
 
 
 @dataclass(frozen=True, slots=True)

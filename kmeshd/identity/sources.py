@@ -23,6 +23,7 @@ from kmeshd.identity import apiserver, credentials, kubelet
 from kmeshd.identity.cache import APISERVER, KUBELET, PODS, IdentityCache
 from kmeshd.identity.client import Client
 from kmeshd.identity.inventory import load_inventory
+from kmeshd.identity.kubeconfig import apiserver_credentials
 from kmeshd.identity.model import Identities, IdentityView
 from kmeshd.identity.objects import Naming
 from kmeshd.identity.updates import SourceState, Update, apply
@@ -81,7 +82,7 @@ class KubernetesSource:
         env: Mapping[str, str] = os.environ,
         cache: IdentityCache | None = None,
     ) -> None:
-        api = credentials.resolve(cfg.kubeconfig, env)
+        api = apiserver_credentials(cfg.kubeconfig, env)
         kubelet_creds = credentials.kubelet_credentials(
             api, cfg.kubelet_url, cfg.kubelet_token_file, cfg.kubelet_ca_file
         )
@@ -105,6 +106,8 @@ class KubernetesSource:
         return self.cache.known_version
 
     def start(self) -> None:
+        """Write the kubeconfig's embedded certificates, then start polling and watching."""
+        credentials.write_embedded(self._api.creds)
         apiserver.start(self._api, self.naming, self.queue, self._stop)
         if self._kubelet is not None:
             kubelet.start(self._kubelet, self.naming, self._interval, self.queue, self._stop)

@@ -1,10 +1,12 @@
-"""Walking a parsed TOML document while collecting every problem, not just the first.
+"""Walking a parsed document while collecting every problem, not just the first.
 
-kmeshd.toml and the inventory are read the same way: a `Table` hands out typed values
-with their defaults, and for anything wrong (an unknown key, a wrong type, a missing
-required key) it records a `file: key.path: problem` line in a shared `Problems` and
-returns a harmless stand-in. The caller raises one ConfigError at the end, so an operator
-fixes the whole file in one pass instead of one error per restart.
+kmeshd.toml, the inventory (TOML) and kubeconfigs (YAML) are read the same way: a `Table`
+over one mapping hands out typed values with their defaults, and for anything wrong (an
+unknown key, a wrong type, a missing required key) it records a `file: key.path: problem`
+line in a shared `Problems` and returns a harmless stand-in. The caller raises one
+ConfigError at the end, so an operator fixes the whole file in one pass instead of one
+error per restart. Each format names its values in its own words (`describe_toml`,
+`describe_yaml`): "an array" in TOML is "a list" in YAML.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ def quote(value: str) -> str:
     return json.dumps(value, ensure_ascii=False)
 
 
-def describe(value: object) -> str:
+def describe_toml(value: object) -> str:
     """What a TOML value is, for "expected X, got Y" messages."""
     if isinstance(value, bool):
         return f"the boolean {str(value).lower()}"
@@ -45,6 +47,17 @@ def describe(value: object) -> str:
     if isinstance(value, datetime.date | datetime.time):
         return f"the date/time {value.isoformat()}"
     return type(value).__name__
+
+
+def describe_yaml(value: object) -> str:
+    """What a YAML value is, for "expected X, got Y" messages."""
+    if isinstance(value, str):
+        return f"the string {quote(value)}"
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    return "null" if value is None else f"the value {value!r}"
 
 
 class Problems:
@@ -94,22 +107,34 @@ def read_toml(text: str, path: Path) -> dict[str, Any]:
 
 
 class Table:
-    """One TOML table at `key`; getters record problems and fall back to the default."""
+    """One table (a mapping) at `key`; getters record problems and fall back to the
+    default. `known`, when given, lists the keys it may have: any other is a problem."""
 
     def __init__(
-        self, data: Mapping[str, object], key: str, problems: Problems, known: tuple[str, ...]
+        self,
+        data: Mapping[str, object],
+        key: str,
+        problems: Problems,
+        known: tuple[str, ...] | None = None,
+        describe: Callable[[object], str] = describe_toml,
     ) -> None:
         self._data = data
         self.key = key  # its own path: "metrics", "workload[3]", "" for the document
         self.problems = problems
-        for name, value in data.items():
+        self.describe = describe
+        if known is not None:
+            self._unknown_keys(known)
+
+    def _unknown_keys(self, known: tuple[str, ...]) -> None:
+        for name, value in self._data.items():
             if name not in known:
                 what = "table" if isinstance(value, dict) else "key"
                 self.problem(name, f"unknown {what} (known: {', '.join(sorted(known))})")
 
     def path(self, name: str) -> str:
-        """The full key path of `name` in this table, e.g. workload[3].addresses."""
-        return f"{self.key}.{name}" if self.key else name
+        """The full key path of `name` in this table, e.g. workload[3].addresses; the
+        table's own for ""."""
+        return f"{self.key}.{name}" if self.key and name else self.key or name
 
     def problem(self, name: str, problem: str) -> None:
         self.problems.add(self.path(name), problem)
@@ -128,13 +153,23 @@ class Table:
         # bool is an int in Python but not in TOML: `port = true` is a wrong type.
         if value is None or (isinstance(value, ok) and not isinstance(value, bool)):
             return value
-        self.problem(name, f"expected {expected}, got {describe(value)}")
+        self.problem(name, f"expected {expected}, got {self.describe(value)}")
         return None
 
     def _require(self, name: str) -> None:
         # A present key of the wrong type already has its problem; only absence is noted here.
         if not self.has(name):
             self.problem(name, "missing (required)")
+
+    def optional(self, name: str) -> str | None:
+        """A string that may be absent, null or "" (all three None)."""
+        value = self._data.get(name)
+        if value is None or value == "":
+            return None
+        if not isinstance(value, str):
+            self.problem(name, f"expected a string, got {self.describe(value)}")
+            return None
+        return value
 
     def string(self, name: str, default: str | None = None) -> str:
         """A string; default None makes the key required."""
@@ -180,7 +215,7 @@ class Table:
         value = self._data.get(name, default)
         if isinstance(value, bool):
             return value
-        self.problem(name, f"expected true or false, got {describe(value)}")
+        self.problem(name, f"expected true or false, got {self.describe(value)}")
         return default
 
     def strings(self, name: str) -> list[tuple[str, str]]:
@@ -191,15 +226,14 @@ class Table:
             if isinstance(item, str):
                 pairs.append((self.path(f"{name}[{i}]"), item))
             else:
-                self.problem(f"{name}[{i}]", f"expected a string, got {describe(item)}")
+                self.problem(f"{name}[{i}]", f"expected a string, got {self.describe(item)}")
         return pairs
 
     def table(self, name: str, known: tuple[str, ...]) -> Table:
         """A sub-table; absent (or wrong) means empty, so every key takes its default."""
         value = self._get(name, "a table", dict)
-        return Table(
-            value if isinstance(value, dict) else {}, self.path(name), self.problems, known
-        )
+        data = value if isinstance(value, dict) else {}
+        return Table(data, self.path(name), self.problems, known, self.describe)
 
     def tables(self, name: str, known: tuple[str, ...]) -> list[Table]:
         """An array of tables ([[name]] or [{...}, ...]) as key[0], key[1], ..."""
@@ -208,7 +242,7 @@ class Table:
         for i, item in enumerate(items if isinstance(items, list) else []):
             key = f"{name}[{i}]"
             if isinstance(item, dict):
-                tables.append(Table(item, self.path(key), self.problems, known))
+                tables.append(Table(item, self.path(key), self.problems, known, self.describe))
             else:
-                self.problem(key, f"expected a table, got {describe(item)}")
+                self.problem(key, f"expected a table, got {self.describe(item)}")
         return tables
