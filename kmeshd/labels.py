@@ -79,7 +79,7 @@ def ends_of(ids: IdentityView, client: IPAddress, server: IPAddress, port: int) 
     return Ends(ids.workload_at(client), destination, service)
 
 
-def _identity(w: Workload | None) -> LabelValues:
+def _workload_labels(w: Workload | None) -> LabelValues:
     """workload, canonical service/revision, namespace, principal, app, version, cluster."""
     if w is None:
         return (UNKNOWN,) * 8
@@ -99,13 +99,13 @@ def _reporter(direction: Direction) -> str:
     return "destination" if direction is Direction.INBOUND else "source"
 
 
-def _pod(w: Workload | None, server: IPAddress) -> LabelValues:
+def _pod_labels(w: Workload | None, server: IPAddress) -> LabelValues:
     if w is None:
         return (UNKNOWN,) * 3
     return (str(server), w.namespace, w.name)
 
 
-def _service(s: Service | None) -> LabelValues:
+def _service_labels(s: Service | None) -> LabelValues:
     if s is None:
         return (UNKNOWN,) * 3
     return (s.hostname, s.namespace, s.name)
@@ -115,9 +115,9 @@ def flow_labels(
     key: FlowKey, ends: Ends, security_policy: str = "unknown"
 ) -> tuple[LabelValues, LabelValues]:
     """(workload-level, service-level) label values for one flow, in contract order."""
-    head = (_reporter(key.direction), *_identity(ends.source))
-    tail = (*_identity(ends.destination), "tcp", UNKNOWN, security_policy)
+    head = (_reporter(key.direction), *_workload_labels(ends.source))
+    tail = (*_workload_labels(ends.destination), "tcp", UNKNOWN, security_policy)
     return (
-        (*head, *_pod(ends.destination, key.server), *tail),
-        (*head, *_service(ends.service), *tail),
+        (*head, *_pod_labels(ends.destination, key.server), *tail),
+        (*head, *_service_labels(ends.service), *tail),
     )

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from kmeshd.kernel.pins import remove_pins
-from tests.daemon_proc import Daemon
+from tests.daemon_proc import DaemonProcess
 from tests.e2e import INVENTORY
 from tests.journald import journald  # noqa: F401  (a fixture for every test module)
 from tests.netns import Pod, pod_network
@@ -45,8 +45,8 @@ def pin_dir() -> Iterator[Path]:
 
 
 @pytest.fixture
-def daemon(tmp_path: Path, pin_dir: Path) -> Iterator[Daemon]:
-    d = Daemon(tmp_path, INVENTORY, pin_dir)
+def daemon(tmp_path: Path, pin_dir: Path) -> Iterator[DaemonProcess]:
+    d = DaemonProcess(tmp_path, INVENTORY, pin_dir)
     d.start()
     yield d
     d.close()

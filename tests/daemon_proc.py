@@ -42,7 +42,7 @@ def value(samples: Samples, name: str, **labels: str) -> float:
     return sum(v for (n, ls), v in samples.items() if n == name and want <= ls)
 
 
-class Daemon:
+class DaemonProcess:
     """One kmeshd process with its own config, textfile, access log and pin dir."""
 
     def __init__(

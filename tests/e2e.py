@@ -11,7 +11,7 @@ from typing import Any
 
 from kmeshd.kernel import cgroup
 from kmeshd.kernel.layout import LAYOUT
-from tests.daemon_proc import Daemon, Samples, value
+from tests.daemon_proc import DaemonProcess, Samples, value
 from tests.netns import Pod, sh
 
 CLIENT = "sleep-7c8f6b9d4-x2x7q"
@@ -78,7 +78,7 @@ def closed(n: int, **labels: str) -> Callable[[Samples], bool]:
     return check
 
 
-def wait_records(daemon: Daemon, n: int, timeout: float = 10) -> list[dict[str, Any]]:
+def wait_records(daemon: DaemonProcess, n: int, timeout: float = 10) -> list[dict[str, Any]]:
     deadline = time.monotonic() + timeout
     while len(records := daemon.access_log()) < n and time.monotonic() < deadline:
         time.sleep(0.1)

@@ -13,13 +13,13 @@ from typing import Any
 
 import pytest
 
+from kmeshd.backoff import Backoff
 from kmeshd.identity import apiserver
 from kmeshd.identity.apiserver import RESOURCES, Watcher
 from kmeshd.identity.client import Client
 from kmeshd.identity.credentials import Credentials, TokenSource
 from kmeshd.identity.objects import Naming, Pod
 from kmeshd.identity.updates import Changed, Deleted, Listed, SourceState, Update
-from kmeshd.ratelimit import Backoff
 from tests.k8s_server import TESTDATA, ApiServer, Cluster, load_into, synthetic_pod_ip
 from tests.tls import TlsFiles
 

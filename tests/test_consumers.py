@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from kmeshd.accesslog.render import MESSAGE_ID
-from tests.daemon_proc import Daemon, free_port, parse_metrics, value
+from tests.daemon_proc import DaemonProcess, free_port, parse_metrics, value
 from tests.e2e import CLIENT, INVENTORY, SERVER, SERVICE, W, closed, exchange, wait_records
 from tests.journald import Journald
 from tests.netns import Pod, is_root
@@ -25,7 +25,7 @@ pytestmark = [
 
 
 @pytest.fixture
-def traffic_seen(daemon: Daemon, pods: dict[str, Pod]) -> Daemon:
+def traffic_seen(daemon: DaemonProcess, pods: dict[str, Pod]) -> DaemonProcess:
     exchange(pods, [(292, 5, 0)])
     daemon.wait_for(closed(1), what="one closed connection")
     time.sleep(0.5)  # let a publish write the textfile with it
@@ -40,13 +40,13 @@ def promtool_check(text: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_promtool_accepts_http_metrics(traffic_seen: Daemon) -> None:
+def test_promtool_accepts_http_metrics(traffic_seen: DaemonProcess) -> None:
     """`promtool check metrics` passes on a real /metrics scrape, lint included."""
     result = promtool_check(traffic_seen.scrape())
     assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
 
 
-def test_promtool_accepts_textfile(traffic_seen: Daemon) -> None:
+def test_promtool_accepts_textfile(traffic_seen: DaemonProcess) -> None:
     """`promtool check metrics` passes on the textfile, which holds only kmesh_/kmeshd_ families."""
     text = traffic_seen.textfile.read_text()
     result = promtool_check(text)
@@ -56,7 +56,7 @@ def test_promtool_accepts_textfile(traffic_seen: Daemon) -> None:
 
 
 @pytest.fixture
-def node_exporter(traffic_seen: Daemon) -> Iterator[tuple[str, Path]]:
+def node_exporter(traffic_seen: DaemonProcess) -> Iterator[tuple[str, Path]]:
     binary = shutil.which("prometheus-node-exporter")
     assert binary, "apt-get install prometheus-node-exporter"
     port = free_port()
@@ -108,7 +108,7 @@ def test_journald_receives_the_daemons_records(
     journald: Journald, tmp_path: Path, pin_dir: Path, pods: dict[str, Pod]
 ) -> None:
     """journalctl -t kmeshd KMESHD_DST_WORKLOAD=<pod> -o json returns the daemon's records."""
-    daemon = Daemon(tmp_path, INVENTORY, pin_dir, journald=True)
+    daemon = DaemonProcess(tmp_path, INVENTORY, pin_dir, journald=True)
     # In journald's mount namespace /run/systemd/journal/socket is that journald's socket,
     # so the daemon finds it at the default path, as on a real host.
     daemon.start(wrapper=["nsenter", f"--target={journald.pid}", "--mount", f"--wd={Path.cwd()}"])

@@ -17,7 +17,7 @@ import pytest
 
 from kmeshd.kernel import cgroup
 from kmeshd.kernel.pins import remove_pins
-from tests.daemon_proc import Daemon, parse_metrics, value
+from tests.daemon_proc import DaemonProcess, parse_metrics, value
 from tests.e2e import (
     CLIENT,
     INVENTORY,
@@ -46,7 +46,7 @@ pytestmark = [
 
 
 def test_292_byte_request_5_byte_reply_counts_exactly_for_both_reporters(
-    daemon: Daemon, pods: dict[str, Pod]
+    daemon: DaemonProcess, pods: dict[str, Pod]
 ) -> None:
     """A 292-byte request answered by 5 bytes is received 292 / sent 5 for both reporters."""
     exchange(pods, [(292, 5, 0)])
@@ -79,7 +79,7 @@ def test_292_byte_request_5_byte_reply_counts_exactly_for_both_reporters(
         assert "failure_reason" not in r
 
 
-def test_refused_connect_counts_one_failed(daemon: Daemon, pods: dict[str, Pod]) -> None:
+def test_refused_connect_counts_one_failed(daemon: DaemonProcess, pods: dict[str, Pod]) -> None:
     """A connect answered by RST counts one failed (source only), nothing opened or closed."""
     out = pods["client"].run(
         *pods["client"].traffic("fail", "--host", pods["server"].ip4, "--port", "80")
@@ -103,7 +103,7 @@ def test_refused_connect_counts_one_failed(daemon: Daemon, pods: dict[str, Pod])
     assert (record["sent_bytes"], record["received_bytes"]) == (0, 0)
 
 
-def test_timed_out_connect_counts_one_failed(daemon: Daemon, pods: dict[str, Pod]) -> None:
+def test_timed_out_connect_counts_one_failed(daemon: DaemonProcess, pods: dict[str, Pod]) -> None:
     """A SYN that is never answered (blackhole, one SYN retry) counts one failed: timeout."""
     client, server = pods["client"], pods["server"]
     server.run("iptables", "-A", "INPUT", "-p", "tcp", "--dport", "81", "-j", "DROP")
@@ -139,7 +139,9 @@ def random_plan(n: int, seed: int) -> list[tuple[int, int, int]]:
     return plan
 
 
-def test_200_connections_of_random_sizes_sum_exactly(daemon: Daemon, pods: dict[str, Pod]) -> None:
+def test_200_connections_of_random_sizes_sum_exactly(
+    daemon: DaemonProcess, pods: dict[str, Pod]
+) -> None:
     """200 connections with random sizes and closing orders sum exactly, both reporters."""
     plan = random_plan(200, seed=20261202)
     exchange(pods, plan)
@@ -156,7 +158,7 @@ def test_200_connections_of_random_sizes_sum_exactly(daemon: Daemon, pods: dict[
     assert outbound == sorted((p[0], p[1]) for p in plan)
 
 
-def test_ipv6_connection_is_reported(daemon: Daemon, pods: dict[str, Pod]) -> None:
+def test_ipv6_connection_is_reported(daemon: DaemonProcess, pods: dict[str, Pod]) -> None:
     """An IPv6 connection between pods is counted for each reporter and logged with
     bracketed addresses, bytes exact in both."""
     exchange(pods, [(1234, 567, 1)], ipv6=True)
@@ -179,7 +181,7 @@ def test_ipv6_connection_is_reported(daemon: Daemon, pods: dict[str, Pod]) -> No
 
 
 def test_ipv4_client_of_a_dual_stack_server_shows_ipv4(
-    daemon: Daemon, pods: dict[str, Pod]
+    daemon: DaemonProcess, pods: dict[str, Pod]
 ) -> None:
     """A server on [::] accepts an IPv4 client on an AF_INET6 socket, with v4-mapped
     addresses (::ffff:10.244.77.2): both reporters show plain IPv4 and one identity."""
@@ -204,14 +206,14 @@ def test_sigkilled_daemon_restarted_does_not_double_count(
 ) -> None:
     """After SIGKILL the next start replaces the old program: counts continue, never doubled."""
     before = attached_probes()
-    first = Daemon(tmp_path, INVENTORY, pin_dir)
+    first = DaemonProcess(tmp_path, INVENTORY, pin_dir)
     first.start()
     exchange(pods, [(100, 10, 0)] * 3)
     first.wait_for(closed(3), what="3 closed")
     first.kill()
     assert attached_probes() == before + 1  # the pinned link kept it attached
     exchange(pods, [(100, 10, 1)] * 2)  # counted by the orphaned program, in pinned maps
-    second = Daemon(tmp_path, INVENTORY, pin_dir)
+    second = DaemonProcess(tmp_path, INVENTORY, pin_dir)
     second.start()
     try:
         assert attached_probes() == before + 1
@@ -236,7 +238,7 @@ def one_closed_while_stopped(
     """Two connections opened under a kmeshd that then stops; the first closes while none
     runs, so its state is left in the map. Returns the servers and the open connection."""
     server, client = pods["server"], pods["client"]
-    daemon = Daemon(tmp_path, INVENTORY, pin_dir)
+    daemon = DaemonProcess(tmp_path, INVENTORY, pin_dir)
     daemon.start()
     servers = [serve(server, 1, port=80), serve(server, 1, port=81)]
     gone = hold(client, server.ip4, 300, 30, port=80)
@@ -255,7 +257,7 @@ def test_state_of_open_sockets_survives_a_clean_restart_and_closed_ones_are_swep
     closed while kmeshd was stopped is swept at the next start and counted as closed, so
     the active gauge does not keep it open forever."""
     servers, kept = one_closed_while_stopped(tmp_path, pin_dir, pods)
-    second = Daemon(tmp_path, INVENTORY, pin_dir)
+    second = DaemonProcess(tmp_path, INVENTORY, pin_dir)
     second.start()
     try:
         assert socket_states(pin_dir) == 2
@@ -284,7 +286,7 @@ def test_sweep_sockets_forgets_only_sockets_that_closed(
     """`kmeshd sweep-sockets` (the unit's privileged ExecStartPost) removes the state of a
     connection that closed while kmeshd was stopped and keeps the open one's."""
     servers, kept = one_closed_while_stopped(tmp_path, pin_dir, pods)
-    config = Daemon(tmp_path, INVENTORY, pin_dir).config
+    config = DaemonProcess(tmp_path, INVENTORY, pin_dir).config
 
     def sweep() -> str:
         done = subprocess.run(
@@ -325,7 +327,7 @@ def test_a_probe_of_an_older_layout_is_removed_at_start(tmp_path: Path, pin_dir:
     os.close(link)
     b.cleanup()
     assert attached_probes() == before + 1
-    d = Daemon(tmp_path, INVENTORY, pin_dir)
+    d = DaemonProcess(tmp_path, INVENTORY, pin_dir)
     d.start()
     try:
         assert not old.exists()
@@ -336,7 +338,7 @@ def test_a_probe_of_an_older_layout_is_removed_at_start(tmp_path: Path, pin_dir:
         d.close()
 
 
-def test_start_up_reports_each_phase(daemon: Daemon) -> None:
+def test_start_up_reports_each_phase(daemon: DaemonProcess) -> None:
     """STATUS= at each phase, more start time asked for before bcc compiles, READY=1 last."""
     lines = [line for message in daemon.notifications for line in message.split("\n")]
     cgroup_dir = cgroup.directory("auto", "test")
@@ -356,7 +358,7 @@ def test_start_up_reports_each_phase(daemon: Daemon) -> None:
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_stop_signal_publishes_detaches_and_exits_zero(
-    daemon: Daemon, pods: dict[str, Pod], sig: signal.Signals
+    daemon: DaemonProcess, pods: dict[str, Pod], sig: signal.Signals
 ) -> None:
     """SIGTERM or SIGINT: final textfile written, program detached, exit 0 within a few
     seconds."""
@@ -371,7 +373,7 @@ def test_stop_signal_publishes_detaches_and_exits_zero(
     assert value(final, W + "sent_bytes_total", reporter="destination") == 5
 
 
-def test_other_sock_ops_programs_can_attach_below(daemon: Daemon, tmp_path: Path) -> None:
+def test_other_sock_ops_programs_can_attach_below(daemon: DaemonProcess, tmp_path: Path) -> None:
     """With kmeshd on the root, a program without ALLOW_MULTI still attaches in a child cgroup."""
     import bcc
 
@@ -408,7 +410,7 @@ int other(struct bpf_sock_ops *ctx)
 
 
 def test_another_sock_ops_program_on_the_root_keeps_working(
-    daemon: Daemon, pods: dict[str, Pod]
+    daemon: DaemonProcess, pods: dict[str, Pod]
 ) -> None:
     """A second program attached to the root cgroup beside kmeshd (BPF_F_ALLOW_MULTI) sees
     every connection, and kmeshd still counts them all: neither displaces the other."""
@@ -438,7 +440,7 @@ def test_another_sock_ops_program_on_the_root_keeps_working(
 
 
 def test_sighup_reopens_the_access_log_and_keeps_counters(
-    daemon: Daemon, pods: dict[str, Pod]
+    daemon: DaemonProcess, pods: dict[str, Pod]
 ) -> None:
     """SIGHUP (logrotate): new records go to a new file, old ones stay, counters don't drop."""
     exchange(pods, [(100, 1, 0)])
@@ -457,7 +459,9 @@ def test_sighup_reopens_the_access_log_and_keeps_counters(
     }
 
 
-def test_reload_with_broken_config_keeps_running(daemon: Daemon, pods: dict[str, Pod]) -> None:
+def test_reload_with_broken_config_keeps_running(
+    daemon: DaemonProcess, pods: dict[str, Pod]
+) -> None:
     """A broken config on SIGHUP is rejected with reasons; the old one keeps working."""
     daemon.config.write_text(daemon.config.read_text().replace('"200ms"', '"soon"'))
     daemon.send(signal.SIGHUP)
@@ -471,7 +475,7 @@ def test_reload_with_broken_config_keeps_running(daemon: Daemon, pods: dict[str,
 
 
 def test_reload_moves_new_counts_to_the_new_owner_only(
-    daemon: Daemon, pods: dict[str, Pod]
+    daemon: DaemonProcess, pods: dict[str, Pod]
 ) -> None:
     """An inventory change on SIGHUP relabels new traffic; the old series keeps its value."""
     exchange(pods, [(100, 10, 0)])
@@ -508,7 +512,7 @@ def test_full_disk_drops_records_counted_and_metrics_stay_exact(
     small_disk: Path, tmp_path: Path, pin_dir: Path, pods: dict[str, Pod]
 ) -> None:
     """With the access-log disk full, records are dropped and counted; metrics stay exact."""
-    daemon = Daemon(tmp_path, INVENTORY, pin_dir)
+    daemon = DaemonProcess(tmp_path, INVENTORY, pin_dir)
     daemon.start()
     try:
         plan = [(50, 5, 0)] * 300
@@ -541,7 +545,9 @@ FAILURES = "kmeshd_textfile_write_failures_total"
 LAST_PUBLISH = "kmeshd_last_publish_timestamp_seconds"
 
 
-def test_textfile_directory_removed_at_run_time(daemon: Daemon, pods: dict[str, Pod]) -> None:
+def test_textfile_directory_removed_at_run_time(
+    daemon: DaemonProcess, pods: dict[str, Pod]
+) -> None:
     """An unwritable textfile marks its sink down; /metrics keeps working; it recovers."""
     directory = daemon.textfile.parent
     for f in directory.iterdir():
@@ -571,7 +577,7 @@ def test_access_log_budget_delays_records_but_not_metrics(
     tmp_path: Path, pin_dir: Path, pods: dict[str, Pod]
 ) -> None:
     """Over accesslog.max_rate, records wait in the kernel's ring; metrics are exact at once."""
-    daemon = Daemon(tmp_path, INVENTORY, pin_dir, max_rate=40)
+    daemon = DaemonProcess(tmp_path, INVENTORY, pin_dir, max_rate=40)
     daemon.start()
     ready = time.monotonic()
     try:
@@ -591,7 +597,7 @@ def test_access_log_off_queues_no_records(
     tmp_path: Path, pin_dir: Path, pods: dict[str, Pod]
 ) -> None:
     """With no access-log sink the kernel queues no records: none lost, metrics exact."""
-    daemon = Daemon(tmp_path, INVENTORY, pin_dir, accesslog_file=False)
+    daemon = DaemonProcess(tmp_path, INVENTORY, pin_dir, accesslog_file=False)
     daemon.start()
     try:
         exchange(pods, [(30, 3, 1)] * 50)

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from tests.daemon_proc import Daemon, value
+from tests.daemon_proc import DaemonProcess, value
 from tests.e2e import CLIENT, SERVER, SERVICE, W, attached_probes, closed, exchange, wait_records
 from tests.k8s_server import ApiServer, Cluster, FakeKubelet, write_kubeconfig
 from tests.netns import Pod
@@ -115,15 +115,15 @@ def k8s(tmp_path: Path, tls_files: TlsFiles, pods: dict[str, Pod]) -> Iterator[K
 
 
 @pytest.fixture
-def k8s_daemon(tmp_path: Path, pin_dir: Path, k8s: K8s) -> Iterator[Daemon]:
-    d = Daemon(tmp_path, "", pin_dir, kubernetes=k8s.table())
+def k8s_daemon(tmp_path: Path, pin_dir: Path, k8s: K8s) -> Iterator[DaemonProcess]:
+    d = DaemonProcess(tmp_path, "", pin_dir, kubernetes=k8s.table())
     d.start()
     yield d
     d.close()
 
 
 def test_connections_carry_the_identities_the_cluster_reports(
-    k8s_daemon: Daemon, pods: dict[str, Pod]
+    k8s_daemon: DaemonProcess, pods: dict[str, Pod]
 ) -> None:
     """292 bytes from the sleep pod to the httpbin pod: workload, canonical names,
     principals and the service (found through its EndpointSlice: named target port "http"
@@ -168,7 +168,7 @@ def test_starts_with_the_apiserver_down_and_keeps_identities_through_faults(
     and says the apiserver is down. Then the kubelet fails too (500s): metrics go on, and
     the identities it already had still label new connections."""
     k8s.api.stop()
-    d = Daemon(tmp_path, "", pin_dir, kubernetes=k8s.table())
+    d = DaemonProcess(tmp_path, "", pin_dir, kubernetes=k8s.table())
     try:
         started = time.monotonic()
         d.start()
@@ -206,7 +206,7 @@ def test_a_stop_signal_while_waiting_for_silent_sources_exits_at_once(
     kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", url, tls_files)
     table = f'kubeconfig = "{kubeconfig}"\nnode_name = "{NODE}"\nkubelet_url = "{url}"\n'
     before = attached_probes()
-    d = Daemon(tmp_path, "", pin_dir, kubernetes=table)
+    d = DaemonProcess(tmp_path, "", pin_dir, kubernetes=table)
     try:
         d.start(until="STATUS=waiting for the identity sources")
         time.sleep(1)  # well into the wait

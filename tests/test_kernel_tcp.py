@@ -16,7 +16,7 @@ import pytest
 
 from tests.bench import loadgen
 from tests.bench.probes import bpf_stats, prog_stats
-from tests.daemon_proc import Daemon, Samples, parse_metrics, value
+from tests.daemon_proc import DaemonProcess, Samples, parse_metrics, value
 from tests.e2e import INVENTORY, W, closed, exchange, hold, release, serve
 from tests.netns import Pod, is_root, sh
 
@@ -79,7 +79,7 @@ def test_a_long_connection_shows_its_bytes_while_open_and_exactly_at_close(
     reporters show at least what was acknowledged interval + 1 s before and never more
     than now, every publish shows more, and the close adds only the rest, exactly."""
     interval, piece = 1.0, 64 * 1024
-    daemon = Daemon(tmp_path, INVENTORY, pin_dir, interval="1s")
+    daemon = DaemonProcess(tmp_path, INVENTORY, pin_dir, interval="1s")
     daemon.start()
     try:
         stream = Stream(pods["client"], pods["server"], chunks=5, reply=5)
@@ -115,7 +115,7 @@ def test_a_long_connection_shows_its_bytes_while_open_and_exactly_at_close(
 
 
 def test_a_bulk_transfer_runs_the_probe_per_connection_not_per_packet(
-    daemon: Daemon, pods: dict[str, Pod]
+    daemon: DaemonProcess, pods: dict[str, Pod]
 ) -> None:
     """The program runs for 128 MiB in one connection as often as for any connection of
     two tracked sockets (17 times: see README "Overhead"), plus what other TCP sockets on
@@ -141,7 +141,7 @@ def test_a_burst_then_silence_shows_every_byte_at_the_next_publish(
     every byte the server acknowledged, exactly, for both reporters, and so does each one
     after (no segment moves, so nothing may be added twice by repeated sweeps)."""
     interval = 1.0
-    daemon = Daemon(tmp_path, INVENTORY, pin_dir, interval="1s")
+    daemon = DaemonProcess(tmp_path, INVENTORY, pin_dir, interval="1s")
     daemon.start()
     try:
         stream = Stream(pods["client"], pods["server"], chunks=4, reply=0)
@@ -172,7 +172,7 @@ def test_without_live_updates_bytes_arrive_at_close_only(
 ) -> None:
     """bpf.live_updates = false: an open connection's bytes stay out of the counters for
     publish after publish, then its close brings them all, exactly."""
-    daemon = Daemon(tmp_path, INVENTORY, pin_dir, bpf="live_updates = false")
+    daemon = DaemonProcess(tmp_path, INVENTORY, pin_dir, bpf="live_updates = false")
     daemon.start()
     try:
         stream = Stream(pods["client"], pods["server"], chunks=2, reply=5)
@@ -197,7 +197,7 @@ def test_periodic_records_show_an_open_connection_in_the_access_log(
     """accesslog.periodic = "1s": while a connection sends, each socket writes a record of
     its totals so far about once a second, marked report=periodic, growing; the close
     writes the usual record with the exact totals."""
-    daemon = Daemon(tmp_path, INVENTORY, pin_dir, accesslog='periodic = "1s"')
+    daemon = DaemonProcess(tmp_path, INVENTORY, pin_dir, accesslog='periodic = "1s"')
     daemon.start()
     try:
         stream = Stream(pods["client"], pods["server"], chunks=4, reply=5)
@@ -236,7 +236,7 @@ def test_restart_with_a_connection_open_counts_it_once_and_never_goes_back(
 ) -> None:
     """kmeshd restarts while a connection is open and sending: opened stays 1, bytes sent
     while no daemon ran arrive with the next update, no counter ever decreases."""
-    daemon = Daemon(tmp_path, INVENTORY, pin_dir)
+    daemon = DaemonProcess(tmp_path, INVENTORY, pin_dir)
     daemon.start()
     seen: list[list[float]] = []
     stream = Stream(pods["client"], pods["server"], chunks=4, reply=7)
@@ -246,7 +246,7 @@ def test_restart_with_a_connection_open_counts_it_once_and_never_goes_back(
         seen.append(both(s, "received_bytes_total"))
         assert daemon.stop() == 0
         stream.send()  # nothing attached: the socket's state waits in the pinned map
-        daemon = Daemon(tmp_path, INVENTORY, pin_dir)
+        daemon = DaemonProcess(tmp_path, INVENTORY, pin_dir)
         daemon.start()
         seen.append(both(daemon.samples(), "received_bytes_total"))
         before = stream.acked
@@ -266,7 +266,9 @@ def test_restart_with_a_connection_open_counts_it_once_and_never_goes_back(
         daemon.close()
 
 
-def test_active_connections_count_what_is_open_now(daemon: Daemon, pods: dict[str, Pod]) -> None:
+def test_active_connections_count_what_is_open_now(
+    daemon: DaemonProcess, pods: dict[str, Pod]
+) -> None:
     """Three open connections show 3 for each reporter; after they close, 0."""
     servers = [serve(pods["server"], 1, port=port) for port in (80, 81, 82)]
     held = [hold(pods["client"], pods["server"].ip4, 50, 5, port=port) for port in (80, 81, 82)]
@@ -281,7 +283,7 @@ def test_active_connections_count_what_is_open_now(daemon: Daemon, pods: dict[st
 
 
 def test_a_connection_reset_after_establishment_is_counted_as_reset(
-    daemon: Daemon, pods: dict[str, Pod]
+    daemon: DaemonProcess, pods: dict[str, Pod]
 ) -> None:
     """The client closes with SO_LINGER 0: the server's socket is reset by its peer. That
     connection was opened and closed, counted reset by the destination; nothing failed."""
@@ -326,7 +328,7 @@ def assert_rtts_between(s: Samples, low: str, high: str, n: int) -> None:
 
 
 def test_rtt_of_a_local_path_lands_in_sub_millisecond_buckets(
-    daemon: Daemon, pods: dict[str, Pod]
+    daemon: DaemonProcess, pods: dict[str, Pod]
 ) -> None:
     """Between two pods on one bridge, smoothed and minimum RTT and the handshake are all
     under a millisecond (not 8 times the RTT: the kernel keeps srtt << 3)."""
@@ -377,7 +379,7 @@ DELAYED_INVENTORY = INVENTORY.replace("10.244.77.", "10.244.78.")
 def test_rtt_under_a_20ms_delay_each_way_lands_around_40ms(tmp_path: Path, pin_dir: Path) -> None:
     """20 ms each way: srtt, min RTT and the handshake of every connection fall in the
     (25 ms, 50 ms] bucket, for both reporters (the handshake: the source only)."""
-    daemon = Daemon(tmp_path, DELAYED_INVENTORY, pin_dir)
+    daemon = DaemonProcess(tmp_path, DELAYED_INVENTORY, pin_dir)
     daemon.start()
     try:
         with delayed_pods(20) as pods:
@@ -405,7 +407,7 @@ def test_random_loss_shows_as_retransmits_and_a_loss_counter_that_only_grows(
         "iptables", "-A", "INPUT", "-p", "tcp", "--dport", "80",
         "-m", "statistic", "--mode", "random", "--probability", "0.05", "-j", "DROP",
     )  # fmt: skip
-    daemon = Daemon(tmp_path, INVENTORY, pin_dir)
+    daemon = DaemonProcess(tmp_path, INVENTORY, pin_dir)
     daemon.start()
     try:
         stream = Stream(pods["client"], pods["server"], chunks=16, reply=5)
@@ -438,7 +440,7 @@ def test_records_the_ring_cannot_take_are_counted_and_metrics_stay_exact(
     client, server = pods["client"], pods["server"]
     gen = loadgen.Loadgen(loadgen.build(tmp_path), loadgen.Load(4, 2, 100, 7))
     target = loadgen.Target(client.netns, server.netns, server.ip4, 80)
-    daemon = Daemon(tmp_path, INVENTORY, pin_dir, max_rate=1)
+    daemon = DaemonProcess(tmp_path, INVENTORY, pin_dir, max_rate=1)
     daemon.start()
     try:
         connections = 0

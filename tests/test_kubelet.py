@@ -9,13 +9,13 @@ import time
 
 import pytest
 
+from kmeshd.backoff import Backoff
 from kmeshd.identity.cache import KUBELET, PODS
 from kmeshd.identity.client import ApiError, Client
 from kmeshd.identity.credentials import Credentials, TokenSource
 from kmeshd.identity.kubelet import Poller, pods_of
 from kmeshd.identity.objects import Naming
 from kmeshd.identity.updates import Listed, SourceState, Update
-from kmeshd.ratelimit import Backoff
 from tests.k8s_server import TESTDATA, Cluster, FakeKubelet
 from tests.tls import TlsFiles
 

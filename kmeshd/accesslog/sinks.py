@@ -44,8 +44,6 @@ log = logging.getLogger("kmeshd")
 JOURNAL_SOCKET = "/run/systemd/journal/socket"
 RECONNECT_EVERY_S = 5.0  # how often a down journald sink looks for the socket again
 
-Clock = Callable[[], float]
-
 
 class Sink(Protocol):
     name: str
@@ -135,7 +133,7 @@ class FileSink:
         path: str,
         *,
         stdout: IO[bytes] | None = None,
-        clock: Clock = time.monotonic,
+        clock: Callable[[], float] = time.monotonic,
         name: str = "file",
     ) -> None:
         self.name = name
@@ -276,7 +274,7 @@ class JournaldSink:
         self,
         socket_path: str = JOURNAL_SOCKET,
         *,
-        clock: Clock = time.monotonic,
+        clock: Callable[[], float] = time.monotonic,
         reconnect_every: float = RECONNECT_EVERY_S,
         name: str = "journald",
     ) -> None:

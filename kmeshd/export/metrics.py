@@ -82,7 +82,7 @@ HISTOGRAMS = (
 )
 
 # The reason label of *_connect_failures_total, and the FlowCounters attribute of each.
-FAILURE_REASONS = (
+CONNECT_FAILURES = (
     ("refused", "refused"),  # a RST answered the SYN
     ("timeout", "timeout"),  # the SYN was never answered
     ("other", "other_failures"),
@@ -172,7 +172,7 @@ def _failures(
     )
     for values, counts in totals.items():
         if counts.failed:
-            for reason, attr in FAILURE_REASONS:
+            for reason, attr in CONNECT_FAILURES:
                 family.add_metric((*values, reason), getattr(counts, attr))
     yield family
 

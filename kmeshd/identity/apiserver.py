@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from kmeshd.backoff import Backoff
 from kmeshd.identity.cache import APISERVER, PODS, SERVICES, SLICES
 from kmeshd.identity.client import ApiError, Client, Expired, json_lines
 from kmeshd.identity.objects import (
@@ -30,7 +31,7 @@ from kmeshd.identity.objects import (
     parse_service,
 )
 from kmeshd.identity.updates import Changed, Deleted, Listed, SourceState, Update
-from kmeshd.ratelimit import LOG_EVERY_S, Backoff, Throttle
+from kmeshd.ratelimit import LOG_EVERY_S, Throttle
 
 log = logging.getLogger("kmeshd")
 
@@ -210,7 +211,7 @@ def _watch_error(status: Any) -> ApiError:
     return ApiError(f"watch: error event {code} ({message})")
 
 
-def start(
+def start_watchers(
     client: Client, naming: Naming, out: queue.Queue[Update], stop: threading.Event
 ) -> list[Watcher]:
     """One watcher thread per resource."""

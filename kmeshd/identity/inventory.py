@@ -74,7 +74,7 @@ def _owner(t: Table, name: str) -> str:
     return f"{t.key} ({name})" if name else t.key
 
 
-def _ip(t: Table, key: str, text: str) -> IPAddress | None:
+def _address(t: Table, key: str, text: str) -> IPAddress | None:
     try:
         return plain_ip(ipaddress.ip_address(text))
     except ValueError:
@@ -89,7 +89,7 @@ def _addresses(t: Table, required: bool) -> list[tuple[str, IPAddress]]:
         t.problem("addresses", "missing (required)")
     elif required and t.raw("addresses") == []:
         t.problem("addresses", "must list at least one IPv4 or IPv6 address")
-    found = [(key, _ip(t, key, text)) for key, text in pairs]
+    found = [(key, _address(t, key, text)) for key, text in pairs]
     valid = [(key, ip) for key, ip in found if ip is not None]
     seen: set[IPAddress] = set()
     for key, ip in valid:

@@ -15,11 +15,12 @@ import threading
 from collections.abc import Mapping
 from typing import Any
 
+from kmeshd.backoff import Backoff
 from kmeshd.identity.cache import KUBELET, PODS
 from kmeshd.identity.client import ApiError, Client
 from kmeshd.identity.objects import Malformed, Naming, Pod, parse_pod
 from kmeshd.identity.updates import Listed, SourceState, Update
-from kmeshd.ratelimit import LOG_EVERY_S, Backoff, Throttle
+from kmeshd.ratelimit import LOG_EVERY_S, Throttle
 
 log = logging.getLogger("kmeshd")
 
@@ -82,7 +83,7 @@ class Poller:
             self.stop.wait(delay)
 
 
-def start(
+def start_poller(
     client: Client, naming: Naming, interval: float, out: queue.Queue[Update], stop: threading.Event
 ) -> Poller:
     poller = Poller(client, naming, interval, out, stop)

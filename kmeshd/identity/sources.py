@@ -108,9 +108,9 @@ class KubernetesSource:
     def start(self) -> None:
         """Write the kubeconfig's embedded certificates, then start polling and watching."""
         credentials.write_embedded(self._api.creds)
-        apiserver.start(self._api, self.naming, self.queue, self._stop)
+        apiserver.start_watchers(self._api, self.naming, self.queue, self._stop)
         if self._kubelet is not None:
-            kubelet.start(self._kubelet, self.naming, self._interval, self.queue, self._stop)
+            kubelet.start_poller(self._kubelet, self.naming, self._interval, self.queue, self._stop)
 
     def view(self) -> IdentityView:
         return self.cache

@@ -35,7 +35,7 @@ from tests.bench import loadgen
 from tests.bench.loadgen import Target, in_netns
 from tests.bench.probes import DaemonSettings, bpf_stats, cpu_seconds, kmeshd, prog_stats
 from tests.bench.scenarios import Scenario, all_scenarios, inventory
-from tests.daemon_proc import Daemon, value
+from tests.daemon_proc import DaemonProcess, value
 
 CONFIGS = ("baseline", "kmeshd-core", "kmeshd")
 BPFFS = Path("/sys/fs/bpf")
@@ -78,7 +78,7 @@ def transfer(binary: Path, target: Target, seconds: float) -> tuple[int, float]:
     return int(size), float(elapsed)
 
 
-def counted(daemon: Daemon, scenario: Scenario, size: int) -> bool:
+def counted(daemon: DaemonProcess, scenario: Scenario, size: int) -> bool:
     """Both reporters' received bytes equal the transfer, within a few publishes."""
     labels = {
         "source_workload": scenario.source_workload,

@@ -46,7 +46,7 @@ from kmeshd.kernel.memory import release_freed_memory
 from kmeshd.kernel.pins import remove_pins
 from kmeshd.labels import ends_of
 from tests.bench.probes import cpu_seconds
-from tests.daemon_proc import Daemon
+from tests.daemon_proc import DaemonProcess
 from tests.k8s_server import (
     ApiServer,
     Cluster,
@@ -127,7 +127,9 @@ def daemon_run(args: argparse.Namespace, cluster: Cluster, tls: Any, work: Path)
     kubeconfig = write_kubeconfig(work / "kubeconfig", api.url, tls)
     pin_dir = Path(f"/sys/fs/bpf/kmeshd-bench-identity-{uuid.uuid4().hex[:6]}")
     table = f'kubeconfig = "{kubeconfig}"\nnode_name = "{NODE}"\nkubelet_url = "{kubelet.url}"\n'
-    daemon = Daemon(work, "", pin_dir, kubernetes=table, accesslog_file=False, textfile=False)
+    daemon = DaemonProcess(
+        work, "", pin_dir, kubernetes=table, accesslog_file=False, textfile=False
+    )
     clock = RequestClock(api)
     try:
         started = time.monotonic()

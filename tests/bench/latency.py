@@ -12,12 +12,12 @@ import time
 
 from tests.bench.loadgen import Loadgen
 from tests.bench.scenarios import Scenario
-from tests.daemon_proc import Daemon, value
+from tests.daemon_proc import DaemonProcess, value
 
 POLL_S = 0.01
 
 
-def closes(daemon: Daemon, scenario: Scenario) -> tuple[int, int]:
+def closes(daemon: DaemonProcess, scenario: Scenario) -> tuple[int, int]:
     """closed_total for (reporter=source, reporter=destination) between the two workloads."""
     samples = daemon.samples()
     ends = {
@@ -32,7 +32,11 @@ def closes(daemon: Daemon, scenario: Scenario) -> tuple[int, int]:
 
 
 def wait_visible(
-    daemon: Daemon, scenario: Scenario, before: tuple[int, int], closed_at: float, bound: float
+    daemon: DaemonProcess,
+    scenario: Scenario,
+    before: tuple[int, int],
+    closed_at: float,
+    bound: float,
 ) -> float:
     """Seconds from `closed_at` to the first scrape showing both closes."""
     while True:
@@ -48,7 +52,7 @@ def wait_visible(
 def close_to_metrics(
     loadgen: Loadgen,
     scenario: Scenario,
-    daemon: Daemon,
+    daemon: DaemonProcess,
     samples: int,
     interval: float,
     rng: random.Random,

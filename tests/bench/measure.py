@@ -18,7 +18,7 @@ from pathlib import Path
 from tests.bench.loadgen import Churn, Loadgen, Target, in_netns
 from tests.bench.probes import Watcher, cpu_seconds, peak_rss_bytes, sock_ops_attached
 from tests.bench.scenarios import Scenario
-from tests.daemon_proc import Daemon, Samples, value
+from tests.daemon_proc import DaemonProcess, Samples, value
 
 SETTLE_S = 0.5  # after the last socket closed, a publish that started later saw it
 SOCKETS_CLOSED_TIMEOUT_S = 60.0
@@ -109,7 +109,7 @@ def measure(
 
 
 def check_kmeshd(
-    daemon: Daemon,
+    daemon: DaemonProcess,
     scenario: Scenario,
     churn: Churn,
     ended: float,
@@ -166,7 +166,7 @@ def lost(samples: Samples) -> int:
 
 
 def wait_caught_up(
-    daemon: Daemon, after: float, lines: LineCounter | None, records: int
+    daemon: DaemonProcess, after: float, lines: LineCounter | None, records: int
 ) -> Samples:
     """The first scrape of a publish made after `after` at which the access log (if on)
     holds every record not counted as lost, or at which it had stopped growing."""

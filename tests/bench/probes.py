@@ -19,7 +19,7 @@ from pathlib import Path
 
 from kmeshd.kernel import cgroup
 from kmeshd.kernel.pins import remove_pins
-from tests.daemon_proc import Daemon
+from tests.daemon_proc import DaemonProcess
 
 TCPLIFE = Path("/usr/sbin/tcplife-bpfcc")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -30,7 +30,7 @@ class Watcher:
     """A running probe: its process (None for the baseline) and, for kmeshd, the daemon."""
 
     pid: int | None
-    daemon: Daemon | None = None
+    daemon: DaemonProcess | None = None
 
 
 def cpu_seconds(pid: int) -> float:
@@ -79,7 +79,7 @@ def kmeshd(
     workdir.mkdir(parents=True)
     # The benchmark's config: the default publish interval, no textfile, no journald, the
     # access-log file only when asked for.
-    daemon = Daemon(
+    daemon = DaemonProcess(
         workdir,
         inventory,
         pin_dir,
@@ -98,7 +98,7 @@ def kmeshd(
         remove_pins(pin_dir)
 
 
-def stop_daemon(daemon: Daemon) -> None:
+def stop_daemon(daemon: DaemonProcess) -> None:
     if daemon.proc is None or daemon.proc.poll() is not None:
         return
     try:

@@ -37,7 +37,7 @@ from kmeshd.kernel import sockdiag
 from tests.bench.probes import DaemonSettings, bpf_stats, cpu_seconds, kmeshd, prog_stats
 from tests.bench.scenarios import LOOPBACK_ADDRESS, PORT, loopback, loopback_namespace
 from tests.bench.scenarios import inventory as inventory_of
-from tests.daemon_proc import Daemon, Samples, value
+from tests.daemon_proc import DaemonProcess, Samples, value
 
 BPFFS = Path("/sys/fs/bpf")
 ITERATOR = ("tcp", "tracing")  # how bpftool lists the iterator program: name, type
@@ -79,7 +79,7 @@ def open_connections(netns: str, count: int) -> Iterator[None]:
             s.close()
 
 
-def next_publish(daemon: Daemon, after: float) -> Samples:
+def next_publish(daemon: DaemonProcess, after: float) -> Samples:
     return daemon.wait_for(lambda s: value(s, LAST_PUBLISH) > after, timeout=10, what="publish")
 
 
