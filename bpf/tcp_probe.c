@@ -1,56 +1,72 @@
 /* kmeshd TCP probe: a sock_ops program on the cgroup v2 root, compiled by bcc at start-up,
  * and a TCP socket iterator that user space runs before each publish.
  *
- * The kernel headers bcc compiles against need not match the running kernel (README, "How it works"),
- * so the sock_ops program reads struct bpf_sock_ops context fields and tracepoint
- * arguments, whose layouts are stable, and one struct sock field (sk_flags, at close) at
- * the offset kmeshd takes from the running kernel's BTF (kmeshd/kernel/btf.py); the iterator
- * reads a few struct tcp_sock fields the same way. Offsets arrive as *_OFF defines.
- *
  * Two outputs:
  *   flows   - cumulative per-flow counters (client, server, server port, direction):
  *             the source of every metric, exact whatever user space manages to read;
  *   records - one ring-buffer record per closed socket and per failed connect: the
  *             access log only. A record the ring cannot take is counted, never silent.
  *
- * Maps that must outlive a daemon restart are pinned under PIN_DIR (set by
- * kmeshd/kernel/pins.py), so a restarted daemon neither resets nor double counts.
+ * The kernel headers bcc compiles against need not match the running kernel (README, "How
+ * it works"), so the sock_ops program reads struct bpf_sock_ops context fields and
+ * tracepoint arguments, whose layouts are stable, and one struct sock field (sk_flags, at
+ * close) at the offset kmeshd takes from the running kernel's BTF (kmeshd/kernel/btf.py);
+ * the iterator reads a few struct tcp_sock fields the same way. Offsets arrive as *_OFF
+ * defines, map sizes as *_MAX, the pin directory as PIN_DIR (kmeshd/kernel/build.py).
+ *
+ * Maps that must outlive a daemon restart are pinned under PIN_DIR, so a restarted daemon
+ * neither resets nor double counts. Constants and structs shared with user space are in
+ * tcp_probe.h.
  */
 #include <uapi/linux/bpf.h>
+#include <linux/bpf.h>
+#include <linux/socket.h>
 #include "tcp_probe.h"
 
-#define AF_INET 2
-#define AF_INET6 10
+/* ---- Maps ---------------------------------------------------------------------------- */
 
-/* State of each tracked socket (struct sock_state), in a hash map keyed by socket cookie.
- * Not socket-local storage: creating and deleting an entry there took 594 and 426 ns per
- * socket, against about 310 and 100 ns for this hash (kernel 6.18, see README "Overhead";
- * about half the hash insert is a cache miss on its bucket array). The price is that
- * the kernel does not free an entry by itself: the program deletes it at TCP_CLOSE, and
- * kmeshd sweeps out entries of sockets that closed while no program was attached
- * (kmeshd/kernel/stale.py), counting those closes. */
+/* Per-flow counters, the source of every metric. Flows are few and long-lived: entries are
+ * allocated when first used rather than all up front, at 688 bytes each. */
+BPF_TABLE_PINNED("hash", struct flow_key, struct flow_counters, flows, FLOWS_MAX,
+                 PIN_DIR "/flows", BPF_F_NO_PREALLOC);
 
+/* A 16-byte address, IPv4 v4-mapped: the key of known_addrs. */
 struct addr16 {
     __u8 a[16];
 };
 
-/* Flows are few and long-lived (client and server address, server port, direction): entries
- * are allocated when first used rather than all up front, at 688 bytes each. */
-BPF_TABLE_PINNED("hash", struct flow_key, struct flow_counters, flows, FLOWS_MAX, PIN_DIR "/flows",
-                 BPF_F_NO_PREALLOC);
+/* Workload addresses and service VIPs, written by user space: a connection with neither
+ * end here is counted as unattributed and costs nothing more. */
 BPF_TABLE_PINNED("hash", struct addr16, __u8, known_addrs, KNOWN_MAX, PIN_DIR "/known_addrs");
+
+/* What the probe saw and could not record, per CPU, indexed by STAT_*. */
 BPF_TABLE_PINNED("percpu_array", int, __u64, stats, STAT_COUNT, PIN_DIR "/stats");
+
+/* Each tracked socket's state (struct sock_state), keyed by socket cookie. Not socket-local
+ * storage: creating and deleting an entry there took 594 and 426 ns per socket, against
+ * about 310 and 100 ns for this hash (kernel 6.18, README "Overhead"; about half the hash
+ * insert is a cache miss on its bucket array). The price is that the kernel does not free
+ * an entry by itself: the program deletes it at TCP_CLOSE, and kmeshd sweeps out entries
+ * of sockets that closed while no program was attached (kmeshd/kernel/stale.py), counting
+ * those closes. */
 BPF_TABLE_PINNED("hash", __u64, struct sock_state, socks, SOCKS_MAX, PIN_DIR "/socks");
+
 /* Closes of tracked sockets that happened while no probe was attached, found and counted
  * by user space's sweep (the program never writes it). */
-BPF_TABLE_PINNED("hash", struct flow_key, __u64, unseen_closes, FLOWS_MAX, PIN_DIR "/unseen_closes",
-                 BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED("hash", struct flow_key, __u64, unseen_closes, FLOWS_MAX,
+                 PIN_DIR "/unseen_closes", BPF_F_NO_PREALLOC);
+
+/* One struct conn_record per closed socket and failed connect. */
 BPF_RINGBUF_OUTPUT(records, RINGBUF_PAGES);
-/* SETTING_* in tcp_probe.h: set by user space, from the running daemon's config (so not
- * pinned). */
+
+/* Indexed by SETTING_*: set by user space from the running daemon's config, so not
+ * pinned. */
 BPF_ARRAY(settings, __u64, SETTING_COUNT);
+
 /* A zeroed flow_counters to create flows from: too large for the BPF stack. */
 BPF_ARRAY(zero_flow, struct flow_counters, 1);
+
+/* ---- Counting and settings ----------------------------------------------------------- */
 
 /* Atomic although the counter is this CPU's own: a connect() runs the program in process
  * context, where a softirq running it for another socket can interrupt between a load
@@ -62,6 +78,15 @@ static __always_inline void count(int index)
         __sync_fetch_and_add(v, 1);
 }
 
+static __always_inline __u64 setting(int index)
+{
+    __u64 *v = settings.lookup(&index);
+    return v ? *v : 0;
+}
+
+/* ---- Addresses and flows ------------------------------------------------------------- */
+
+/* Both ends of a socket, as it sees them. */
 struct tuple {
     struct addr16 local;
     struct addr16 remote;
@@ -149,13 +174,15 @@ static __always_inline struct flow_counters *flow_of(struct flow_key *key)
     int zero = 0;
     struct flow_counters *blank = zero_flow.lookup(&zero);
     if (!blank)
-        return 0;
+        return NULL;
     flows.insert(key, blank); /* fails harmlessly when another CPU created it first */
     c = flows.lookup(key);
     if (!c)
         count(STAT_FLOWS_FULL);
     return c;
 }
+
+/* ---- Histograms ---------------------------------------------------------------------- */
 
 /* Bucket index: the first bound the value does not exceed, or BUCKETS - 1. The bounds are
  * constants, so this compiles to a chain of compares. */
@@ -186,6 +213,8 @@ static __always_inline void observe(struct histogram *h, int bucket, __u64 value
     __sync_fetch_and_add(&h->sum_us, value_us);
 }
 
+/* ---- A connection starts ------------------------------------------------------------- */
+
 static __always_inline struct sock_state *state_of(struct bpf_sock_ops *ctx)
 {
     __u64 cookie = bpf_get_socket_cookie(ctx);
@@ -195,12 +224,6 @@ static __always_inline struct sock_state *state_of(struct bpf_sock_ops *ctx)
 static __always_inline void enable_callbacks(struct bpf_sock_ops *ctx, __u32 flags)
 {
     bpf_sock_ops_cb_flags_set(ctx, ctx->bpf_sock_ops_cb_flags | flags);
-}
-
-static __always_inline __u64 setting(int index)
-{
-    __u64 *v = settings.lookup(&index);
-    return v ? *v : 0;
 }
 
 /* A new connection: OUTBOUND at connect(), INBOUND once accepted. Only one with a known
@@ -253,6 +276,8 @@ static __always_inline void on_active_established(struct bpf_sock_ops *ctx)
     observe(&c->connect, latency_bucket(handshake_us), handshake_us);
 }
 
+/* ---- Bytes and losses ---------------------------------------------------------------- */
+
 /* A socket's totals so far: application bytes, and segments retransmitted and lost. */
 struct progress {
     __u64 sent;
@@ -261,17 +286,17 @@ struct progress {
     __u32 lost;
 };
 
-/* Application bytes: bytes_acked and bytes_received count sequence numbers, so the
- * client's SYN and each FIN that was really acknowledged or taken are removed. */
 static __always_inline __u64 minus(__u64 v, __u64 d)
 {
     return v > d ? v - d : 0;
 }
 
-/* `our_fin`: our FIN was acknowledged, so bytes_acked counts it; `peer_fin`: the peer's
- * FIN was taken, so bytes_received counts it. */
-static __always_inline void app_bytes(struct sock_state *st, __u64 acked, __u64 rcvd, int our_fin, int peer_fin,
-                                      struct progress *p)
+/* Application bytes: bytes_acked and bytes_received count sequence numbers, so the
+ * client's SYN and each FIN that was really acknowledged or taken are removed. `our_fin`:
+ * our FIN was acknowledged, so bytes_acked counts it; `peer_fin`: the peer's FIN was
+ * taken, so bytes_received counts it. */
+static __always_inline void app_bytes(struct sock_state *st, __u64 acked, __u64 rcvd,
+                                      int our_fin, int peer_fin, struct progress *p)
 {
     if (st->key.direction == DIR_OUTBOUND)
         acked = minus(acked, 1);
@@ -307,7 +332,8 @@ static __always_inline void closing_app_bytes(struct bpf_sock_ops *ctx, struct s
                                               __u32 state, struct progress *p)
 {
     int our_fin = state == BPF_TCP_FIN_WAIT2 ||
-                  ((state == BPF_TCP_CLOSING || state == BPF_TCP_LAST_ACK) && ctx->snd_una == ctx->snd_nxt);
+                  ((state == BPF_TCP_CLOSING || state == BPF_TCP_LAST_ACK) &&
+                   ctx->snd_una == ctx->snd_nxt);
     app_bytes(st, ctx->bytes_acked, ctx->bytes_received, our_fin, peer_fin_taken(ctx), p);
 }
 
@@ -353,15 +379,7 @@ static __always_inline void add_progress(struct sock_state *st, struct flow_coun
     }
 }
 
-static __always_inline __u8 failure_reason(struct sock_state *st, int reset)
-{
-    if (st->flags & SF_RTO_EXPIRED)
-        return REASON_TIMEOUT;
-    if (reset)
-        return REASON_REFUSED;
-    return REASON_OTHER;
-}
-
+/* ---- Access-log records -------------------------------------------------------------- */
 
 /* What a record tells of the socket's TCP state. */
 struct tcp_numbers {
@@ -383,8 +401,9 @@ static __always_inline void numbers_of(struct bpf_sock_ops *ctx, struct tcp_numb
 
 /* `p`: this socket's application bytes; the record holds them in Istio's terms, as the
  * destination (server) saw them. Both ends' addresses and ports come from the state. */
-static __always_inline void emit(struct sock_state *st, __u8 kind, __u8 reason, __u8 flags, __u64 now,
-                                 const struct progress *p, const struct tcp_numbers *n)
+static __always_inline void emit(struct sock_state *st, __u8 kind, __u8 reason, __u8 flags,
+                                 __u64 now, const struct progress *p,
+                                 const struct tcp_numbers *n)
 {
     int client = st->key.direction == DIR_OUTBOUND;
     struct conn_record *r = records.ringbuf_reserve(sizeof(struct conn_record));
@@ -415,8 +434,19 @@ static __always_inline void emit(struct sock_state *st, __u8 kind, __u8 reason, 
     records.ringbuf_submit(r, BPF_RB_NO_WAKEUP);
 }
 
-static __always_inline void close_established(struct bpf_sock_ops *ctx, struct sock_state *st, __u32 old_state,
-                                              __u64 now, __u8 flags)
+/* ---- A connection ends --------------------------------------------------------------- */
+
+static __always_inline __u8 failure_reason(struct sock_state *st, int reset)
+{
+    if (st->flags & SF_RTO_EXPIRED)
+        return REASON_TIMEOUT;
+    if (reset)
+        return REASON_REFUSED;
+    return REASON_OTHER;
+}
+
+static __always_inline void close_established(struct bpf_sock_ops *ctx, struct sock_state *st,
+                                              __u32 old_state, __u64 now, __u8 flags)
 {
     struct progress p = {.retrans = ctx->total_retrans, .lost = st->reported_lost};
     closing_app_bytes(ctx, st, old_state, &p);
@@ -444,7 +474,8 @@ static __always_inline void close_established(struct bpf_sock_ops *ctx, struct s
     }
 }
 
-static __always_inline void close_failed(struct bpf_sock_ops *ctx, struct sock_state *st, __u64 now, __u8 flags)
+static __always_inline void close_failed(struct bpf_sock_ops *ctx, struct sock_state *st,
+                                         __u64 now, __u8 flags)
 {
     __u8 reason = failure_reason(st, flags & RECORD_RESET);
     count(STAT_FAILED);
@@ -464,8 +495,8 @@ static __always_inline void close_failed(struct bpf_sock_ops *ctx, struct sock_s
     }
 }
 
-static __always_inline void on_close(struct bpf_sock_ops *ctx, struct sock_state *st, __u32 old_state,
-                                     __u64 cookie)
+static __always_inline void on_close(struct bpf_sock_ops *ctx, struct sock_state *st,
+                                     __u32 old_state, __u64 cookie)
 {
     __u64 now = bpf_ktime_get_ns();
     __u8 flags = (st->flags & SF_RESET) ? RECORD_RESET : 0;
@@ -486,6 +517,8 @@ static __always_inline void on_state(struct bpf_sock_ops *ctx)
     if (st)
         on_close(ctx, st, ctx->args[0], cookie);
 }
+
+/* ---- The programs -------------------------------------------------------------------- */
 
 int kmeshd_sockops(struct bpf_sock_ops *ctx)
 {
@@ -527,24 +560,22 @@ TRACEPOINT_PROBE(tcp, tcp_receive_reset)
 }
 
 #ifdef TCP_BYTES_ACKED_OFF
-/* The socket sweep. Before each publish, user space runs this iterator over the TCP sockets
- * of each network namespace (kmeshd/kernel/probe.py): every tracked connection that is open adds
- * what it moved since the last time to its flow, as its close would. So open connections
- * show their bytes at each publish, however long they last and however quiet they have
- * gone, at no cost per packet. The kernel holds each socket's lock while this runs, as it
- * does for sock_ops, so the two never interleave on one socket.
+/* ---- The socket sweep (bpf.live_updates) --------------------------------------------- */
+
+/* Before each publish, user space runs this iterator over the TCP sockets of each network
+ * namespace (kmeshd/kernel/probe.py): every tracked connection that is open adds what it
+ * moved since the last time to its flow, as its close would. So open connections show
+ * their bytes at each publish, however long they last and however quiet they have gone,
+ * at no cost per packet. The kernel holds each socket's lock while this runs, as it does
+ * for sock_ops, so the two never interleave on one socket.
  *
- * The context, as the kernel's struct bpf_iter__tcp (the verifier checks each access
- * against the kernel's own type, not this one). */
-struct kmeshd_iter_meta {
-    void *seq;
-    __u64 session_id;
-    __u64 seq_num;
-};
-struct kmeshd_iter_tcp {
-    struct kmeshd_iter_meta *meta;
+ * The iterator's context: the kernel defines struct bpf_iter__tcp in tcp_ipv4.c, not in a
+ * header, so it is declared here (the verifier checks each access against the kernel's
+ * own type). */
+struct bpf_iter__tcp {
+    struct bpf_iter_meta *meta;
     struct sock_common *sk_common;
-    __u32 uid;
+    uid_t uid;
 };
 
 static __always_inline __u64 tcp_u64(void *tp, int offset)
@@ -571,7 +602,8 @@ static __always_inline void sweep_numbers(void *tp, struct tcp_numbers *n)
 }
 
 /* accesslog.periodic: a record of an open connection's totals, at most once a period. */
-static __always_inline void maybe_record_progress(void *tp, struct sock_state *st, const struct progress *p)
+static __always_inline void maybe_record_progress(void *tp, struct sock_state *st,
+                                                  const struct progress *p)
 {
     __u64 period = setting(SETTING_PERIODIC);
     if (!period || !setting(SETTING_RECORDS))
@@ -585,7 +617,7 @@ static __always_inline void maybe_record_progress(void *tp, struct sock_state *s
     emit(st, KIND_PROGRESS, REASON_NONE, 0, now, p, &n);
 }
 
-int bpf_iter__tcp(struct kmeshd_iter_tcp *ctx)
+int bpf_iter__tcp(struct bpf_iter__tcp *ctx)
 {
     struct sock_common *skc = ctx->sk_common;
     if (!skc)
@@ -604,7 +636,8 @@ int bpf_iter__tcp(struct kmeshd_iter_tcp *ctx)
     struct sock_state *st = socks.lookup(&cookie);
     if (!st || !(st->flags & SF_ESTABLISHED))
         return 0;
-    struct progress p = {.retrans = tcp_u32(tp, TCP_TOTAL_RETRANS_OFF), .lost = st->reported_lost};
+    struct progress p = {.retrans = tcp_u32(tp, TCP_TOTAL_RETRANS_OFF),
+                         .lost = st->reported_lost};
     /* In CLOSE_WAIT the peer's FIN was taken; we have sent none. */
     app_bytes(st, tcp_u64(tp, TCP_BYTES_ACKED_OFF), tcp_u64(tp, TCP_BYTES_RECEIVED_OFF), 0,
               state == BPF_TCP_CLOSE_WAIT, &p);

@@ -12,19 +12,9 @@
 
 #define KMESHD_LAYOUT 6
 
-#define DIR_OUTBOUND 1 /* this socket called connect(): the client */
-#define DIR_INBOUND 2  /* this socket was accepted: the server */
+/* ---- The stats and settings arrays --------------------------------------------------- */
 
-#define KIND_CLOSED 1
-#define KIND_FAILED 2
-#define KIND_PROGRESS 3 /* a periodic record of an open connection (accesslog.periodic) */
-
-#define REASON_NONE 0
-#define REASON_REFUSED 1 /* a RST answered the SYN */
-#define REASON_TIMEOUT 2 /* the SYN (or later data) retransmission timer expired */
-#define REASON_OTHER 3
-
-/* Per-CPU counters of what the probe saw and what it could not record: the stats map. */
+/* Indexes of the per-CPU stats array: what the probe saw and what it could not record. */
 #define STAT_OPENED 0
 #define STAT_CLOSED 1
 #define STAT_FAILED 2
@@ -34,24 +24,29 @@
 #define STAT_SOCKS_FULL 6     /* sockets not tracked: the socks map was full */
 #define STAT_COUNT 7
 
-/* Indexes of the settings map, written by user space from the running daemon's config. */
+/* Indexes of the settings array, written by user space from the running daemon's config. */
 #define SETTING_RECORDS 0  /* 1 while an access log wants records; off, a close costs no
                             * ring-buffer work at all */
 #define SETTING_PERIODIC 1 /* ns between two records of one open connection; 0: none */
 #define SETTING_COUNT 2
+
+/* ---- Flows: the key and counters of the flows map ------------------------------------ */
 
 /* IPv4 addresses are stored v4-mapped (::ffff:a.b.c.d) so both families share a key. */
 struct flow_key {
     __u8 client[16];
     __u8 server[16];
     __u16 server_port;
-    __u8 direction;
+    __u8 direction;        /* DIR_* */
     __u8 _pad;
 };                                     /* 36 bytes */
 
-/* Histogram bucket upper bounds, in microseconds, smallest first. Each histogram has one more bucket, for values
- * above the last bound. RTT and handshake: 50 µs (one rack) to 10 s (SYN retransmitted
- * three times). Connection duration: 0.5 ms to 4 h. */
+#define DIR_OUTBOUND 1 /* this socket called connect(): the client */
+#define DIR_INBOUND 2  /* this socket was accepted: the server */
+
+/* Histogram bucket upper bounds, in microseconds, smallest first. Each histogram has one
+ * more bucket, for values above the last bound. RTT and handshake: 50 µs (one rack) to
+ * 10 s (SYN retransmitted three times). Connection duration: 0.5 ms to 4 h. */
 #define LATENCY_BOUNDS_US(X) X(50) X(100) X(250) X(500) X(1000) X(2500) X(5000) X(10000) \
     X(25000) X(50000) X(100000) X(250000) X(500000) X(1000000) X(2500000) X(5000000) X(10000000)
 #define DURATION_BOUNDS_US(X) X(500) X(1000) X(5000) X(10000) X(50000) X(100000) X(500000) \
@@ -83,12 +78,14 @@ struct flow_counters {
     struct histogram connect;   /* connect() to established, OUTBOUND only */
 };                                     /* 688 bytes */
 
+/* ---- Sockets: the value of the socks map --------------------------------------------- */
+
 /* What the probe keeps of each tracked socket, keyed by socket cookie. User space reads it
  * when it sweeps out sockets that closed while no probe was attached. The flow key and the
  * client's port name both ends: a record needs nothing else of the socket. */
 struct sock_state {
     struct flow_key key;
-    __u16 flags;            /* SF_* below */
+    __u16 flags;            /* SF_* */
     __u16 client_port;
     __u64 start_ns;         /* connect() for OUTBOUND, establishment for INBOUND */
     __u64 established_ns;
@@ -103,7 +100,9 @@ struct sock_state {
 #define SF_RTO_EXPIRED 2 /* the retransmission timer gave up */
 #define SF_RESET 4       /* a RST arrived (set by the tcp_receive_reset tracepoint) */
 
-/* One ring-buffer record per closed socket and per failed connect: the access log. */
+/* ---- Records: the ring buffer's entries, the access log ------------------------------ */
+
+/* One record per closed socket and per failed connect. */
 struct conn_record {
     __u64 time_ns;         /* CLOCK_MONOTONIC at the close */
     __u64 duration_ns;     /* establishment (or connect, when failed) to close */
@@ -113,10 +112,10 @@ struct conn_record {
     __u8 remote[16];
     __u16 local_port;
     __u16 remote_port;
-    __u8 kind;
-    __u8 direction;
-    __u8 reason;
-    __u8 flags;            /* RECORD_* below */
+    __u8 kind;             /* KIND_* */
+    __u8 direction;        /* DIR_* */
+    __u8 reason;           /* REASON_*: why a connect failed */
+    __u8 flags;            /* RECORD_* */
     __u32 srtt_us;         /* smoothed RTT in microseconds (the kernel keeps it << 3) */
     __u32 min_rtt_us;
     __u32 total_retrans;
@@ -124,6 +123,15 @@ struct conn_record {
     __u32 segs_out;
     __u32 _pad;
 };                                     /* 96 bytes */
+
+#define KIND_CLOSED 1
+#define KIND_FAILED 2
+#define KIND_PROGRESS 3 /* a periodic record of an open connection (accesslog.periodic) */
+
+#define REASON_NONE 0
+#define REASON_REFUSED 1 /* a RST answered the SYN */
+#define REASON_TIMEOUT 2 /* the SYN (or later data) retransmission timer expired */
+#define REASON_OTHER 3
 
 #define RECORD_RESET 1 /* a RST was received before the close */
 
