@@ -16,7 +16,7 @@ import pytest
 
 from kmeshd import __version__
 from kmeshd.cli import parser
-from kmeshd.config import Config
+from kmeshd.config import Config, parse_config
 
 REPO = Path(__file__).resolve().parent.parent
 MAN = REPO / "man"
@@ -111,6 +111,26 @@ def test_every_config_key_is_documented() -> None:
     ]
     assert missing == []
     assert len(config_keys()) == 22
+
+
+def documented(key: str) -> tuple[str, str]:
+    """(default, range) of `key` (section.name) as kmeshd.toml(5) lists it."""
+    section, name = key.split(".")
+    text = (MAN / "kmeshd.toml.5.scd").read_text().split(f"# [{section}]", 1)[1]
+    entry = re.search(rf"^\*{name}\* \([^,]+, default (.+?); (.+?)\)$", text, flags=re.M)
+    assert entry, key
+    return entry[1], entry[2]
+
+
+@pytest.mark.parametrize("key", config_keys())
+def test_each_documented_default_is_the_default(key: str, tmp_path: Path) -> None:
+    """The default kmeshd.toml(5) gives a key, written in a file, is the value the daemon
+    takes when the key is absent; and a range follows it."""
+    section, name = key.split(".")
+    default, valid = documented(key)
+    written = parse_config(f"[{section}]\n{name} = {default}\n", tmp_path / "k.toml")
+    assert getattr(getattr(written, section), name) == getattr(getattr(Config(), section), name)
+    assert valid.strip()
 
 
 def test_every_command_and_accesslog_option_is_documented() -> None:
