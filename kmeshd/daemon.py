@@ -168,7 +168,7 @@ class Daemon:
         signal.signal(signal.SIGHUP, self._on_hup)
 
     def _on_stop_signal(self, _sig: int, _frame: FrameType | None) -> None:
-        self._stop = True
+        self.stop()
 
     def _on_hup(self, _sig: int, _frame: FrameType | None) -> None:
         self._reload = True
@@ -176,10 +176,6 @@ class Daemon:
     def stop(self) -> None:
         """Ask the main loop (or a start-up in progress) to end, as SIGTERM does."""
         self._stop = True
-
-    def request_reload(self) -> None:
-        """Reload on the next tick, as SIGHUP does."""
-        self._reload = True
 
     def run(self) -> None:
         assert self.probe is not None and self.known is not None, "startup() first"
