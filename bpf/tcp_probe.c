@@ -52,7 +52,10 @@ BPF_TABLE_PINNED("percpu_array", int, __u64, stats, STAT_COUNT, PIN_DIR "/stats"
 BPF_TABLE_PINNED("hash", __u64, struct sock_state, socks, SOCKS_MAX, PIN_DIR "/socks");
 
 /* Closes of tracked sockets that happened while no probe was attached, found and counted
- * by user space's sweep (the program never writes it). */
+ * by user space's sweep (the program never writes it). An inbox: each sweep adds entries
+ * of its own (the key's generation byte is a slot number, taken with BPF_NOEXIST), and the
+ * daemon reads and deletes each once, so a sweep running beside the daemon is never lost
+ * or counted twice. */
 BPF_TABLE_PINNED("hash", struct flow_key, __u64, unseen_closes, FLOWS_MAX,
                  PIN_DIR "/unseen_closes", BPF_F_NO_PREALLOC);
 
@@ -62,6 +65,12 @@ BPF_RINGBUF_OUTPUT(records, RINGBUF_PAGES);
 /* Indexed by SETTING_*: set by user space from the running daemon's config, so not
  * pinned. */
 BPF_ARRAY(settings, __u64, SETTING_COUNT);
+
+/* Updated by user space only to wait for programs: an update of a map-in-map returns when
+ * every program that was running has finished (the kernel's synchronize_rcu), so after a
+ * generation switch and an update here, no program still writes the old generation. */
+BPF_ARRAY(grace_inner, __u32, 1);
+BPF_ARRAY_OF_MAPS(grace, "grace_inner", 1);
 
 /* A zeroed flow_counters to create flows from: too large for the BPF stack. */
 BPF_ARRAY(zero_flow, struct flow_counters, 1);
@@ -165,18 +174,21 @@ static __always_inline int is_known(struct tuple *t)
     return known_addrs.lookup(&t->local) || known_addrs.lookup(&t->remote);
 }
 
-/* The flow's counters, created zeroed on first use. */
-static __always_inline struct flow_counters *flow_of(struct flow_key *key)
+/* The counters of the flow `socket_key` names, in the current generation (see struct
+ * flow_key), created zeroed on first use. */
+static __always_inline struct flow_counters *flow_of(const struct flow_key *socket_key)
 {
-    struct flow_counters *c = flows.lookup(key);
+    struct flow_key key = *socket_key;
+    key.generation = (__u8)setting(SETTING_GENERATION);
+    struct flow_counters *c = flows.lookup(&key);
     if (c)
         return c;
     int zero = 0;
     struct flow_counters *blank = zero_flow.lookup(&zero);
     if (!blank)
         return NULL;
-    flows.insert(key, blank); /* fails harmlessly when another CPU created it first */
-    c = flows.lookup(key);
+    flows.insert(&key, blank); /* fails harmlessly when another CPU created it first */
+    c = flows.lookup(&key);
     if (!c)
         count(STAT_FLOWS_FULL);
     return c;

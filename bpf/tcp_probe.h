@@ -10,7 +10,7 @@
 #ifndef KMESHD_TCP_PROBE_H
 #define KMESHD_TCP_PROBE_H
 
-#define KMESHD_LAYOUT 6
+#define KMESHD_LAYOUT 7
 
 /* ---- The stats and settings arrays --------------------------------------------------- */
 
@@ -28,17 +28,24 @@
 #define SETTING_RECORDS 0  /* 1 while an access log wants records; off, a close costs no
                             * ring-buffer work at all */
 #define SETTING_PERIODIC 1 /* ns between two records of one open connection; 0: none */
-#define SETTING_COUNT 2
+#define SETTING_GENERATION 2 /* the generation flows are counted in now (struct flow_key) */
+#define SETTING_COUNT 3
 
 /* ---- Flows: the key and counters of the flows map ------------------------------------ */
 
-/* IPv4 addresses are stored v4-mapped (::ffff:a.b.c.d) so both families share a key. */
+/* IPv4 addresses are stored v4-mapped (::ffff:a.b.c.d) so both families share a key.
+ *
+ * A flow is counted in one generation at a time: the program takes the generation from
+ * the settings array at each update. User space starts a new one every bpf.flow_expiry,
+ * waits until no program can still be writing the old one, reads its entries a last time
+ * and deletes them, so the map holds only flows active lately and no count is lost or
+ * doubled. In a socket's state and in unseen_closes the byte has other uses (see there). */
 struct flow_key {
     __u8 client[16];
     __u8 server[16];
     __u16 server_port;
     __u8 direction;        /* DIR_* */
-    __u8 _pad;
+    __u8 generation;
 };                                     /* 36 bytes */
 
 #define DIR_OUTBOUND 1 /* this socket called connect(): the client */
@@ -84,7 +91,7 @@ struct flow_counters {
  * when it sweeps out sockets that closed while no probe was attached. The flow key and the
  * client's port name both ends: a record needs nothing else of the socket. */
 struct sock_state {
-    struct flow_key key;
+    struct flow_key key;    /* generation 0: flows are updated in the current one */
     __u16 flags;            /* SF_* */
     __u16 client_port;
     __u64 start_ns;         /* connect() for OUTBOUND, establishment for INBOUND */

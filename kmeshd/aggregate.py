@@ -1,79 +1,262 @@
-"""Pure: fold kernel flow snapshots into label-set counters and gauges.
+"""Pure: fold the kernel's flow entries into label-set counters, and keep them bounded.
 
-The kernel's flow counters are cumulative. Each publish folds only what changed since
-the previous snapshot, labelled with the identities known *now*: a reload that moves an
-address to another workload changes where new counts go, never lowers a published
-counter. A flow whose counters went down (its maps were recreated) starts over from 0.
-Gauges (connections open now) are not folded: each publish counts them afresh, under
-the identities known now.
+Each kernel entry (a flow in one generation, see struct flow_key) holds counts since it
+was created. A publish folds into its label sets only what changed since the entry was
+last read, labelled with the identities known *now*: a reload that moves an address to
+another workload changes where new counts go. The invariants:
+
+- a counter of a label set never goes down while the label set exists;
+- every count of an entry is folded once: an entry is read until it is retired (its
+  final values folded, then `forget`), and an entry whose counts went down (its map was
+  recreated) starts over from 0;
+- a level holds at most `max_series` label sets. A new one past that folds into the
+  level's overflow label set (identity labels "overflow"), counted in `overflowed`; a
+  label set naming an identity no longer known, with no open connection and no change
+  for `series_ttl`, leaves (`expire`).
+
+Connections open now are counted afresh at each publish from the kernel's sockets, under
+the identities known now. Only the counter slots exported are kept: the ten scalar
+counters, and the histograms `histograms` names.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import struct
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from kmeshd.events import ZERO, FlowCounters, FlowKey
-from kmeshd.identity.model import IdentityView
+from kmeshd.config import HISTOGRAMS
+from kmeshd.events import decode_flow_key
+from kmeshd.identity.model import UNKNOWN, IdentityView, Name
+from kmeshd.kernel.layout import BUCKETS, FLOW_COUNTERS, FLOW_KEY, Entries
 from kmeshd.labels import LabelValues, ends_of, flow_labels
 
+SCALARS = (
+    "opened", "closed", "failed", "received_bytes", "sent_bytes", "reset", "refused",
+    "timeout", "retransmits", "lost",
+)  # fmt: skip
+HISTOGRAM_SLOTS = BUCKETS + 1  # the buckets, then the sum
+OPENED, CLOSED, FAILED = 0, 1, 2
+OVERFLOW = "overflow"
+LEVELS = ("workload", "service")
+# The labels that keep their value in the overflow label set; every other says "overflow".
+_KEPT_IN_OVERFLOW = frozenset({0, 20, 21, 22})  # reporter, protocol, flags, policy
 
-def add_unseen_closes(
-    flows: Iterable[tuple[FlowKey, FlowCounters]], unseen: Mapping[FlowKey, int]
-) -> list[tuple[FlowKey, FlowCounters]]:
-    """Count as closed the connections the sweep found closed while no probe ran."""
-    out = []
-    for key, counts in flows:
-        n = unseen.get(key, 0)
-        out.append((key, dataclasses.replace(counts, closed=counts.closed + n) if n else counts))
-    return out
+
+@dataclass(slots=True)
+class LabelSet:
+    """One series' counts (the kept slots, cumulative), its open connections now, and
+    when its counts last changed (monotonic seconds)."""
+
+    counts: list[int]
+    changed_at: float
+    active: int = 0
 
 
-@dataclass
-class Aggregate:
-    """Label-set totals plus the flow snapshot they were folded from."""
+@dataclass(frozen=True)
+class Slots:
+    """Which slots of struct flow_counters are kept: the scalars, and the named histograms
+    (each BUCKETS per-bucket counts and a sum)."""
 
-    workload: dict[LabelValues, FlowCounters] = field(default_factory=dict)
-    service: dict[LabelValues, FlowCounters] = field(default_factory=dict)
-    active_workload: dict[LabelValues, int] = field(default_factory=dict)
-    active_service: dict[LabelValues, int] = field(default_factory=dict)
-    unattributed: int = 0  # connections (opened or failed) with no known end
-    last: dict[FlowKey, FlowCounters] = field(default_factory=dict)
+    histograms: tuple[str, ...] = ()
+    width: int = field(init=False)  # bytes of an entry's value that matter
+    codec: struct.Struct = field(init=False)
+    picks: tuple[int, ...] = field(init=False)  # kept slot -> index in the unpacked value
+    _all: bool = field(init=False)  # every slot unpacked is kept
 
-    def fold(
+    def __post_init__(self) -> None:
+        unknown = set(self.histograms) - set(HISTOGRAMS)
+        if unknown:
+            raise ValueError(f"no histograms {sorted(unknown)}")
+        ordered = tuple(h for h in HISTOGRAMS if h in self.histograms)
+        object.__setattr__(self, "histograms", ordered)
+        last = max((HISTOGRAMS.index(h) + 1 for h in ordered), default=0)
+        slots = len(SCALARS) + last * HISTOGRAM_SLOTS
+        picks = [*range(len(SCALARS))]
+        for h in ordered:
+            start = len(SCALARS) + HISTOGRAMS.index(h) * HISTOGRAM_SLOTS
+            picks += range(start, start + HISTOGRAM_SLOTS)
+        object.__setattr__(self, "width", slots * 8)
+        object.__setattr__(self, "codec", struct.Struct(f"={slots}Q"))
+        object.__setattr__(self, "picks", tuple(picks))
+        object.__setattr__(self, "_all", len(picks) == slots)
+
+    def unpack(self, raw: bytes) -> list[int]:
+        """The kept slots of an entry's value (its first `width` bytes)."""
+        values = self.codec.unpack(raw)
+        return list(values) if self._all else [values[i] for i in self.picks]
+
+    def offset(self, histogram: str) -> int:
+        """Where `histogram`'s slots start among the kept ones."""
+        return len(SCALARS) + self.histograms.index(histogram) * HISTOGRAM_SLOTS
+
+
+def overflow_labels(labels: LabelValues) -> LabelValues:
+    """The overflow label set of `labels`' reporter and policy."""
+    return tuple(v if i in _KEPT_IN_OVERFLOW else OVERFLOW for i, v in enumerate(labels))
+
+
+def names_of(labels: LabelValues, level: str) -> list[Name]:
+    """The identities a label set names (its "-" parts name none)."""
+    names: list[Name] = []
+    for first in (1, 12):  # the source's and the destination's eight identity labels
+        values = labels[first : first + 8]
+        if values[0] != UNKNOWN:
+            names.append(("workload", *values))
+    namespace, name = labels[10], labels[11]  # destination_pod_* or destination_service_*
+    if name != UNKNOWN:
+        names.append(("pod" if level == "workload" else "service", namespace, name))
+    return names
+
+
+class Ledger:
+    """Label-set totals of both levels, and what was last read of each kernel entry."""
+
+    def __init__(
         self,
-        flows: Iterable[tuple[FlowKey, FlowCounters]],
-        ids: IdentityView,
-        security_policy: str = "unknown",
+        slots: Slots | None = None,
+        max_series: int = 20000,
+        series_ttl: float = 300.0,
+        policy: str = "unknown",
     ) -> None:
-        seen: dict[FlowKey, FlowCounters] = {}
-        self.active_workload, self.active_service = {}, {}
-        for key, now in flows:
-            seen[key] = now
-            delta = now - self.last.get(key, ZERO)
-            if delta.any_negative():
-                delta = now
-            if delta.is_zero() and not now.active:
-                continue
-            labels = self._labels(key, ids, security_policy)
-            if labels is None:
-                self.unattributed += delta.opened + delta.failed
-                continue
-            workload, service = labels
-            if not delta.is_zero():
-                self.workload[workload] = self.workload.get(workload, ZERO) + delta
-                self.service[service] = self.service.get(service, ZERO) + delta
-            if now.active:
-                self.active_workload[workload] = self.active_workload.get(workload, 0) + now.active
-                self.active_service[service] = self.active_service.get(service, 0) + now.active
-        self.last = seen
+        self.slots = slots or Slots()
+        self.max_series = max_series
+        self.series_ttl = series_ttl
+        self.policy = policy
+        self.levels: dict[str, dict[LabelValues, LabelSet]] = {lv: {} for lv in LEVELS}
+        self.unattributed = 0  # connections (opened or failed) with no known end
+        self.overflowed = {lv: 0 for lv in LEVELS}  # label sets folded into overflow
+        self.expired = 0  # label sets that left
+        self._last: dict[bytes, bytes] = {}  # entry key -> its value's kept bytes
+        # Label sets recently folded into overflow, so that each counts once while seen.
+        self._overflow_seen: OrderedDict[tuple[str, LabelValues], float] = OrderedDict()
 
-    @staticmethod
-    def _labels(
-        key: FlowKey, ids: IdentityView, policy: str
-    ) -> tuple[LabelValues, LabelValues] | None:
-        ends = ends_of(ids, key.client, key.server, key.server_port)
+    @property
+    def workload(self) -> dict[LabelValues, LabelSet]:
+        return self.levels["workload"]
+
+    @property
+    def service(self) -> dict[LabelValues, LabelSet]:
+        return self.levels["service"]
+
+    @property
+    def entries(self) -> int:
+        """Kernel entries being followed."""
+        return len(self._last)
+
+    def fold(self, entries: Entries, ids: IdentityView, now: float) -> None:
+        """Add what each entry counted since it was last read."""
+        width, key_size, value_size = self.slots.width, FLOW_KEY.size, FLOW_COUNTERS.size
+        keys, values, last = entries.keys, entries.values, self._last
+        for i in range(entries.total):
+            at = i * value_size
+            raw = values[at : at + width]
+            key = keys[i * key_size : (i + 1) * key_size]
+            before = last.get(key)
+            if before == raw:
+                continue
+            last[key] = raw
+            delta = self.slots.unpack(raw)
+            if before is not None:
+                old = self.slots.unpack(before)
+                moved = [a - b for a, b in zip(delta, old, strict=True)]
+                if min(moved) >= 0:  # else the map was recreated: all of it is new
+                    delta = moved
+            self._add(key, delta, ids, now)
+
+    def fold_closes(
+        self, closes: Iterable[tuple[bytes, int]], ids: IdentityView, now: float
+    ) -> None:
+        """Count as closed the connections that closed while no probe ran."""
+        width = len(self.slots.picks)
+        for key, n in closes:
+            delta = [0] * width
+            delta[CLOSED] = n
+            self._add(key, delta, ids, now)
+
+    def count_open(self, open_now: Mapping[bytes, int], ids: IdentityView, now: float) -> None:
+        """Connections open now, by flow key: each label set's `active`, afresh."""
+        for series_of in self.levels.values():
+            for series in series_of.values():
+                series.active = 0
+        for key, n in open_now.items():
+            labels = self._labels(key, ids)
+            if labels is None:
+                continue
+            for level, values in zip(LEVELS, labels, strict=True):
+                series = self._series(level, values, now)
+                series.active += n
+
+    def forget(self, keys: Iterable[bytes]) -> None:
+        """Entries the kernel no longer has (retired, their final counts folded)."""
+        for key in keys:
+            self._last.pop(key, None)
+
+    def expire(self, ids: IdentityView, now: float) -> int:
+        """Remove the label sets naming an identity no longer known that have no open
+        connection and no change for series_ttl; returns how many left."""
+        gone = 0
+        for level, series_of in self.levels.items():
+            stale = [
+                labels
+                for labels, s in series_of.items()
+                if not s.active
+                and now - s.changed_at >= self.series_ttl
+                and not all(ids.knows(name) for name in names_of(labels, level))
+            ]
+            for labels in stale:
+                del series_of[labels]
+            gone += len(stale)
+        for seen, at in list(self._overflow_seen.items()):
+            if now - at < self.series_ttl:
+                break
+            del self._overflow_seen[seen]
+        self.expired += gone
+        return gone
+
+    def _labels(self, key: bytes, ids: IdentityView) -> tuple[LabelValues, LabelValues] | None:
+        flow = decode_flow_key(key)
+        ends = ends_of(ids, flow.client, flow.server, flow.server_port)
         if not ends.known():
             return None
-        return flow_labels(key, ends, policy)
+        return flow_labels(flow, ends, self.policy)
+
+    def _add(self, key: bytes, delta: list[int], ids: IdentityView, now: float) -> None:
+        if not any(delta):
+            return
+        labels = self._labels(key, ids)
+        if labels is None:
+            self.unattributed += delta[OPENED] + delta[FAILED]
+            return
+        for level, values in zip(LEVELS, labels, strict=True):
+            series = self._series(level, values, now)
+            series.counts = [a + b for a, b in zip(series.counts, delta, strict=True)]
+            series.changed_at = now
+
+    def _series(self, level: str, labels: LabelValues, now: float) -> LabelSet:
+        """The label set `labels` of `level`, made if new: past max_series, the overflow."""
+        series_of = self.levels[level]
+        series = series_of.get(labels)
+        if series is not None:
+            return series
+        if len(series_of) >= self.max_series:
+            self._note_overflow(level, labels, now)
+            labels = overflow_labels(labels)
+            series = series_of.get(labels)
+            if series is not None:
+                return series
+        series = LabelSet([0] * len(self.slots.picks), now)
+        series_of[labels] = series
+        return series
+
+    def _note_overflow(self, level: str, labels: LabelValues, now: float) -> None:
+        """Count a label set refused for the first time while it is seen (within the TTL,
+        remembering at most max_series of them)."""
+        seen = (level, labels)
+        if seen not in self._overflow_seen:
+            self.overflowed[level] += 1
+            if len(self._overflow_seen) >= self.max_series:
+                self._overflow_seen.popitem(last=False)
+        self._overflow_seen[seen] = now
+        self._overflow_seen.move_to_end(seen)

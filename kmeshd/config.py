@@ -20,6 +20,12 @@ from kmeshd.validate import Problems, Table, quote, read_text, read_toml
 
 DEFAULT_CONFIG_PATH = Path("/etc/kmeshd/kmeshd.toml")
 IDENTITY_SOURCES = ("inventory", "kubernetes")
+HISTOGRAMS = ("duration", "srtt", "min_rtt", "connect")  # what metrics.histograms may name
+# Ranges of the bounded keys (kmeshd.toml(5)).
+SERIES_TTL_RANGE = (1.0, 7 * 86400.0)
+MAX_SERIES_RANGE = (1, 1_000_000)
+FLOW_EXPIRY_RANGE = (1.0, 86400.0)
+MAX_FLOWS_RANGE = (1024, 1 << 20)
 # What every identity carries unless configured: the [kubernetes] keys' defaults, and the
 # inventory's.
 DEFAULT_CLUSTER = "Kubernetes"
@@ -54,6 +60,9 @@ class MetricsConfig:
     textfile: str = "/var/lib/prometheus/node-exporter/kmeshd.prom"  # "" disables
     interval: float = 5.0  # seconds
     connection_security_policy: str = "unknown"  # kmeshd cannot see mTLS; an operator can say
+    series_ttl: float = 300.0  # seconds a label set of a gone identity stays, idle
+    max_series: int = 20000  # label sets per level; past it, the overflow label set
+    histograms: tuple[str, ...] = ()  # of HISTOGRAMS: each costs 20 lines per label set
     textfile_explicit: bool = False  # set in the file: its directory must exist
 
 
@@ -71,6 +80,8 @@ class BpfConfig:
     cgroup: str = "auto"  # "auto" = the cgroup v2 root
     pin_dir: str = "/sys/fs/bpf/kmeshd"  # maps and the program link, kept across restarts
     live_updates: bool = True  # open connections' bytes counted as they go, not at close only
+    flow_expiry: float = 120.0  # seconds a generation of kernel flow entries lives
+    max_flows: int = 65536  # entries of the kernel's flows map
 
 
 @dataclass(frozen=True, slots=True)
@@ -235,8 +246,52 @@ def _metrics(t: Table, d: MetricsConfig) -> MetricsConfig:
         connection_security_policy=t.nonempty(
             "connection_security_policy", d.connection_security_policy
         ),
+        series_ttl=_duration_within(t, "series_ttl", d.series_ttl, SERIES_TTL_RANGE),
+        max_series=_count_within(t, "max_series", d.max_series, MAX_SERIES_RANGE),
+        histograms=_histograms(t, d.histograms),
         textfile_explicit=t.has("textfile"),
     )
+
+
+def _histograms(t: Table, default: tuple[str, ...]) -> tuple[str, ...]:
+    if not t.has("histograms"):
+        return default
+    chosen = []
+    for key, name in t.strings("histograms"):
+        if name not in HISTOGRAMS:
+            t.problems.add(key, f"{quote(name)} is not a histogram (use {', '.join(HISTOGRAMS)})")
+        elif name in chosen:
+            t.problems.add(key, f"{quote(name)} is listed twice")
+        else:
+            chosen.append(name)
+    return tuple(chosen)
+
+
+def _duration_within(t: Table, name: str, default: float, bounds: tuple[float, float]) -> float:
+    """A duration from bounds[0] to bounds[1] seconds (both written as durations)."""
+    value = t.parsed(name, default, parse_duration, _DURATION_TYPE)
+    low, high = bounds
+    if not low <= value <= high:
+        t.problem(name, f"must be from {_seconds(low)} to {_seconds(high)}")
+        return default
+    return value
+
+
+def _count_within(t: Table, name: str, default: int, bounds: tuple[int, int]) -> int:
+    value = t.integer(name, default)
+    low, high = bounds
+    if not low <= value <= high:
+        t.problem(name, f"must be from {low:,} to {high:,}, got {value:,}")
+        return default
+    return value
+
+
+def _seconds(seconds: float) -> str:
+    """A bound as the config writes it: 1s, 2m, 24h."""
+    for unit, size in (("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds // size:g}{unit}"
+    return f"{seconds:g}s"
 
 
 def _accesslog(t: Table, d: AccessLogConfig) -> AccessLogConfig:
@@ -272,6 +327,8 @@ def _bpf(t: Table, d: BpfConfig) -> BpfConfig:
         cgroup=t.parsed("cgroup", d.cgroup, cgroup),
         pin_dir=t.parsed("pin_dir", d.pin_dir, _PATH),
         live_updates=t.boolean("live_updates", d.live_updates),
+        flow_expiry=_duration_within(t, "flow_expiry", d.flow_expiry, FLOW_EXPIRY_RANGE),
+        max_flows=_count_within(t, "max_flows", d.max_flows, MAX_FLOWS_RANGE),
     )
 
 

@@ -29,11 +29,11 @@ from typing import Protocol
 from kmeshd import __version__
 from kmeshd.accesslog.records import RecordFeed
 from kmeshd.accesslog.sinks import Fanout, open_sinks
+from kmeshd.aggregate import Ledger, Slots
 from kmeshd.clock import Clock
 from kmeshd.config import Config
 from kmeshd.errors import ConfigError
-from kmeshd.export.http import MetricsServer, open_listener, scrape_registry
-from kmeshd.export.metrics import KmeshCollector
+from kmeshd.export.http import MetricsServer, open_listener
 from kmeshd.export.textfile import Textfile
 from kmeshd.files import prepare_directory
 from kmeshd.identity.model import Identities
@@ -88,7 +88,6 @@ class Daemon:
         self.clock = clock
         self._kernel = kernel
         self._open_source = open_source
-        self.collector = KmeshCollector()
         self.source: IdentitySource = StaticSource(Identities())
         self.feed = RecordFeed(
             Fanout(), self.source.view(), config.accesslog.max_rate, clock.monotonic
@@ -113,14 +112,21 @@ class Daemon:
         cgroup_dir = self._kernel.cgroup(cfg)
         if cfg.metrics.listen:
             self.notify.status(f"listening on {cfg.metrics.listen}")
-        self.http = open_listener(cfg, scrape_registry(self.collector))
+        self.http = open_listener(cfg)
         self.notify.extend_timeout(30)  # bcc takes seconds on a small host
         probe = self.probe = self._kernel.start(cfg, cgroup_dir, self.notify.status)
         probe.on_record(self.feed)
         self._tune_probe(cfg)
         self.known = KnownAddresses(probe, self.clock.monotonic)
         self.publisher = Publisher(
-            probe, self.collector, textfile, self.feed, self.known, self.clock
+            probe,
+            self._ledger(cfg),
+            self.http,
+            textfile,
+            self.feed,
+            self.known,
+            self.clock,
+            cfg.bpf.flow_expiry,
         )
         if self._stop:  # a stop signal came while bcc compiled: shutdown() takes over
             return
@@ -148,7 +154,13 @@ class Daemon:
             return None
         path = Path(cfg.metrics.textfile)
         prepare_directory(path, cfg.metrics.textfile_explicit, cfg.path, "metrics.textfile")
-        return Textfile(path, self.collector, self.clock.monotonic)
+        return Textfile(path, self.clock.monotonic)
+
+    @staticmethod
+    def _ledger(cfg: Config) -> Ledger:
+        m = cfg.metrics
+        slots = Slots(m.histograms)
+        return Ledger(slots, m.max_series, m.series_ttl, m.connection_security_policy)
 
     def _tune_probe(self, cfg: Config) -> None:
         """What the kernel sends and counts, as `cfg` asks."""
@@ -156,6 +168,14 @@ class Daemon:
         self.probe.want_records(bool(self.feed.sinks.sinks))
         self.probe.want_live_updates(cfg.bpf.live_updates)
         self.probe.want_periodic_records(cfg.accesslog.periodic)
+
+    def _tune_publisher(self, cfg: Config) -> None:
+        """What a publish keeps and for how long, as `cfg` asks (reload)."""
+        assert self.publisher is not None
+        ledger, m = self.publisher.ledger, cfg.metrics
+        ledger.policy = m.connection_security_policy
+        ledger.max_series, ledger.series_ttl = m.max_series, m.series_ttl
+        self.publisher.flow_expiry = cfg.bpf.flow_expiry
 
     def _listening(self) -> str:
         return f"/metrics on {self.config.metrics.listen}" if self.http else "no /metrics listener"
@@ -197,8 +217,7 @@ class Daemon:
 
     def publish(self) -> None:
         assert self.publisher is not None, "startup() first"
-        policy = self.config.metrics.connection_security_policy
-        self.publisher.publish(self.source.view(), self.source.up(), policy)
+        self.publisher.publish(self.source.view(), self.source.up())
         self._tell_sources()
 
     def _tell_sources(self) -> None:
@@ -247,6 +266,7 @@ class Daemon:
             self._use_source(new.source)
         self.feed.limit(new.config.accesslog.max_rate)
         self._tune_probe(new.config)
+        self._tune_publisher(new.config)
         self.known.update(self.source, force=True)
         self.config = new.config
         log.info("reloaded %s", new.config.path)

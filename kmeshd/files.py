@@ -6,32 +6,70 @@ prepare_directory()   the textfile's and the access log's directories, at start-
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
 from kmeshd.errors import ConfigError
 
 
-def write_atomic(path: Path, data: bytes, mode: int) -> None:
-    """Replace `path` with `data`, with permissions `mode` whatever the umask. Written
-    aside and renamed, so a reader (node-exporter, a connection opening a certificate)
-    sees the old file or the new one, never half of one. Raises OSError, leaving the old
-    file intact."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.unlink(missing_ok=True)  # a leftover of a crash: never write through a link
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+class AtomicFile:
+    """A file written aside and renamed over `path` by commit(), with permissions `mode`
+    whatever the umask, so a reader (node-exporter, a connection opening a certificate)
+    sees the old file or the new one, never half of one. Opening and writing raise
+    OSError; abort() (or an error inside a `with`) leaves the old file as it was."""
+
+    def __init__(self, path: Path, mode: int) -> None:
+        self.path = path
+        self._tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         try:
-            os.fchmod(fd, mode)
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-        finally:
+            self._tmp.unlink(missing_ok=True)  # a leftover of a crash: never write through a link
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+            self._fd: int | None = os.open(self._tmp, flags, mode)
+            os.fchmod(self._fd, mode)
+        except OSError:
+            self.abort()
+            raise
+
+    def write(self, data: bytes) -> None:
+        assert self._fd is not None, "committed or aborted"
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self._fd, view) :]
+
+    def commit(self) -> None:
+        fd, self._fd = self._fd, None
+        assert fd is not None, "committed or aborted"
+        try:
             os.close(fd)
-        os.replace(tmp, path)
-    except OSError:
-        tmp.unlink(missing_ok=True)
-        raise
+            os.replace(self._tmp, self.path)
+        except OSError:
+            self.abort()
+            raise
+
+    def abort(self) -> None:
+        fd, self._fd = getattr(self, "_fd", None), None
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        with contextlib.suppress(OSError):
+            self._tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> AtomicFile:
+        return self
+
+    def __exit__(self, kind: object, *_rest: object) -> None:
+        if kind is None:
+            self.commit()
+        else:
+            self.abort()
+
+
+def write_atomic(path: Path, data: bytes, mode: int) -> None:
+    """Replace `path` with `data` (see AtomicFile); raises OSError, leaving the old file
+    intact."""
+    with AtomicFile(path, mode) as f:
+        f.write(data)
 
 
 def check_directory(path: Path) -> str | None:

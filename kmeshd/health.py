@@ -2,19 +2,29 @@
 
 Every count lives with what it counts: the probe's per-CPU stats, the record feed's
 records, the sinks' drops (kept across reloads by the Fanout), the textfile's failed
-writes, the known-address set's refusals. `daemon_health` gathers them into one Health.
+writes, the known-address set's refusals, the ledger's label sets. `daemon_health`
+gathers them into one Health.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import NamedTuple
 
 from kmeshd import __version__
 from kmeshd.accesslog.records import RecordFeed
+from kmeshd.aggregate import Ledger
 from kmeshd.export.metrics import Health, SinkHealth
 from kmeshd.export.textfile import Textfile
 from kmeshd.kernel.layout import Stat
 from kmeshd.known import KnownAddresses
+
+
+class KernelMaps(NamedTuple):
+    """The flows map's occupancy at the publish."""
+
+    flows: int
+    flows_capacity: int
 
 
 def daemon_health(
@@ -23,14 +33,14 @@ def daemon_health(
     feed: RecordFeed,
     known: KnownAddresses,
     textfile: Textfile | None,
+    ledger: Ledger,
+    maps: KernelMaps,
     unseen_closes: int,
-    unattributed: int,
     sources: Mapping[str, bool],
     last_publish: float,
     publish_seconds: float,
 ) -> Health:
-    """`stats`: the probe's counters; `unattributed`: what user space found unattributed
-    beside the probe's count."""
+    """`stats`: the probe's counters."""
     sinks = [SinkHealth(s.name, s.up, feed.sinks.dropped(s)) for s in feed.sinks.sinks]
     if textfile is not None:
         sinks.append(SinkHealth("textfile", textfile.up, None))
@@ -48,11 +58,17 @@ def daemon_health(
             "sockets": stats[Stat.SOCKS_FULL],
             "known_addrs": known.refused,
         },
-        unattributed=stats[Stat.UNATTRIBUTED] + unattributed,
+        unattributed=stats[Stat.UNATTRIBUTED] + ledger.unattributed,
         unseen_closes=unseen_closes,
         sinks=tuple(sinks),
         textfile_failures=textfile.failures if textfile is not None else None,
         sources=sources,
         last_publish=last_publish,
         publish_seconds=publish_seconds,
+        textfile_write_seconds=textfile.write_seconds if textfile is not None else None,
+        series={level: len(series) for level, series in ledger.levels.items()},
+        series_overflow=dict(ledger.overflowed),
+        series_expired=ledger.expired,
+        map_entries={"flows": maps.flows},
+        map_capacity={"flows": maps.flows_capacity},
     )

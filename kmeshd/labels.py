@@ -81,18 +81,7 @@ def ends_of(ids: IdentityView, client: IPAddress, server: IPAddress, port: int) 
 
 def _workload_labels(w: Workload | None) -> LabelValues:
     """workload, canonical service/revision, namespace, principal, app, version, cluster."""
-    if w is None:
-        return (UNKNOWN,) * 8
-    return (
-        w.workload,
-        w.canonical_service,
-        w.canonical_revision,
-        w.namespace,
-        w.principal,
-        w.canonical_service,
-        w.canonical_revision,
-        w.cluster,
-    )
+    return (UNKNOWN,) * 8 if w is None else w.label_values()
 
 
 def _reporter(direction: Direction) -> str:

@@ -1,101 +1,170 @@
 """One publish: what the kernel counted, under the identities known now, out to /metrics
 and the textfile.
 
-    probe.sweep()          open connections' bytes into the kernel's flows
-    probe.flows()    ──events.decode_flow──┐
-    probe.unseen_closes() ─────────────────┴─> aggregate.fold ──> Snapshot ──> collector
-                                                                           └──> textfile
-A scrape reads the collector's last snapshot, so it never waits on a publish: a publish
-that hangs in the kernel leaves /metrics answering with the previous one.
+    probe.sweep()              open connections' bytes into the kernel's flows
+    probe.new_generation()     every bpf.flow_expiry: flows counted in a new generation
+    probe.flow_entries()  ─┐
+    probe.take_unseen_closes() ─> ledger.fold ──> exposition.render ─┬─> gzip ──> /metrics
+    probe.open_connections() ─┘   ledger.expire                      └─> textfile
+    probe.forget_flows()       the old generation's entries, read for the last time
+
+A scrape is served from the last publish's bytes, so it never waits on a publish: a
+publish that hangs in the kernel leaves /metrics answering with the previous one.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
-from collections.abc import Callable, Iterator, Mapping
+import zlib
+from collections.abc import Callable, Mapping
 from typing import Protocol
 
 from kmeshd.accesslog.records import RecordFeed
-from kmeshd.aggregate import Aggregate, add_unseen_closes
+from kmeshd.aggregate import Ledger
 from kmeshd.clock import Clock
-from kmeshd.events import decode_flow, decode_flow_key
-from kmeshd.export.metrics import KmeshCollector, Snapshot
+from kmeshd.export.exposition import Exposition
+from kmeshd.export.http import Body, MetricsServer
+from kmeshd.export.metrics import health_text
 from kmeshd.export.textfile import Textfile
-from kmeshd.health import daemon_health
+from kmeshd.health import KernelMaps, daemon_health
 from kmeshd.identity.model import IdentityView
-from kmeshd.kernel.layout import Stat
+from kmeshd.kernel.layout import FLOW_KEY, Entries, Stat
 from kmeshd.kernel.sockdiag import SockDiagError
 from kmeshd.known import KnownAddresses
 from kmeshd.ratelimit import LOG_EVERY_S, Throttle
 
 log = logging.getLogger(__name__)
 
+GZIP_LEVEL = 1  # the text is repetitive: level 1 compresses ~50x, at a fraction of the CPU
+
 
 class FlowReader(Protocol):
     """What a publish reads of the probe (kernel.probe.Probe)."""
 
+    generation: int
+    flows_capacity: int
+
     def sweep(self, on_error: Callable[[SockDiagError], None]) -> int: ...
-    def flows(self) -> Iterator[tuple[bytes, bytes]]: ...
-    def unseen_closes(self) -> dict[bytes, int]: ...
+    def flow_entries(self) -> Entries: ...
+    def open_connections(self) -> dict[bytes, int]: ...
+    def take_unseen_closes(self) -> list[tuple[bytes, int]]: ...
+    def new_generation(self) -> int: ...
+    def forget_flows(self, keys: bytes) -> int: ...
     def stats(self) -> dict[Stat, int]: ...
 
 
 class Publisher:
-    """Publishes the probe's flows through `collector` (and `textfile`, when configured)."""
+    """Publishes the probe's flows to `server` and `textfile`, when there are."""
 
     def __init__(
         self,
         probe: FlowReader,
-        collector: KmeshCollector,
+        ledger: Ledger,
+        server: MetricsServer | None,
         textfile: Textfile | None,
         feed: RecordFeed,
         known: KnownAddresses,
         clock: Clock,
+        flow_expiry: float,
     ) -> None:
-        self.aggregate = Aggregate()
+        self.ledger = ledger
+        self.server = server
         self.textfile = textfile
+        self.flow_expiry = flow_expiry
         self._probe = probe
-        self._collector = collector
+        self._exposition = Exposition(ledger.slots)
         self._feed = feed
         self._known = known
         self._clock = clock
         self._sweep_complaints = Throttle(LOG_EVERY_S, clock.monotonic)
+        self._full_complaints = Throttle(LOG_EVERY_S, clock.monotonic)
+        self._generation_at = clock.monotonic()
+        self._flows_full = 0
+        self.unseen_closes = 0  # closes the closed-socket sweep handed over
         self.last = 0.0  # wall time of the last publish
         self.seconds = 0.0  # how long it took
+        self.body = Body()  # what it rendered
 
-    def publish(self, view: IdentityView, sources_up: Mapping[str, bool], policy: str) -> None:
+    def publish(self, view: IdentityView, sources_up: Mapping[str, bool]) -> None:
         """Fold what the kernel counted since the last publish under `view`'s identities,
-        and swap the result in; `policy` is connection_security_policy's value."""
-        started = self._clock.monotonic()
-        self._probe.sweep(self._sweep_failed)
-        unseen = {decode_flow_key(k): n for k, n in self._probe.unseen_closes().items()}
-        flows = add_unseen_closes((decode_flow(k, v) for k, v in self._probe.flows()), unseen)
-        agg = self.aggregate
-        agg.fold(flows, view, policy)
+        and hand the rendering to /metrics and the textfile."""
+        started = now = self._clock.monotonic()
+        probe, ledger = self._probe, self.ledger
+        probe.sweep(self._sweep_failed)
+        retiring = now - self._generation_at >= self.flow_expiry
+        if retiring:  # from here on the old generation's entries no longer change
+            probe.new_generation()
+            self._generation_at = now
+        entries = probe.flow_entries()
+        ledger.fold(entries, view, now)
+        closes = probe.take_unseen_closes()
+        ledger.fold_closes(closes, view, now)
+        self.unseen_closes += sum(n for _key, n in closes)
+        ledger.count_open(probe.open_connections(), view, now)
+        if retiring:
+            self._retire(entries)
+        ledger.expire(view, now)
+        stats = probe.stats()
+        self._watch_flows(stats[Stat.FLOWS_FULL])
         self.last = self._clock.time()
+        maps = KernelMaps(entries.total, probe.flows_capacity)
+        self._render(stats, maps, sources_up)
+        self.seconds = self._clock.monotonic() - started
+
+    def _retire(self, entries: Entries) -> None:
+        """Delete the entries of earlier generations, folded for the last time just now."""
+        size, current = FLOW_KEY.size, self._probe.generation
+        keys = entries.keys
+        old = [
+            keys[at : at + size]
+            for at in range(0, entries.total * size, size)
+            if keys[at + size - 1] != current
+        ]
+        self._probe.forget_flows(b"".join(old))
+        self.ledger.forget(old)
+
+    def _render(
+        self, stats: dict[Stat, int], maps: KernelMaps, sources: Mapping[str, bool]
+    ) -> None:
         health = daemon_health(
-            self._probe.stats(),
+            stats,
             feed=self._feed,
             known=self._known,
             textfile=self.textfile,
-            unseen_closes=sum(unseen.values()),
-            unattributed=agg.unattributed,
-            sources=sources_up,
+            ledger=self.ledger,
+            maps=maps,
+            unseen_closes=self.unseen_closes,
+            sources=sources,
             last_publish=self.last,
             publish_seconds=self.seconds,
         )
-        self._collector.update(
-            Snapshot(
-                dict(agg.workload),
-                dict(agg.service),
-                health,
-                dict(agg.active_workload),
-                dict(agg.active_service),
+        compressor = zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, 31)  # 31: gzip framing
+        draft = self.textfile.draft() if self.textfile is not None else None
+        parts, size = [], 0
+        for text in itertools.chain(self._exposition.render(self.ledger), [health_text(health)]):
+            data = text.encode()
+            size += len(data)
+            parts.append(compressor.compress(data))
+            if draft is not None:
+                draft.write(data)
+        parts.append(compressor.flush())
+        if draft is not None:
+            draft.close()
+        self.body = Body(b"".join(parts), size)
+        if self.server is not None:
+            self.server.publish(self.body)
+
+    def _watch_flows(self, refused: int) -> None:
+        """A full flows map is logged, not only counted: its flows are not being counted."""
+        if refused > self._flows_full and self._full_complaints.ready():
+            log.warning(
+                "the kernel's flows map is full (%d entries): %d flow updates refused so far;"
+                " raise bpf.max_flows or lower bpf.flow_expiry",
+                self._probe.flows_capacity,
+                refused,
             )
-        )
-        if self.textfile is not None:
-            self.textfile.write()
-        self.seconds = self._clock.monotonic() - started
+        self._flows_full = refused
 
     def _sweep_failed(self, exc: SockDiagError) -> None:
         """A namespace the sweep could not enter: its connections' bytes come at close."""

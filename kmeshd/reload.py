@@ -7,9 +7,11 @@ What it returns, a `Reload`, is then applied by the daemon, which cannot fail.
 
     applied at once      identity source and inventory, access-log sinks, accesslog.max_rate
                          and periodic, metrics.interval, connection_security_policy,
-                         bpf.live_updates turned off
-    after a restart      metrics.listen, bpf.cgroup, bpf.pin_dir, bpf.live_updates turned on
-                         by a daemon started without it
+                         series_ttl and max_series, bpf.flow_expiry, bpf.live_updates
+                         turned off
+    after a restart      metrics.listen, metrics.histograms, bpf.cgroup, bpf.pin_dir,
+                         bpf.max_flows, bpf.live_updates turned on by a daemon started
+                         without it
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ RESTART_KEYS: tuple[tuple[str, Callable[[Config], object]], ...] = (
     ("metrics.listen", lambda c: c.metrics.listen),
     ("bpf.cgroup", lambda c: c.bpf.cgroup),
     ("bpf.pin_dir", lambda c: c.bpf.pin_dir),
+    ("bpf.max_flows", lambda c: c.bpf.max_flows),
+    ("metrics.histograms", lambda c: c.metrics.histograms),
 )
 
 

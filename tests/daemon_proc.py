@@ -19,6 +19,8 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from kmeshd.config import HISTOGRAMS
+
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 
@@ -59,10 +61,12 @@ class DaemonProcess:
         kubernetes: str | None = None,
         bpf: str = "",
         accesslog: str = "",
+        metrics: str = f"histograms = {list(HISTOGRAMS)}".replace("'", '"'),
     ) -> None:
         """`max_rate` None leaves accesslog.max_rate at its default; `kubernetes`, the body
-        of a [kubernetes] table, makes it the identity source instead of `inventory`; `bpf`
-        and `accesslog` add lines to the [bpf] and [accesslog] tables."""
+        of a [kubernetes] table, makes it the identity source instead of `inventory`; `bpf`,
+        `accesslog` and `metrics` add lines to their tables (`metrics` exports every
+        histogram unless told otherwise)."""
         self.workdir = workdir
         self.pin_dir = pin_dir
         self.port = free_port()
@@ -84,6 +88,7 @@ source = "{"inventory" if kubernetes is None else "kubernetes"}"
 listen = "127.0.0.1:{self.port}"
 textfile = "{self.textfile if textfile else ""}"
 interval = "{interval}"
+{metrics}
 [accesslog]
 file = "{self.accesslog if accesslog_file else ""}"
 journald = {"true" if journald else "false"}

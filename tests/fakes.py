@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import ipaddress
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from kmeshd.config import Config
@@ -18,6 +18,7 @@ from kmeshd.kernel.layout import (
     FLOW_COUNTERS,
     FLOW_KEY,
     Direction,
+    Entries,
     Kind,
     Stat,
 )
@@ -26,10 +27,12 @@ from kmeshd.kernel.sockdiag import SockDiagError
 ip = ipaddress.ip_address
 
 
-def flow_key(client: str, server: str, port: int, direction: Direction) -> bytes:
+def flow_key(
+    client: str, server: str, port: int, direction: Direction, generation: int = 0
+) -> bytes:
     """A struct flow_key as the kernel writes it."""
     return FLOW_KEY.codec.pack(
-        encode_address(ip(client)), encode_address(ip(server)), port, direction, 0
+        encode_address(ip(client)), encode_address(ip(server)), port, direction, generation
     )
 
 
@@ -57,13 +60,18 @@ def conn_record(
 
 
 class FakeProbe:
-    """An attached probe over dicts: `flows` and `unseen` as the kernel maps hold them,
-    `records` waiting in the ring buffer, `stats` as summed. `stuck`, when set, holds the
-    next sweep until it is set free (a slow namespace, a loaded host)."""
+    """An attached probe over dicts: `flows_map` as the kernel's map holds it, `unseen` the
+    closes waiting in unseen_closes, `open_now` established sockets by flow, `records`
+    waiting in the ring buffer, `stats` as summed. `stuck`, when set, holds the next sweep
+    until it is set free (a slow namespace, a loaded host)."""
 
     def __init__(self) -> None:
         self.flows_map: dict[bytes, bytes] = {}
-        self.unseen: dict[bytes, int] = {}
+        self.unseen: list[tuple[bytes, int]] = []
+        self.open_now: dict[bytes, int] = {}
+        self.generation = 0
+        self.generations = 0  # how many times new_generation() ran
+        self.flows_capacity = 65536
         self.records: list[bytes] = []
         self.stats_values = {s: 0 for s in Stat}
         self.known: set[bytes] = set()
@@ -92,11 +100,26 @@ class FakeProbe:
         self.sweeps += 1
         return 1
 
-    def flows(self) -> Iterator[tuple[bytes, bytes]]:
-        return iter(list(self.flows_map.items()))
+    def flow_entries(self) -> Entries:
+        keys, values = list(self.flows_map), list(self.flows_map.values())
+        return Entries(b"".join(keys), b"".join(values), len(keys))
 
-    def unseen_closes(self) -> dict[bytes, int]:
-        return dict(self.unseen)
+    def open_connections(self) -> dict[bytes, int]:
+        return dict(self.open_now)
+
+    def take_unseen_closes(self) -> list[tuple[bytes, int]]:
+        taken, self.unseen = self.unseen, []
+        return taken
+
+    def new_generation(self) -> int:
+        self.generation = (self.generation + 1) % 256
+        self.generations += 1
+        return self.generation
+
+    def forget_flows(self, keys: bytes) -> int:
+        size = FLOW_KEY.size
+        gone = [keys[at : at + size] for at in range(0, len(keys), size)]
+        return sum(self.flows_map.pop(key, None) is not None for key in gone)
 
     def stats(self) -> dict[Stat, int]:
         return dict(self.stats_values)

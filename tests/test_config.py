@@ -238,7 +238,10 @@ def test_bad_listen(text: str, problem: str) -> None:
 
 F = f"{P}: "
 NOT_DURATION = "is not a duration (use a number with a unit: 250ms, 5s, 1m)"
-KNOWN_METRICS = "(known: connection_security_policy, interval, listen, textfile)"
+KNOWN_METRICS = (
+    "(known: connection_security_policy, histograms, interval, listen, max_series,"
+    " series_ttl, textfile)"
+)
 KNOWN_TABLES = "(known: accesslog, bpf, identity, kubernetes, metrics)"
 
 

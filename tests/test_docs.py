@@ -13,6 +13,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from kmeshd import __version__
 from kmeshd.cli import parser
@@ -110,7 +111,7 @@ def test_every_config_key_is_documented() -> None:
         if f"*{key.split('.')[1]}* (" not in sections.get(key.split(".")[0], "")
     ]
     assert missing == []
-    assert len(config_keys()) == 22
+    assert len(config_keys()) == 27
 
 
 def documented(key: str) -> tuple[str, str]:
@@ -153,17 +154,19 @@ def test_one_version_everywhere() -> None:
 
 
 def test_every_metric_family_is_documented() -> None:
-    """kmeshd(8) METRICS names each family the collector exports (kmesh_* families by
-    what follows the level's prefix)."""
-    from kmeshd.export.metrics import KmeshCollector
+    """kmeshd(8) METRICS names each family a publish exports, every histogram selected
+    (kmesh_* families by what follows the level's prefix)."""
+    from tests.test_export import Snapshot, render, snapshot
 
-    text = (MAN / "kmeshd.8").read_text().replace("\\", "")
-    names = {m.name for m in KmeshCollector().collect()}
+    full = snapshot()
+    text = render(Snapshot(full.workload, full.service, full.health))
+    names = {f.name for f in text_string_to_metric_families(text)}
     assert len(names) > 30
+    page = (MAN / "kmeshd.8").read_text().replace("\\", "")
     for name in names:
         short = name.removeprefix("kmesh_tcp_workload_").removeprefix("kmesh_tcp_")
         short = short.removesuffix("_total") if name.startswith("kmesh_") else name
-        assert short in text, name
+        assert short in page, name
 
 
 def test_every_access_log_key_is_documented() -> None:

@@ -1,20 +1,26 @@
-"""The collector, the textfile writer and the /metrics listener."""
+"""The exposition (the kmesh_* families as text, the kmeshd_* health beside them) and the
+/metrics listener that serves it."""
 
 from __future__ import annotations
 
 import errno
+import gzip
 import socket
 import urllib.request
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from kmeshd.aggregate import LabelSet, Ledger, Slots
+from kmeshd.config import HISTOGRAMS
 from kmeshd.events import FlowCounters
-from kmeshd.export.http import MetricsServer
-from kmeshd.export.metrics import Health, KmeshCollector, SinkHealth, Snapshot
-from kmeshd.labels import SERVICE_LABELS, WORKLOAD_LABELS
+from kmeshd.export.exposition import Exposition
+from kmeshd.export.http import Body, MetricsServer
+from kmeshd.export.metrics import Health, SinkHealth, health_text
+from kmeshd.labels import SERVICE_LABELS, WORKLOAD_LABELS, LabelValues
 
 WL = (
     "destination",
@@ -44,12 +50,36 @@ WL = (
 SVC = (*WL[:9], "httpbin.default.svc.cluster.local", "default", "httpbin", *WL[12:])
 
 
+@dataclass
+class Snapshot:
+    """What a publish renders: label sets of both levels (their counts as FlowCounters),
+    the connections open in each, and the daemon's health."""
+
+    workload: Mapping[LabelValues, FlowCounters] = field(default_factory=dict)
+    service: Mapping[LabelValues, FlowCounters] = field(default_factory=dict)
+    health: Health = field(default_factory=Health)
+    active_workload: Mapping[LabelValues, int] = field(default_factory=dict)
+    active_service: Mapping[LabelValues, int] = field(default_factory=dict)
+    histograms: tuple[str, ...] = HISTOGRAMS
+
+    def ledger(self) -> Ledger:
+        slots = Slots(self.histograms)
+        ledger = Ledger(slots)
+        levels = (
+            ("workload", self.workload, self.active_workload),
+            ("service", self.service, self.active_service),
+        )
+        for level, totals, active in levels:
+            for labels, counts in totals.items():
+                vector = counts.vector()
+                kept = [vector[i] for i in slots.picks]
+                ledger.levels[level][labels] = LabelSet(kept, 0.0, active.get(labels, 0))
+        return ledger
+
+
 def render(snapshot: Snapshot) -> str:
-    collector = KmeshCollector()
-    collector.update(snapshot)
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(collector)
-    return generate_latest(registry).decode()
+    ledger = snapshot.ledger()
+    return "".join(Exposition(ledger.slots).render(ledger)) + health_text(snapshot.health)
 
 
 def snapshot() -> Snapshot:
@@ -146,28 +176,56 @@ def test_no_process_or_python_families_in_collector_output() -> None:
     assert names and all(n.startswith(("kmesh_", "kmeshd_")) for n in names)
 
 
+def published(text: str) -> Body:
+    data = text.encode()
+    return Body(gzip.compress(data), len(data))
+
+
 def test_metrics_server_serves_and_reports_port_in_use() -> None:
     """/metrics answers over real HTTP; a second bind of the same port fails with EADDRINUSE."""
-    collector = KmeshCollector()
-    collector.update(snapshot())
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(collector)
-    server = MetricsServer("127.0.0.1", 0, registry)
+    server = MetricsServer("127.0.0.1", 0)
+    server.publish(published(render(snapshot())))
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/metrics", timeout=5) as r:
             assert b"kmesh_tcp_workload_received_bytes_total{" in r.read()
         with pytest.raises(OSError) as exc:
-            MetricsServer("127.0.0.1", server.port, registry)
+            MetricsServer("127.0.0.1", server.port)
         assert exc.value.errno == errno.EADDRINUSE
     finally:
         server.close()
+
+
+def get(port: int, encoding: str | None) -> tuple[str | None, bytes, str | None]:
+    """(Content-Encoding, body, Content-Length) of one scrape."""
+    headers = {"Accept-Encoding": encoding} if encoding else {}
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/metrics", headers=headers)
+    with urllib.request.urlopen(request, timeout=5) as r:
+        return r.headers.get("Content-Encoding"), r.read(), r.headers.get("Content-Length")
+
+
+def test_a_scraper_that_takes_gzip_gets_it_and_others_get_text() -> None:
+    """The published families come gzip-compressed to a scraper that asks for it, inflated
+    to one that does not: the same text either way, then the process's own families."""
+    text = render(snapshot())
+    server = MetricsServer("127.0.0.1", 0)
+    server.publish(published(text))
+    try:
+        encoding, zipped, length = get(server.port, "gzip, deflate")
+        assert encoding == "gzip" and int(length or 0) == len(zipped)
+        _none, plain, plain_length = get(server.port, None)
+        assert _none is None and int(plain_length or 0) == len(plain)
+    finally:
+        server.close()
+    for body in (gzip.decompress(zipped), plain):
+        assert body.decode().startswith(text)
+        assert "\nprocess_cpu_seconds_total " in body.decode()[len(text) - 1 :]
 
 
 def test_metrics_server_binds_ipv6_loopback() -> None:
     """An IPv6 listen address works (prometheus-client 0.16's own server cannot)."""
     if not socket.has_ipv6:
         pytest.fail("no IPv6 in this kernel")
-    server = MetricsServer("::1", 0, CollectorRegistry())
+    server = MetricsServer("::1", 0)
     try:
         with urllib.request.urlopen(f"http://[::1]:{server.port}/metrics", timeout=5) as r:
             assert r.status == 200

@@ -1,20 +1,21 @@
 """One publish, on a fake probe: the kernel's flows under today's identities in /metrics
-and the textfile, the daemon's health beside them, and a scrape that never waits."""
+and the textfile, the daemon's health beside them, old generations retired exactly, and
+a scrape that never waits."""
 
 from __future__ import annotations
 
+import gzip
 import os
 import threading
 import urllib.request
 from pathlib import Path
 
-from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from kmeshd.accesslog.records import RecordFeed
 from kmeshd.accesslog.sinks import Fanout
-from kmeshd.export.http import MetricsServer, scrape_registry
-from kmeshd.export.metrics import KmeshCollector
+from kmeshd.aggregate import Ledger
+from kmeshd.export.http import MetricsServer
 from kmeshd.export.textfile import Textfile
 from kmeshd.identity.model import Identities, Workload
 from kmeshd.identity.sources import StaticSource
@@ -28,16 +29,26 @@ CLIENT = Workload(
 )
 SERVER = Workload("web-1", "web", "default", "web", "v1", "-", "Kubernetes", (ip("10.0.0.2"),))
 IDS = Identities((CLIENT, SERVER))
+OUT = flow_key("10.0.0.1", "10.0.0.2", 80, Direction.OUTBOUND)
+IN = flow_key("10.0.0.1", "10.0.0.2", 80, Direction.INBOUND)
 
 
 def publisher(
-    probe: FakeProbe, clock: FakeClock, textfile: Path | None = None
-) -> tuple[Publisher, KmeshCollector]:
-    collector = KmeshCollector()
+    probe: FakeProbe,
+    clock: FakeClock,
+    textfile: Path | None = None,
+    server: MetricsServer | None = None,
+    flow_expiry: float = 120.0,
+) -> Publisher:
     feed = RecordFeed(Fanout(), IDS, 0, clock.monotonic)
     known = KnownAddresses(probe, clock.monotonic)
-    tf = Textfile(textfile, collector, clock.monotonic) if textfile else None
-    return Publisher(probe, collector, tf, feed, known, clock), collector
+    tf = Textfile(textfile, clock.monotonic) if textfile else None
+    return Publisher(probe, Ledger(), server, tf, feed, known, clock, flow_expiry)
+
+
+def scraped(pub: Publisher) -> str:
+    """What the last publish hands to /metrics."""
+    return gzip.decompress(pub.body.gzip).decode()
 
 
 def values(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
@@ -46,10 +57,6 @@ def values(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
         for family in text_string_to_metric_families(text)
         for s in family.samples
     }
-
-
-def scraped(collector: KmeshCollector) -> str:
-    return generate_latest(scrape_registry(collector)).decode()
 
 
 def one(text: str, name: str, **labels: str) -> float:
@@ -63,13 +70,12 @@ def test_a_publish_folds_flows_under_the_identities_known_now(tmp_path: Path) ->
     """Both reporters of one 292/5-byte connection land in their label sets, exactly, in
     /metrics' families and in the textfile alike; the open one counts as active."""
     probe, clock = FakeProbe(), FakeClock()
-    probe.flows_map = {
-        flow_key("10.0.0.1", "10.0.0.2", 80, Direction.OUTBOUND): flow_value(1, 1, 292, 5),
-        flow_key("10.0.0.1", "10.0.0.2", 80, Direction.INBOUND): flow_value(2, 1, 292, 5),
-    }
-    pub, collector = publisher(probe, clock, tmp_path / "kmeshd.prom")
-    pub.publish(IDS, {"inventory": True}, "unknown")
+    probe.flows_map = {OUT: flow_value(1, 1, 292, 5), IN: flow_value(2, 1, 292, 5)}
+    probe.open_now = {IN: 1}
+    pub = publisher(probe, clock, tmp_path / "kmeshd.prom")
+    pub.publish(IDS, {"inventory": True})
     text = (tmp_path / "kmeshd.prom").read_text()
+    assert scraped(pub) == text
     src = dict(source_workload="sleep", destination_workload="web")
     for reporter, opened, active in (("source", 1, 0), ("destination", 2, 1)):
         labels = dict(src, reporter=reporter)
@@ -80,20 +86,22 @@ def test_a_publish_folds_flows_under_the_identities_known_now(tmp_path: Path) ->
     assert probe.sweeps == 1
     assert one(text, "kmeshd_last_publish_timestamp_seconds") == clock.time()
     assert one(text, "kmeshd_identity_source_up", source="inventory") == 1
+    assert one(text, "kmeshd_series", level="workload") == 2
+    assert one(text, "kmeshd_bpf_map_entries", map="flows") == 2
 
 
 def test_counters_grow_by_what_changed_and_unseen_closes_count_as_closed() -> None:
     """The next publish adds only the kernel's growth; closes the closed-socket sweep found
-    count as closed, not opened."""
+    count as closed, not opened, once."""
     probe, clock = FakeProbe(), FakeClock()
-    key = flow_key("10.0.0.1", "10.0.0.2", 80, Direction.OUTBOUND)
-    probe.flows_map = {key: flow_value(1, 0, 100, 0)}
-    pub, collector = publisher(probe, clock)
-    pub.publish(IDS, {}, "unknown")
-    probe.flows_map = {key: flow_value(3, 1, 350, 7)}
-    probe.unseen = {key: 1}
-    pub.publish(IDS, {}, "unknown")
-    text = scraped(collector)
+    probe.flows_map = {OUT: flow_value(1, 0, 100, 0)}
+    pub = publisher(probe, clock)
+    pub.publish(IDS, {})
+    probe.flows_map = {OUT: flow_value(3, 1, 350, 7)}
+    probe.unseen = [(OUT, 1)]
+    pub.publish(IDS, {})
+    pub.publish(IDS, {})
+    text = scraped(pub)
     labels = dict(reporter="source", source_workload="sleep")
     assert one(text, "kmesh_tcp_workload_connections_opened_total", **labels) == 3
     assert one(text, "kmesh_tcp_workload_connections_closed_total", **labels) == 2
@@ -101,18 +109,45 @@ def test_counters_grow_by_what_changed_and_unseen_closes_count_as_closed() -> No
     assert one(text, "kmeshd_connections_closed_unobserved_total") == 1
 
 
+def test_an_old_generation_is_read_a_last_time_then_forgotten() -> None:
+    """Once flow_expiry has passed, a publish starts a new generation, folds the old one's
+    final counts and deletes its entries; what the new one counts adds to them."""
+    probe, clock = FakeProbe(), FakeClock()
+    pub = publisher(probe, clock, flow_expiry=60.0)
+    probe.flows_map = {OUT: flow_value(1, 0, 100, 0)}
+    pub.publish(IDS, {})
+    clock.sleep(30.0)
+    probe.flows_map[OUT] = flow_value(1, 1, 150, 0)  # still generation 0: no switch yet
+    pub.publish(IDS, {})
+    assert probe.generations == 0
+    clock.sleep(30.0)
+    probe.flows_map[OUT] = flow_value(1, 1, 170, 0)  # written before the switch
+    pub.publish(IDS, {})
+    assert (probe.generations, probe.generation, probe.flows_map) == (1, 1, {})
+    assert pub.ledger.entries == 0
+    new = flow_key("10.0.0.1", "10.0.0.2", 80, Direction.OUTBOUND, generation=1)
+    probe.flows_map = {new: flow_value(2, 1, 40, 3)}
+    pub.publish(IDS, {})
+    text = scraped(pub)
+    labels = dict(reporter="source", source_workload="sleep")
+    assert one(text, "kmesh_tcp_workload_connections_opened_total", **labels) == 3
+    assert one(text, "kmesh_tcp_workload_connections_closed_total", **labels) == 2
+    assert one(text, "kmesh_tcp_workload_received_bytes_total", **labels) == 210
+    assert one(text, "kmesh_tcp_workload_sent_bytes_total", **labels) == 3
+
+
 def test_health_carries_the_probe_stats_and_the_feeds_counts() -> None:
-    """kmeshd_ families say what the kernel could not record, by map, and the previous
-    publish's duration."""
+    """kmeshd_ families say what the kernel could not record, by map."""
     probe, clock = FakeProbe(), FakeClock()
     probe.stats_values |= {Stat.FLOWS_FULL: 7, Stat.RINGBUF_LOST: 3, Stat.OPENED: 11}
     probe.known_capacity = 1
-    pub, collector = publisher(probe, clock)
+    pub = publisher(probe, clock)
     pub._known.update(StaticSource(IDS), force=True)  # two addresses, room for one
-    pub.publish(IDS, {}, "unknown")
-    text = scraped(collector)
+    pub.publish(IDS, {})
+    text = scraped(pub)
     assert one(text, "kmeshd_bpf_map_full_total", map="flows") == 7
     assert one(text, "kmeshd_bpf_map_full_total", map="known_addrs") == 1
+    assert one(text, "kmeshd_bpf_map_capacity", map="flows") == 65536
     assert one(text, "kmeshd_events_lost_total") == 3
     assert one(text, "kmeshd_events_total", kind="opened") == 11
 
@@ -122,21 +157,21 @@ def test_a_scrape_is_answered_from_the_last_snapshot_while_a_publish_is_stuck() 
     answered at once from the previous snapshot; the publish's values come after it."""
     probe, clock = FakeProbe(), FakeClock()
     probe.stuck = threading.Event()
-    pub, collector = publisher(probe, clock)
-    server = MetricsServer("127.0.0.1", 0, scrape_registry(collector))
+    server = MetricsServer("127.0.0.1", 0)
+    pub = publisher(probe, clock, server=server)
     url = f"http://127.0.0.1:{server.port}/metrics"
-    publish = threading.Thread(target=pub.publish, args=(IDS, {}, "unknown"))
+    publish = threading.Thread(target=pub.publish, args=(IDS, {}))
     try:
         publish.start()
         assert probe.in_sweep.wait(10)
         with urllib.request.urlopen(url, timeout=2) as r:
             before = r.read().decode()
-        assert "kmeshd_last_publish_timestamp_seconds 0.0\n" in before
+        assert "kmeshd_last_publish_timestamp_seconds" not in before  # nothing published yet
         probe.stuck.set()
         publish.join(10)
         with urllib.request.urlopen(url, timeout=2) as r:
             after = r.read().decode()
-        assert "kmeshd_last_publish_timestamp_seconds 0.0\n" not in after
+        assert "kmeshd_last_publish_timestamp_seconds" in after
     finally:
         probe.stuck.set()
         publish.join(10)
@@ -150,18 +185,18 @@ def test_a_textfile_that_cannot_be_written_is_counted_and_the_old_one_kept(
     write works again."""
     probe, clock = FakeProbe(), FakeClock()
     path = tmp_path / "kmeshd.prom"
-    pub, collector = publisher(probe, clock, path)
-    pub.publish(IDS, {}, "unknown")
+    pub = publisher(probe, clock, path)
+    pub.publish(IDS, {})
     first = path.read_text()
     blocker = tmp_path / f".kmeshd.prom.{os.getpid()}.tmp"
     blocker.mkdir()  # the temp file cannot be made: every write fails
-    pub.publish(IDS, {}, "unknown")
-    pub.publish(IDS, {}, "unknown")
+    pub.publish(IDS, {})
+    pub.publish(IDS, {})
     assert path.read_text() == first
-    assert one(scraped(collector), "kmeshd_sink_up", sink="textfile") == 0
+    assert one(scraped(pub), "kmeshd_sink_up", sink="textfile") == 0
     blocker.rmdir()
-    pub.publish(IDS, {}, "unknown")
+    pub.publish(IDS, {})
     text = path.read_text()
     assert one(text, "kmeshd_textfile_write_failures_total") == 2
-    pub.publish(IDS, {}, "unknown")
+    pub.publish(IDS, {})
     assert one(path.read_text(), "kmeshd_sink_up", sink="textfile") == 1

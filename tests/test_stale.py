@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from kmeshd.kernel import sockdiag
-from kmeshd.kernel.layout import FLOW_KEY, SOCK_STATE, Direction, SockFlag
+from kmeshd.kernel.layout import FLOW_KEY, SOCK_STATE, Direction, SockFlag, without_generation
 from kmeshd.kernel.stale import may_enter_namespaces, sweep_closed_sockets
 
 
@@ -19,9 +19,16 @@ class FakeMap(dict[bytes, bytes]):
     def pop(self, key: bytes) -> bytes | None:  # type: ignore[override]
         return super().pop(key, None)
 
-    def add(self, key: bytes, n: int) -> None:
-        old = int.from_bytes(self.get(key, bytes(8)), sys.byteorder)
-        self[key] = (old + n).to_bytes(8, sys.byteorder)
+    def insert(self, key: bytes, value: bytes) -> bool:
+        return self.setdefault(key, value) is value
+
+    def per_flow(self) -> dict[bytes, int]:
+        """The inbox's closes summed by flow (slot byte zeroed)."""
+        totals: dict[bytes, int] = {}
+        for key, value in self.items():
+            flow = without_generation(key)
+            totals[flow] = totals.get(flow, 0) + int.from_bytes(value, sys.byteorder)
+        return totals
 
 
 def flow_key(port: int) -> bytes:
@@ -52,9 +59,20 @@ def test_sweep_removes_only_cookies_that_are_not_alive() -> None:
     unseen = FakeMap()
     assert sweep_closed_sockets(socks, unseen, lambda: {2, 4, 99}) == 3
     assert sorted(int.from_bytes(k, sys.byteorder) for k in socks) == [2, 4]
-    assert unseen == {flow_key(80): (2).to_bytes(8, sys.byteorder)}
+    assert unseen.per_flow() == {flow_key(80): 2}
     sweep_closed_sockets(fake_socks({7: sock_state(80, established=True)}), unseen, set)
-    assert unseen == {flow_key(80): (3).to_bytes(8, sys.byteorder)}  # added, not replaced
+    assert unseen.per_flow() == {flow_key(80): 3}  # added, not replaced
+    assert len(unseen) == 2  # each sweep's closes in an entry of their own
+
+
+def test_a_full_inbox_loses_closes_and_says_so(caplog: pytest.LogCaptureFixture) -> None:
+    """When all 256 slots of a flow wait already, a further close cannot be handed over:
+    it is logged as not counted, and the others still are."""
+    unseen = FakeMap({flow_key(80)[:-1] + bytes([slot]): bytes(8) for slot in range(256)})
+    socks = fake_socks({1: sock_state(80, True), 2: sock_state(443, True)})
+    assert sweep_closed_sockets(socks, unseen, set) == 2
+    assert unseen.per_flow()[flow_key(443)] == 1
+    assert "1 closes of sockets closed while kmeshd was stopped are not counted" in caplog.text
 
 
 def test_sweep_counts_only_what_it_removed() -> None:

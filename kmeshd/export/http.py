@@ -1,38 +1,91 @@
-"""The /metrics listener: prometheus_client's WSGI app on a threading server of ours.
+"""The /metrics listener: serves the last publish's families from memory.
 
-Ours because Debian's prometheus-client 0.16 neither returns its server (no clean
-shutdown) nor binds IPv6 literals; binding happens in `open_listener`, so "address in
+Each publish hands over its kmesh_* and kmeshd_* families once, gzip-compressed (a node's
+label sets make tens of megabytes of text, which compress fifty-fold). A scraper that
+accepts gzip (Prometheus does) gets those bytes as they are; any other gets them inflated
+as they are sent. Either way the process's own families (process_*, python_*, which the
+textfile leaves to node-exporter) follow, rendered at the scrape. A scrape never waits on
+a publish, nor a publish on a scrape. Binding happens in `open_listener`, so "address in
 use" is reported at start-up.
 """
 
 from __future__ import annotations
 
 import errno
+import gzip
 import socket
 import threading
-from socketserver import ThreadingMixIn
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
+import zlib
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from prometheus_client import (
     CollectorRegistry,
     gc_collector,
-    make_wsgi_app,
+    generate_latest,
     platform_collector,
     process_collector,
 )
-from prometheus_client.registry import Collector
 
 from kmeshd.config import Config, parse_listen
 from kmeshd.errors import ConfigError, UnavailableError
 
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+CHUNK = 1 << 20  # bytes inflated at a time for a scraper that takes no gzip
+EMPTY_GZIP = gzip.compress(b"")
 
-class _QuietHandler(WSGIRequestHandler):
+
+@dataclass(frozen=True)
+class Body:
+    """A publish's families: gzip-compressed, and how long they are inflated."""
+
+    gzip: bytes = EMPTY_GZIP
+    size: int = 0
+
+
+def process_registry() -> CollectorRegistry:
+    """The process's own families, which /metrics serves and the textfile does not."""
+    registry = CollectorRegistry(auto_describe=False)
+    process_collector.ProcessCollector(registry=registry)
+    platform_collector.PlatformCollector(registry=registry)
+    gc_collector.GCCollector(registry=registry)
+    return registry
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _Server
+
+    def do_GET(self) -> None:
+        body = self.server.body
+        own = generate_latest(self.server.process)
+        zipped = "gzip" in self.headers.get("Accept-Encoding", "")
+        self.send_response(200)
+        self.send_header("Content-Type", CONTENT_TYPE)
+        if zipped:
+            tail = gzip.compress(own, compresslevel=1)
+            self.send_header("Content-Encoding", "gzip")
+            self.send_header("Content-Length", str(len(body.gzip) + len(tail)))
+            self.end_headers()
+            self.wfile.write(body.gzip)  # gzip members back to back are one gzip stream
+            self.wfile.write(tail)
+            return
+        self.send_header("Content-Length", str(body.size + len(own)))
+        self.end_headers()
+        inflate = zlib.decompressobj(wbits=31)
+        data = body.gzip
+        while data:
+            self.wfile.write(inflate.decompress(data, CHUNK))
+            data = inflate.unconsumed_tail
+        self.wfile.write(own)
+
     def log_message(self, format: str, *args: object) -> None:
         pass  # scrapes are not news
 
 
-class _Server(ThreadingMixIn, WSGIServer):
+class _Server(ThreadingHTTPServer):
     daemon_threads = True
+    body = Body()
+    process = CollectorRegistry()
 
 
 class _Server6(_Server):
@@ -40,18 +93,22 @@ class _Server6(_Server):
 
 
 class MetricsServer:
-    """Serves `registry` on host:port until close()."""
+    """Serves the last Body handed to `publish` on host:port until close()."""
 
-    def __init__(self, host: str, port: int, registry: CollectorRegistry) -> None:
+    def __init__(self, host: str, port: int) -> None:
         family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
         server_class = _Server6 if family == socket.AF_INET6 else _Server
-        self._server = server_class((host, port), _QuietHandler)
-        self._server.set_app(make_wsgi_app(registry))
+        self._server = server_class((host, port), _Handler)
+        self._server.process = process_registry()
         self.port = self._server.server_port
         self._thread = threading.Thread(
             target=self._server.serve_forever, name="metrics-http", daemon=True
         )
         self._thread.start()
+
+    def publish(self, body: Body) -> None:
+        """Serve `body` from now on (scrapes in progress finish with the one they had)."""
+        self._server.body = body
 
     def close(self) -> None:
         self._server.shutdown()
@@ -59,25 +116,14 @@ class MetricsServer:
         self._thread.join(timeout=5)
 
 
-def scrape_registry(collector: Collector) -> CollectorRegistry:
-    """What /metrics serves: kmeshd's families, and the process's own (process_*,
-    python_*), which the textfile leaves to node-exporter."""
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(collector)
-    process_collector.ProcessCollector(registry=registry)
-    platform_collector.PlatformCollector(registry=registry)
-    gc_collector.GCCollector(registry=registry)
-    return registry
-
-
-def open_listener(config: Config, registry: CollectorRegistry) -> MetricsServer | None:
+def open_listener(config: Config) -> MetricsServer | None:
     """The listener `metrics.listen` asks for, bound; None when it is "". An address in use
     is UnavailableError (exit 69), any other refusal a ConfigError naming the key."""
     if not config.metrics.listen:
         return None
     host, port = parse_listen(config.metrics.listen)
     try:
-        return MetricsServer(host, port, registry)
+        return MetricsServer(host, port)
     except OSError as exc:
         where = f"metrics.listen {config.metrics.listen}"
         if exc.errno == errno.EADDRINUSE:

@@ -1,7 +1,6 @@
-"""One prometheus_client Collector over the last published snapshot.
-
-A scrape reads whatever snapshot was swapped in last (one reference assignment), so it
-never waits on the event path or on a publish in progress.
+"""The daemon's own health as Prometheus families (kmeshd_*), through prometheus_client:
+they are few, so they are rendered with each publish by its own machinery. The kmesh_*
+families, many, have a renderer of their own (exposition.py).
 """
 
 from __future__ import annotations
@@ -9,84 +8,9 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
-from prometheus_client.core import (
-    CounterMetricFamily,
-    GaugeMetricFamily,
-    HistogramMetricFamily,
-    Metric,
-)
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
-from prometheus_client.utils import floatToGoString
-
-from kmeshd.events import FlowCounters, Histogram
-from kmeshd.kernel.layout import DURATION_BOUNDS_US, LATENCY_BOUNDS_US
-from kmeshd.labels import SERVICE_LABELS, WORKLOAD_LABELS, LabelValues
-
-# (field of FlowCounters, family suffix, what it counts): the seed's five counters per
-# level (ten families), then three of kmeshd's own.
-FAMILIES = (
-    ("opened", "connections_opened", "The total number of TCP connections opened to a {}"),
-    ("closed", "connections_closed", "The total number of TCP connections closed to a {}"),
-    (
-        "received_bytes",
-        "received_bytes",
-        "The size of the total number of bytes received in response to a {} over a TCP connection",
-    ),
-    (
-        "sent_bytes",
-        "sent_bytes",
-        "The size of the total number of bytes sent in response to a {} over a TCP connection",
-    ),
-    ("failed", "connections_failed", "The total number of TCP connections failed to a {}"),
-    # Beyond the seed: what else a TCP connection tells.
-    (
-        "reset",
-        "connections_reset",
-        "TCP connections to a {} that were established and then ended by a reset received",
-    ),
-    ("retransmits", "retransmits", "TCP segments retransmitted on connections to a {}"),
-    (
-        "lost",
-        "packets_lost",
-        "TCP segments lost on connections to a {}: retransmissions not shown to be spurious"
-        " by a D-SACK",
-    ),
-)
-
-# (field of FlowCounters, family suffix, what it measures, bucket bounds in µs)
-HISTOGRAMS = (
-    (
-        "duration",
-        "connection_duration_seconds",
-        "How long TCP connections to a {} lasted, establishment to close",
-        DURATION_BOUNDS_US,
-    ),
-    (
-        "srtt",
-        "srtt_seconds",
-        "Smoothed round-trip time of TCP connections to a {}, at close",
-        LATENCY_BOUNDS_US,
-    ),
-    (
-        "min_rtt",
-        "min_rtt_seconds",
-        "Minimum round-trip time of TCP connections to a {}, at close",
-        LATENCY_BOUNDS_US,
-    ),
-    (
-        "connect",
-        "connect_duration_seconds",
-        "Handshake time of TCP connections to a {}, connect() to established (source only)",
-        LATENCY_BOUNDS_US,
-    ),
-)
-
-# The reason label of *_connect_failures_total, and the FlowCounters attribute of each.
-CONNECT_FAILURES = (
-    ("refused", "refused"),  # a RST answered the SYN
-    ("timeout", "timeout"),  # the SYN was never answered
-    ("other", "other_failures"),
-)
 
 
 @dataclass(frozen=True)
@@ -112,113 +36,29 @@ class Health:
     sources: Mapping[str, bool] = field(default_factory=dict)
     last_publish: float = 0.0
     publish_seconds: float = 0.0
+    textfile_write_seconds: float | None = None  # the last write; None: no textfile
+    series: Mapping[str, int] = field(default_factory=dict)  # level -> label sets now
+    series_overflow: Mapping[str, int] = field(default_factory=dict)  # level -> folded
+    series_expired: int = 0
+    map_entries: Mapping[str, int] = field(default_factory=dict)  # map -> entries now
+    map_capacity: Mapping[str, int] = field(default_factory=dict)  # map -> max entries
 
 
-@dataclass(frozen=True)
-class Snapshot:
-    workload: Mapping[LabelValues, FlowCounters] = field(default_factory=dict)
-    service: Mapping[LabelValues, FlowCounters] = field(default_factory=dict)
-    health: Health = field(default_factory=Health)
-    active_workload: Mapping[LabelValues, int] = field(default_factory=dict)
-    active_service: Mapping[LabelValues, int] = field(default_factory=dict)
+class HealthCollector(Collector):
+    """The families of one Health."""
 
-
-class KmeshCollector(Collector):
-    def __init__(self) -> None:
-        self._snapshot = Snapshot()
-
-    def update(self, snapshot: Snapshot) -> None:
-        self._snapshot = snapshot
+    def __init__(self, health: Health) -> None:
+        self.health = health
 
     def collect(self) -> Iterator[Metric]:
-        snap = self._snapshot
-        levels = (
-            (
-                "kmesh_tcp_workload_",
-                "workload",
-                WORKLOAD_LABELS,
-                snap.workload,
-                snap.active_workload,
-            ),
-            ("kmesh_tcp_", "service", SERVICE_LABELS, snap.service, snap.active_service),
-        )
-        for prefix, what, labels, totals, active in levels:
-            yield from _traffic(prefix, what, labels, totals)
-            yield from _failures(prefix, what, labels, totals)
-            yield from _histograms(prefix, what, labels, totals)
-            yield _active(prefix, what, labels, totals, active)
-        yield from _health(snap.health)
+        return _health(self.health)
 
 
-def _traffic(
-    prefix: str, what: str, labels: tuple[str, ...], totals: Mapping[LabelValues, FlowCounters]
-) -> Iterator[Metric]:
-    for attr, suffix, doc in FAMILIES:
-        family = CounterMetricFamily(prefix + suffix, doc.format(what), labels=labels)
-        for values, counts in totals.items():
-            family.add_metric(values, getattr(counts, attr))
-        yield family
-
-
-def _failures(
-    prefix: str, what: str, labels: tuple[str, ...], totals: Mapping[LabelValues, FlowCounters]
-) -> Iterator[Metric]:
-    """Connects that never established, by reason; only label sets that had one."""
-    family = CounterMetricFamily(
-        prefix + "connect_failures",
-        f"TCP connects to a {what} that never established, by reason: refused (a reset"
-        " answered the SYN), timeout (the SYN was never answered), other",
-        labels=(*labels, "reason"),
-    )
-    for values, counts in totals.items():
-        if counts.failed:
-            for reason, attr in CONNECT_FAILURES:
-                family.add_metric((*values, reason), getattr(counts, attr))
-    yield family
-
-
-def _histograms(
-    prefix: str, what: str, labels: tuple[str, ...], totals: Mapping[LabelValues, FlowCounters]
-) -> Iterator[Metric]:
-    for attr, suffix, doc, bounds in HISTOGRAMS:
-        family = HistogramMetricFamily(prefix + suffix, doc.format(what), labels=labels)
-        for values, counts in totals.items():
-            hist: Histogram = getattr(counts, attr)
-            buckets = cumulative_buckets(hist, bounds)
-            if buckets[-1][1]:  # no observation (the destination's handshakes): no series
-                family.add_metric(values, buckets, hist[-1] / 1e6)
-        yield family
-
-
-def cumulative_buckets(hist: Histogram, bounds_us: tuple[int, ...]) -> list[tuple[str, int]]:
-    """Per-bucket counts -> Prometheus's cumulative (le, count) pairs, le in seconds."""
-    out, total = [], 0
-    for bound, n in zip((*bounds_us, None), hist[:-1], strict=True):
-        total += n
-        out.append(("+Inf" if bound is None else _seconds(bound), total))
-    return out
-
-
-def _seconds(us: int) -> str:
-    """A bound in µs as le, written as prometheus_client writes its own: 50 -> "5e-05"."""
-    return str(floatToGoString(us / 1e6))  # type: ignore[no-untyped-call]
-
-
-def _active(
-    prefix: str,
-    what: str,
-    labels: tuple[str, ...],
-    totals: Mapping[LabelValues, FlowCounters],
-    active: Mapping[LabelValues, int],
-) -> Metric:
-    """Every label set with traffic gets a value, 0 included: a graph shows no gap when a
-    workload's last connection closes."""
-    family = GaugeMetricFamily(
-        prefix + "connections_active", f"TCP connections to a {what} open now", labels=labels
-    )
-    for values in totals.keys() | active.keys():
-        family.add_metric(values, active.get(values, 0))
-    return family
+def health_text(health: Health) -> str:
+    """The kmeshd_* families of `health` as Prometheus text."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(HealthCollector(health))
+    return generate_latest(registry).decode()
 
 
 def _counter(name: str, doc: str, label: str, values: Mapping[str, int | float]) -> Metric:
@@ -300,4 +140,41 @@ def _health(h: Health) -> Iterator[Metric]:
         "kmeshd_publish_duration_seconds",
         "How long the last publish took",
         value=h.publish_seconds,
+    )
+    if h.textfile_write_seconds is not None:
+        yield GaugeMetricFamily(
+            "kmeshd_textfile_write_duration_seconds",
+            "How long the last textfile write took (rendering included)",
+            value=h.textfile_write_seconds,
+        )
+    yield _gauge(
+        "kmeshd_series",
+        "Label sets exported now, by level (the overflow label set included)",
+        "level",
+        h.series,
+    )
+    yield _counter(
+        "kmeshd_series_overflow_total",
+        "Label sets folded into the level's overflow label set because the level had"
+        " metrics.max_series label sets",
+        "level",
+        h.series_overflow,
+    )
+    yield CounterMetricFamily(
+        "kmeshd_series_expired_total",
+        "Label sets that left: an identity they name is gone, and they had no open"
+        " connection and no change for metrics.series_ttl",
+        value=h.series_expired,
+    )
+    yield _gauge(
+        "kmeshd_bpf_map_entries",
+        "Entries in a BPF map now, by map",
+        "map",
+        h.map_entries,
+    )
+    yield _gauge(
+        "kmeshd_bpf_map_capacity",
+        "The most entries a BPF map can hold, by map",
+        "map",
+        h.map_capacity,
     )

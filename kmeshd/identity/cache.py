@@ -19,7 +19,16 @@ from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-from kmeshd.identity.model import IPAddress, Service, Workload, ip_key, plain_ip
+from kmeshd.identity.model import (
+    IPAddress,
+    Name,
+    Service,
+    Workload,
+    ip_key,
+    plain_ip,
+    service_name,
+    workload_names,
+)
 from kmeshd.identity.objects import Endpoints, Pod
 
 K = TypeVar("K", bound=Hashable)  # an object's key
@@ -115,6 +124,10 @@ def _slice_rank(e: _Entry[Endpoints]) -> tuple[bool, tuple[str, str], str]:
     return (not e.alive, e.value.service, e.value.name)
 
 
+def _service_names(s: Service) -> tuple[Name]:
+    return (service_name(s),)
+
+
 def _pod_ips(p: Pod) -> tuple[int, ...]:
     # A host-network pod's address is its node's, shared with every other such pod and
     # with the node's own processes: no single pod may claim it.
@@ -145,9 +158,12 @@ class _Store(Generic[K, C, E]):
         rank: Callable[[_Entry[E]], Any],
         answer: Callable[[E], Any] = lambda value: value,
         finished: Callable[[E], bool] = lambda _value: False,
+        names: Callable[[E], Iterable[Name]] = lambda _value: (),
     ) -> None:
         self.key, self._claims, self._finished = key, claims, finished
         self._answer = answer
+        self._names = names
+        self.names: dict[Name, int] = {}  # name -> entries answering to it, dead ones too
         self.entries: dict[K, _Entry[E]] = {}
         self.index: _Index[C, E] = _Index(rank)
         self._dead: set[K] = set()  # so that gc looks at these, not at every entry
@@ -163,6 +179,7 @@ class _Store(Generic[K, C, E]):
         if self._finished(value):
             dead_since = old.dead_since if old and old.dead_since is not None else now
         claims = self._claims(value)
+        self._rename(old.value if old is not None else None, value)
         if old is not None and self._claims(old.value) == claims:
             # Most updates change labels or status, not addresses: update in place.
             if old.sources != sources:
@@ -206,7 +223,7 @@ class _Store(Generic[K, C, E]):
         expired = [k for k in self._dead if now - (self.entries[k].dead_since or now) >= grace]
         for key in expired:
             self._dead.discard(key)
-            self._unindex(self.entries.pop(key))
+            self._forget(self.entries.pop(key))
         self.claims_changed += bool(expired)
         return len(expired)
 
@@ -214,6 +231,25 @@ class _Store(Generic[K, C, E]):
         if entry is not None:
             for claim in self._claims(entry.value):
                 self.index.remove(claim, entry)
+
+    def _forget(self, entry: _Entry[E]) -> None:
+        self._unindex(entry)
+        self._rename(entry.value, None)
+
+    def _rename(self, old: E | None, new: E | None) -> None:
+        """Keep `names` counting the entries that answer to each name."""
+        before = tuple(self._names(old)) if old is not None else ()
+        after = tuple(self._names(new)) if new is not None else ()
+        if before == after:
+            return
+        for name in before:
+            left = self.names[name] - 1
+            if left:
+                self.names[name] = left
+            else:
+                del self.names[name]
+        for name in after:
+            self.names[name] = self.names.get(name, 0) + 1
 
 
 class IdentityCache:
@@ -223,10 +259,15 @@ class IdentityCache:
         self.node = node
         self.grace = grace
         self._pods: _Store[str, int, Pod] = _Store(
-            lambda p: p.uid, _pod_ips, _pod_rank, lambda p: p.workload, lambda p: p.terminal
+            lambda p: p.uid,
+            _pod_ips,
+            _pod_rank,
+            lambda p: p.workload,
+            lambda p: p.terminal,
+            lambda p: workload_names(p.workload),
         )
         self._services: _Store[tuple[str, str], int, Service] = _Store(
-            lambda s: (s.namespace, s.name), _vip_ports, _service_rank
+            lambda s: (s.namespace, s.name), _vip_ports, _service_rank, names=_service_names
         )
         self._slices: _Store[tuple[str, str], int, Endpoints] = _Store(
             lambda s: (s.namespace, s.name), _endpoints, _slice_rank, lambda s: s.service
@@ -291,6 +332,11 @@ class IdentityCache:
         }
         vips = {plain_ip(ip) for e in self._services.entries.values() for ip in e.value.addresses}
         return frozenset(local | vips)
+
+    def knows(self, name: Name) -> bool:
+        """Whether a pod, workload or service of this name is in the cache (alive, or dead
+        within the grace period)."""
+        return name in self._pods.names or name in self._services.names
 
     def counts(self) -> dict[str, int]:
         """Objects held, by kind (dead ones included): for logs and self-metrics."""

@@ -59,6 +59,20 @@ class Workload:
     cluster: str
     addresses: tuple[IPAddress, ...] = ()
 
+    def label_values(self) -> tuple[str, ...]:
+        """The identity as the *_workload ... *_cluster labels carry it: workload, canonical
+        service and revision, namespace, principal, app, version, cluster."""
+        return (
+            self.workload,
+            self.canonical_service,
+            self.canonical_revision,
+            self.namespace,
+            self.principal,
+            self.canonical_service,
+            self.canonical_revision,
+            self.cluster,
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class ServicePort:
@@ -91,6 +105,23 @@ class IdentityView(Protocol):
     def known_addresses(self) -> frozenset[IPAddress]:
         """The addresses whose connections the kernel tracks."""
 
+    def knows(self, name: Name) -> bool:
+        """Whether an identity of this name is known (alive, or dead within its grace)."""
+
+
+Name = tuple[str, ...]
+"""How metric labels name an identity: ("workload", *Workload.label_values()),
+("pod", namespace, name) or ("service", namespace, name)."""
+
+
+def workload_names(w: Workload) -> tuple[Name, Name]:
+    """The names a workload instance answers to."""
+    return ("workload", *w.label_values()), ("pod", w.namespace, w.name)
+
+
+def service_name(s: Service) -> Name:
+    return ("service", s.namespace, s.name)
+
 
 @dataclass(frozen=True)
 class Identities:
@@ -101,6 +132,7 @@ class Identities:
     _by_ip: dict[IPAddress, Workload] = field(init=False, repr=False, compare=False)
     _by_vip: dict[tuple[IPAddress, int], Service] = field(init=False, repr=False, compare=False)
     _by_target: dict[tuple[str, str, int], Service] = field(init=False, repr=False, compare=False)
+    _names: frozenset[Name] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         by_ip = {plain_ip(a): w for w in self.workloads for a in w.addresses}
@@ -117,6 +149,9 @@ class Identities:
         object.__setattr__(self, "_by_ip", by_ip)
         object.__setattr__(self, "_by_vip", by_vip)
         object.__setattr__(self, "_by_target", by_target)
+        names = {n for w in self.workloads for n in workload_names(w)}
+        names |= {service_name(s) for s in self.services}
+        object.__setattr__(self, "_names", frozenset(names))
 
     def workload_at(self, ip: IPAddress) -> Workload | None:
         return self._by_ip.get(plain_ip(ip))
@@ -136,3 +171,6 @@ class Identities:
         """Every workload address and service VIP: the kernel counts flows touching these."""
         vips: Iterable[IPAddress] = (plain_ip(a) for s in self.services for a in s.addresses)
         return frozenset(self._by_ip) | frozenset(vips)
+
+    def knows(self, name: Name) -> bool:
+        return name in self._names

@@ -17,8 +17,7 @@ from kmeshd.errors import UnavailableError
 from kmeshd.kernel import btf
 from kmeshd.kernel.memory import release_compiler_pages, release_freed_memory
 
-# Map sizes, passed to the probe as -D defines.
-FLOWS_MAX = 65536  # (client, server, port, direction); allocated as used, ~750 bytes each
+# Map sizes, passed to the probe as -D defines (the flows map's comes from bpf.max_flows).
 KNOWN_MAX = 65536
 SOCKS_MAX = 131072  # tracked sockets open at once; preallocated: 21 MiB of kernel memory
 RINGBUF_PAGES = 1024  # 4 MiB: about 40,000 records between two polls
@@ -141,15 +140,15 @@ def import_bcc() -> Any:
     return bcc
 
 
-def compile_probe(bcc: Any, pins: Path, kernel: dict[str, int]) -> Any:
-    """bcc's BPF object, maps pinned under `pins`. `kernel`: kernel_defines(); without the
-    sweep's, the probe has no socket sweep."""
+def compile_probe(bcc: Any, pins: Path, kernel: dict[str, int], max_flows: int) -> Any:
+    """bcc's BPF object, maps pinned under `pins`, the flows map of `max_flows` entries.
+    `kernel`: kernel_defines(); without the sweep's, the probe has no socket sweep."""
     src = bpf_source_dir()
     cflags = [f"-D{define}={value}" for define, value in kernel.items()]
     cflags += [
         f"-I{src}",
         f'-DPIN_DIR="{pins}"',
-        f"-DFLOWS_MAX={FLOWS_MAX}",
+        f"-DFLOWS_MAX={max_flows}",
         f"-DKNOWN_MAX={KNOWN_MAX}",
         f"-DSOCKS_MAX={SOCKS_MAX}",
         f"-DRINGBUF_PAGES={RINGBUF_PAGES}",

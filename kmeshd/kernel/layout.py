@@ -20,8 +20,9 @@ from __future__ import annotations
 import enum
 import struct
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
-LAYOUT = 6
+LAYOUT = 7
 
 
 class Direction(enum.IntEnum):
@@ -65,6 +66,7 @@ class Setting(enum.IntEnum):
 
     RECORDS = 0  # 1 while an access log wants records
     PERIODIC = 1  # ns between two records of one open connection; 0: none
+    GENERATION = 2  # the generation flows are counted in now
 
 
 class SockFlag(enum.IntFlag):
@@ -165,7 +167,13 @@ _HISTOGRAM_SLOTS = f"{BUCKETS + 1}Q"  # the buckets, then the sum
 
 FLOW_KEY = Mirror(
     "flow_key",
-    (("client", "16s"), ("server", "16s"), ("server_port", "H"), ("direction", "B"), ("_pad", "B")),
+    (
+        ("client", "16s"),
+        ("server", "16s"),
+        ("server_port", "H"),
+        ("direction", "B"),
+        ("generation", "B"),
+    ),
 )
 HISTOGRAM = Mirror("histogram", (("buckets", f"{BUCKETS}Q"), ("sum_us", "Q")))
 FLOW_COUNTERS = Mirror(
@@ -217,3 +225,17 @@ CONN_RECORD = Mirror(
     ),
 )
 MIRRORS = (FLOW_KEY, HISTOGRAM, FLOW_COUNTERS, SOCK_STATE, CONN_RECORD)
+
+
+class Entries(NamedTuple):
+    """A map's entries as read in one batch: `total` keys laid end to end, and as many
+    values (each as its mirror lays it out)."""
+
+    keys: bytes
+    values: bytes
+    total: int
+
+
+def without_generation(key: bytes) -> bytes:
+    """A flow key with its generation byte zeroed: the flow, whatever its generation."""
+    return key[:-1] + b"\0"

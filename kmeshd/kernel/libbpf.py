@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
 import os
-import sys
 from collections.abc import Iterator
+
+BPF_NOEXIST = 1  # map update flag: only a key that is not there yet
 
 
 class LibBpf:
@@ -42,6 +44,15 @@ class LibBpf:
         self.map_update_elem.argtypes = [
             ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint64,
         ]  # fmt: skip
+        self.map_lookup_batch = lib.bpf_map_lookup_batch
+        self.map_lookup_batch.argtypes = [
+            ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+            ctypes.POINTER(ctypes.c_uint32), ctypes.c_void_p,
+        ]  # fmt: skip
+        self.map_delete_batch = lib.bpf_map_delete_batch
+        self.map_delete_batch.argtypes = [
+            ctypes.c_int, ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint32), ctypes.c_void_p,
+        ]  # fmt: skip
 
     @staticmethod
     def check(ret: int, what: str) -> int:
@@ -68,6 +79,10 @@ class LibBpf:
         """struct bpf_map_info: key_size and value_size sit at offsets 8 and 12."""
         info = self._info(map_fd)
         return int.from_bytes(info[8:12], "little"), int.from_bytes(info[12:16], "little")
+
+    def map_capacity(self, map_fd: int) -> int:
+        """struct bpf_map_info: max_entries sits at offset 16."""
+        return int.from_bytes(self._info(map_fd)[16:20], "little")
 
 
 class RawMap:
@@ -99,9 +114,66 @@ class RawMap:
             return None
         return value
 
-    def add(self, key: bytes, n: int) -> None:
-        """value += n, for a map of __u64 counters only user space writes."""
-        old = self.lookup(key)
-        new = (int.from_bytes(old, sys.byteorder) if old else 0) + n
-        ret = self._libbpf.map_update_elem(self._fd, key, new.to_bytes(8, sys.byteorder), 0)
+    def insert(self, key: bytes, value: bytes) -> bool:
+        """Add an entry that is not there yet (BPF_NOEXIST); False when the key exists."""
+        ret = self._libbpf.map_update_elem(self._fd, key, value, BPF_NOEXIST)
+        if ret == -errno.EEXIST:
+            return False
         self._libbpf.check(ret, "bpf_map_update_elem")
+        return True
+
+
+class BatchReader:
+    """A whole hash map in as few syscalls as the kernel allows (BPF_MAP_LOOKUP_BATCH), into
+    buffers allocated once for its capacity: keys and values come back as two bytes objects
+    of `count` entries each, laid end to end, for struct.iter_unpack and slicing."""
+
+    def __init__(self, libbpf: LibBpf, fd: int) -> None:
+        self._libbpf, self._fd = libbpf, fd
+        self.key_size, self.value_size = libbpf.map_sizes(fd)
+        self.capacity = libbpf.map_capacity(fd)
+        self._keys = ctypes.create_string_buffer(self.key_size * self.capacity)
+        self._values = ctypes.create_string_buffer(self.value_size * self.capacity)
+
+    def read(self) -> tuple[bytes, bytes, int]:
+        """(keys, values, count) of every entry; entries that come or go meanwhile may or
+        may not be among them."""
+        token, total, first = ctypes.c_uint32(0), 0, True
+        keys, values = ctypes.addressof(self._keys), ctypes.addressof(self._values)
+        while total < self.capacity:
+            count = ctypes.c_uint32(self.capacity - total)
+            ret = self._libbpf.map_lookup_batch(
+                self._fd,
+                None if first else ctypes.byref(token),
+                ctypes.byref(token),
+                keys + total * self.key_size,
+                values + total * self.value_size,
+                ctypes.byref(count),
+                None,
+            )
+            total += count.value
+            if ret == -errno.ENOENT:  # the end of the map
+                break
+            self._libbpf.check(ret, "bpf_map_lookup_batch")
+            first = False
+        return (
+            ctypes.string_at(keys, total * self.key_size),
+            ctypes.string_at(values, total * self.value_size),
+            total,
+        )
+
+    def delete(self, keys: bytes) -> int:
+        """Delete the entries whose keys `keys` holds end to end; returns how many were (a
+        key already gone is passed over)."""
+        deleted, at = 0, 0
+        while at < len(keys):
+            count = ctypes.c_uint32((len(keys) - at) // self.key_size)
+            rest = ctypes.c_char_p(keys[at:])
+            ret = self._libbpf.map_delete_batch(self._fd, rest, ctypes.byref(count), None)
+            deleted += count.value
+            at += count.value * self.key_size
+            if ret == -errno.ENOENT:  # the kernel stops at a key that is gone: skip it
+                at += self.key_size
+            elif self._libbpf.check(ret, "bpf_map_delete_batch") == 0 and not count.value:
+                break
+        return deleted

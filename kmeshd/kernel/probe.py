@@ -4,7 +4,9 @@
                     attach (attach), all under <pin_dir>/v<LAYOUT> (pins)
     drain()         ring-buffer records -> the callback (the access log)
     sweep()         the TCP iterator in every network namespace: open connections' bytes
-    flows(), unseen_closes(), stats()     raw map contents for a publish
+    flow_entries(), open_connections(), take_unseen_closes(), stats()
+                    map contents for a publish, in batches
+    new_generation(), forget_flows()      flow expiry (see struct flow_key in tcp_probe.h)
     set_known(), want_*()                 what the kernel tracks and sends
     close()         detach (clean stop) or let go (the pinned link keeps counting)
 
@@ -18,7 +20,8 @@ import contextlib
 import ctypes
 import logging
 import os
-from collections.abc import Callable, Iterable, Iterator
+import struct
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -27,12 +30,24 @@ from kmeshd.errors import UnavailableError
 from kmeshd.kernel import cgroup, sockdiag
 from kmeshd.kernel.attach import PROGRAM, attach, attach_sweep, run_iterator
 from kmeshd.kernel.build import check_host, compile_probe, import_bcc, kernel_defines
-from kmeshd.kernel.layout import Setting, Stat
-from kmeshd.kernel.libbpf import LibBpf, RawMap
+from kmeshd.kernel.layout import (
+    FLOW_KEY,
+    SOCK_STATE,
+    Entries,
+    Setting,
+    SockFlag,
+    Stat,
+    without_generation,
+)
+from kmeshd.kernel.libbpf import BatchReader, LibBpf, RawMap
 from kmeshd.kernel.pins import prepare_pin_dir
 from kmeshd.kernel.stale import may_enter_namespaces, sweep_closed_sockets
 
 log = logging.getLogger(__name__)
+
+# Of a struct sock_state: its flow key and its flags, the rest skipped.
+assert SOCK_STATE.places()["flags"] == (FLOW_KEY.size, 2)
+_SOCKET_FLOW = struct.Struct(f"={FLOW_KEY.size}sH{SOCK_STATE.size - FLOW_KEY.size - 2}x")
 
 
 class Probe:
@@ -47,7 +62,12 @@ class Probe:
         self._libbpf = libbpf
         self._link_fd = link_fd
         self._link_pin = link_pin
-        self._flows = bpf["flows"]
+        self._flows = BatchReader(libbpf, bpf["flows"].map_fd)
+        self.flows_capacity = self._flows.capacity
+        self._socks = BatchReader(libbpf, bpf["socks"].map_fd)
+        self._unseen = BatchReader(libbpf, bpf["unseen_closes"].map_fd)
+        self._grace = (bpf["grace"].map_fd, bpf["grace_inner"].map_fd)
+        self.generation = 0  # what the settings say (a new program's start at 0)
         self._known = bpf["known_addrs"]
         self._known_have: set[bytes] | None = None  # what set_known put in the map
         self._stats = bpf["stats"]
@@ -60,6 +80,7 @@ class Probe:
         cgroup_dir: Path,
         phase: Callable[[str], None] = lambda _: None,
         sweep: bool = True,
+        max_flows: int = 65536,
     ) -> Probe:
         """Compile, load and attach; `phase` hears what it is doing (for STATUS=). Without
         `sweep`, open connections' bytes count at their close only."""
@@ -68,7 +89,7 @@ class Probe:
         pins = prepare_pin_dir(pin_dir)
         defines = kernel_defines(sweep)
         phase("compiling the BPF probe")
-        bpf = compile_probe(bcc, pins, defines)
+        bpf = compile_probe(bcc, pins, defines, max_flows)
         sweep_link = attach_sweep(bcc, bpf) if sweep else None
         libbpf = LibBpf()
         _forget_closed_sockets(bpf, libbpf)
@@ -94,14 +115,46 @@ class Probe:
         """Hand every queued record to the callback (until it says stop); never waits."""
         self._bpf.ring_buffer_consume()
 
-    def flows(self) -> Iterator[tuple[bytes, bytes]]:
-        """The flows map as raw (key, value) pairs."""
-        for k, v in self._flows.items():
-            yield bytes(k), bytes(v)
+    def flow_entries(self) -> Entries:
+        """The flows map: struct flow_key and struct flow_counters entries."""
+        return Entries(*self._flows.read())
 
-    def unseen_closes(self) -> dict[bytes, int]:
-        """Closes the closed-socket sweep counted, by raw flow key (see kernel.stale)."""
-        return {bytes(k): int(v.value) for k, v in self._bpf["unseen_closes"].items()}
+    def open_connections(self) -> dict[bytes, int]:
+        """Established tracked sockets by flow key (generation 0): the connections open now.
+        Counted from the sockets themselves, so it needs no history of opens and closes."""
+        _keys, values, _count = self._socks.read()
+        open_by_flow: dict[bytes, int] = {}
+        for key, flags in _SOCKET_FLOW.iter_unpack(values):
+            if flags & SockFlag.ESTABLISHED:
+                open_by_flow[key] = open_by_flow.get(key, 0) + 1
+        return open_by_flow
+
+    def take_unseen_closes(self) -> list[tuple[bytes, int]]:
+        """Closes the closed-socket sweep counted (kernel.stale), by flow key (generation
+        0), each taken out of the map: a close is handed over once."""
+        keys, values, count = self._unseen.read()
+        self._unseen.delete(keys)
+        closes = struct.unpack(f"={count}Q", values)
+        size = FLOW_KEY.size
+        return [
+            (without_generation(keys[i * size : (i + 1) * size]), closes[i]) for i in range(count)
+        ]
+
+    def new_generation(self) -> int:
+        """Count flows in a new generation from now on, and return once no program can still
+        be writing the old one (an update of a map-in-map waits for every running program,
+        the kernel's synchronize_rcu). Returns the new generation."""
+        self.generation = (self.generation + 1) % 256
+        self._set(Setting.GENERATION, self.generation)
+        grace, inner = self._grace
+        key, fd = ctypes.c_uint32(0), ctypes.c_uint32(inner)
+        ret = self._libbpf.map_update_elem(grace, ctypes.byref(key), ctypes.byref(fd), 0)
+        self._libbpf.check(ret, "bpf_map_update_elem grace")
+        return self.generation
+
+    def forget_flows(self, keys: bytes) -> int:
+        """Delete the flow entries whose keys `keys` holds end to end; returns how many."""
+        return self._flows.delete(keys)
 
     def stats(self) -> dict[Stat, int]:
         """The per-CPU counters, summed."""
@@ -194,4 +247,5 @@ class HostKernel:
 
     def start(self, config: Config, cgroup: Path, phase: Callable[[str], None]) -> Probe:
         pin_dir = Path(config.bpf.pin_dir)
-        return Probe.start(pin_dir, cgroup, phase, sweep=config.bpf.live_updates)
+        bpf = config.bpf
+        return Probe.start(pin_dir, cgroup, phase, bpf.live_updates, bpf.max_flows)

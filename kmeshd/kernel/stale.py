@@ -35,7 +35,16 @@ class SweptMap(Protocol):
 
     def __iter__(self) -> Iterator[bytes]: ...
     def pop(self, key: bytes) -> bytes | None: ...
-    def add(self, key: bytes, n: int) -> None: ...
+    def insert(self, key: bytes, value: bytes) -> bool: ...
+
+
+def hand_over(unseen: SweptMap, flow: bytes, closes: int) -> bool:
+    """Put `closes` of `flow` in the unseen_closes inbox in an entry of their own: the
+    first free slot of the flow key's generation byte (BPF_NOEXIST), so that a daemon
+    taking entries out meanwhile never loses or doubles one. False when all 256 slots of
+    this flow are waiting already."""
+    value = closes.to_bytes(8, sys.byteorder)
+    return any(unseen.insert(flow[:-1] + bytes([slot]), value) for slot in range(256))
 
 
 def sweep_closed_sockets(
@@ -61,15 +70,24 @@ def sweep_closed_sockets(
         )
         return None
     swept = 0
+    closes: dict[bytes, int] = {}
     for cookie in stale.keys() - alive:
         value = socks.pop(stale[cookie])
         if value is None:  # the old program closed it meanwhile, and counted it
             continue
         swept += 1
         if SOCK_STATE.integer(value, "flags") & SockFlag.ESTABLISHED:
-            unseen.add(SOCK_STATE.raw(value, "key"), 1)
+            flow = SOCK_STATE.raw(value, "key")
+            closes[flow] = closes.get(flow, 0) + 1
+    lost = sum(n for flow, n in closes.items() if not hand_over(unseen, flow, n))
     if swept:
         log.info("forgot %d sockets that closed while kmeshd was stopped", swept)
+    if lost:
+        log.warning(
+            "%d closes of sockets closed while kmeshd was stopped are not counted:"
+            " the unseen_closes map is full",
+            lost,
+        )
     return swept
 
 

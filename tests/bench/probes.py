@@ -88,6 +88,7 @@ def kmeshd(
         interval=settings.interval,
         max_rate=settings.accesslog_max_rate,
         bpf=f"live_updates = {str(live_updates).lower()}",
+        metrics="",
     )
     try:
         daemon.start()
