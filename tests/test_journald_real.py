@@ -127,3 +127,16 @@ def test_a_burst_the_size_of_systemds_queue_is_taken_whole(journald: Journald) -
         "-t", "kmeshd", f"KMESHD_DST_WORKLOAD={pod}", "--output-fields=KMESHD_SENT_BYTES"
     )
     assert [e["KMESHD_SENT_BYTES"] for e in entries] == [str(i) for i in range(500)]
+
+
+def test_a_burst_ten_times_journalds_queue_is_taken_whole(journald: Journald) -> None:
+    """5,000 records sent as fast as they come (accesslog.max_rate = 0): journald's queue
+    fills again and again, the sink waits for room, and every record is in the journal."""
+    pod = f"flood-{uuid.uuid4().hex[:10]}"
+    with closing(JournaldSink(journald.socket_path)) as sink:
+        results = [sink.write(replace(SEED, dst_workload=pod, sent_bytes=i)) for i in range(5000)]
+    assert (results.count(True), sink.dropped) == (5000, 0)
+    entries = journald.query(
+        "-t", "kmeshd", f"KMESHD_DST_WORKLOAD={pod}", "--output-fields=KMESHD_SENT_BYTES"
+    )
+    assert [e["KMESHD_SENT_BYTES"] for e in entries] == [str(i) for i in range(5000)]

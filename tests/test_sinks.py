@@ -13,6 +13,8 @@ import shutil
 import socket
 import stat
 import struct
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import closing
 from dataclasses import replace
@@ -24,6 +26,7 @@ import pytest
 from kmeshd.accesslog.render import AccessRecord, fields, journal_fields
 from kmeshd.accesslog.sinks import (
     SNDBUF,
+    STALL_WAIT_S,
     Fanout,
     FileSink,
     JournaldSink,
@@ -362,14 +365,37 @@ def test_a_restarted_journald_is_reached_again(tmp_path: Path) -> None:
     sink.close()
 
 
-def test_a_busy_journald_costs_records_not_the_sink(server: socket.socket) -> None:
-    """With journald's queue full, writes return False and count drops, never block or raise,
-    and the sink stays up."""
+def test_a_stalled_journald_costs_records_not_the_sink(server: socket.socket) -> None:
+    """With journald's queue full and nobody reading, a write waits STALL_WAIT_S once, then
+    drops at once for STALL_BACKOFF_S: writes return False and count drops, never raise,
+    never hold the caller long, and the sink stays up."""
     sink = JournaldSink(server.getsockname())
+    started = time.monotonic()
     results = [sink.write(SEED) for _ in range(2000)]  # nobody reads: the queue fills
+    took = time.monotonic() - started
     sink.close()
     assert results.count(False) == sink.dropped > 0
     assert sink.up
+    assert STALL_WAIT_S <= took < STALL_WAIT_S + 0.5
+
+
+def test_a_busy_journald_is_waited_for_not_dropped(server: socket.socket) -> None:
+    """A reader slower than the writer, but reading: every record arrives, none dropped."""
+    sink = JournaldSink(server.getsockname())
+    got: list[bytes] = []
+
+    def slow_reader() -> None:
+        while len(got) < 3000:
+            got.append(server.recv(65536))
+            if len(got) % 100 == 0:
+                time.sleep(0.005)
+
+    reader = threading.Thread(target=slow_reader)
+    reader.start()
+    results = [sink.write(SEED) for _ in range(3000)]
+    reader.join(30)
+    sink.close()
+    assert (results.count(True), sink.dropped, len(got)) == (3000, 0, 3000)
 
 
 # -- NullSink and Fanout -----------------------------------------------------------------

@@ -20,6 +20,7 @@ import errno
 import fcntl
 import logging
 import os
+import select
 import socket
 import struct
 import sys
@@ -262,12 +263,20 @@ def journal_socket() -> socket.socket:
 _GONE = {errno.ENOENT, errno.ECONNREFUSED, errno.ENOTCONN, errno.ECONNRESET, errno.EPIPE}
 
 
+STALL_WAIT_S = 0.2  # how long a record waits for a busy journald to take it
+STALL_BACKOFF_S = 1.0  # after a wait that ran out: drop at once this long, then wait again
+
+
 class JournaldSink:
     """Journal entries (see accesslog.render.journal_fields) sent to journald's native socket.
 
-    Sends never block: a busy journald (EAGAIN) costs the record, counted. With no
-    journald the sink is down, warns once, counts every record as dropped and looks for the
-    socket again at most every RECONNECT_EVERY_S, so it recovers when journald appears.
+    journald's socket queue fills for a moment in a burst (its datagram queue holds a few
+    hundred entries): a send that finds it full (EAGAIN) waits, up to STALL_WAIT_S, for
+    room. Only when journald takes nothing for that long is the record dropped, counted,
+    and for STALL_BACKOFF_S later records are dropped at once, so a journald that cannot
+    keep up costs counted records, never the main loop's ticks. With no journald the sink
+    is down, warns once, counts every record as dropped and looks for the socket again at
+    most every RECONNECT_EVERY_S, so it recovers when journald appears.
     """
 
     def __init__(
@@ -288,6 +297,7 @@ class JournaldSink:
         self._sock: socket.socket | None = None
         self._warned_down = False
         self._throttle = Throttle(LOG_EVERY_S, clock)
+        self._stalled_until = 0.0  # before this, a full queue drops the record at once
         self._connect()
 
     def _connect(self) -> socket.socket | None:
@@ -330,16 +340,34 @@ class JournaldSink:
             return False
         return True
 
-    @staticmethod
-    def _send(sock: socket.socket, payload: bytes) -> None:
-        try:
-            sock.send(payload)
-        except OSError as exc:
-            # Too large for a datagram, or for the kernel to allocate as one: like
-            # sd_journal_sendv(), pass it in a memfd. A busy journald (EAGAIN) is a drop.
-            if exc.errno not in (errno.EMSGSIZE, errno.ENOBUFS):
-                raise
-            send_memfd(sock, payload)
+    def _send(self, sock: socket.socket, payload: bytes) -> None:
+        while True:
+            try:
+                sock.send(payload)
+                return
+            except BlockingIOError:  # journald's queue is full for now: wait for room
+                if not self._room(sock):
+                    raise
+            except OSError as exc:
+                # Too large for a datagram, or for the kernel to allocate as one: like
+                # sd_journal_sendv(), pass it in a memfd.
+                if exc.errno not in (errno.EMSGSIZE, errno.ENOBUFS):
+                    raise
+                send_memfd(sock, payload)
+                return
+
+    def _room(self, sock: socket.socket) -> bool:
+        """Whether journald made room for another entry within STALL_WAIT_S (not waited
+        for while it is known to be stalled)."""
+        now = self._clock()
+        if now < self._stalled_until:
+            return False
+        poller = select.poll()
+        poller.register(sock, select.POLLOUT)
+        if poller.poll(STALL_WAIT_S * 1000):
+            return True
+        self._stalled_until = now + STALL_BACKOFF_S
+        return False
 
     def reopen(self) -> None:
         """Connect anew (a restarted journald has a new socket)."""

@@ -12,12 +12,14 @@ its own.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import shutil
 from pathlib import Path
 
 from kmeshd.errors import UnavailableError
 from kmeshd.kernel.layout import LAYOUT
+from kmeshd.kernel.libbpf import LibBpf
 from kmeshd.kernel.statfs import BPF_FS_MAGIC, fs_magic
 
 log = logging.getLogger(__name__)
@@ -35,8 +37,9 @@ def is_bpffs(path: Path) -> bool:
     return fs_magic(path) == BPF_FS_MAGIC
 
 
-def prepare_pin_dir(pin_dir: Path) -> Path:
-    """This layout's directory, created; other layouts' pins removed."""
+def prepare_pin_dir(pin_dir: Path, max_flows: int | None = None) -> Path:
+    """This layout's directory, created; other layouts' pins removed, and the maps sized
+    by `max_flows` removed when it changed (bcc would reuse a pinned map of another size)."""
     if not is_bpffs(pin_dir):
         raise UnavailableError(
             f"{pin_dir} is not on a BPF filesystem: mount one (mount -t bpf bpf /sys/fs/bpf) "
@@ -50,7 +53,36 @@ def prepare_pin_dir(pin_dir: Path) -> Path:
             # ours. Unpinning the link detaches it; its counters start again from zero.
             log.warning("removing the probe and maps of another kmeshd layout in %s", other)
             remove_pins(other)
+    if max_flows is not None:
+        resize_flows(pins, max_flows)
     return pins
+
+
+FLOWS_SIZED = ("flows", "unseen_closes")  # the maps of bpf.max_flows entries
+
+
+def resize_flows(pins: Path, max_flows: int) -> None:
+    """Unpin the flows maps when they were made with another bpf.max_flows: the probe then
+    makes them anew, of the size asked for (their counts start again)."""
+    flows = pins / "flows"
+    if not flows.exists():
+        return
+    libbpf = LibBpf()
+    fd = libbpf.open_pinned(flows)
+    try:
+        capacity = libbpf.map_capacity(fd)
+    finally:
+        os.close(fd)
+    if capacity == max_flows:
+        return
+    log.warning(
+        "bpf.max_flows changed from %d to %d: the kernel's flows map is made anew, its"
+        " counts start again",
+        capacity,
+        max_flows,
+    )
+    for name in FLOWS_SIZED:
+        (pins / name).unlink(missing_ok=True)
 
 
 def remove_pins(pin_dir: Path) -> None:

@@ -86,7 +86,7 @@ class Probe:
         `sweep`, open connections' bytes count at their close only."""
         check_host(sweep=sweep)
         bcc = import_bcc()
-        pins = prepare_pin_dir(pin_dir)
+        pins = prepare_pin_dir(pin_dir, max_flows)
         defines = kernel_defines(sweep)
         phase("compiling the BPF probe")
         bpf = compile_probe(bcc, pins, defines, max_flows)
