@@ -203,7 +203,7 @@ class Daemon:
         next_publish = clock.monotonic() + self.config.metrics.interval
         while not self._stop:
             self.feed.wall_offset_ns = clock.time_ns() - clock.monotonic_ns()
-            if self.feed.ready():  # else records stay queued in the kernel
+            if self.feed.begin():  # else records stay queued in the kernel
                 self.probe.drain()
             if self._reload:
                 self.reload()
@@ -280,6 +280,7 @@ class Daemon:
             # Whatever is queued is written, past the budget: at most a ring buffer's worth
             # (about 40,000 records, a second or two), and nothing is left behind unwritten.
             self.feed.limit(0)
+            self.feed.begin(None)
             self.probe.drain()
             self.publish()
             self.probe.close(detach=True)

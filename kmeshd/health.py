@@ -21,10 +21,11 @@ from kmeshd.known import KnownAddresses
 
 
 class KernelMaps(NamedTuple):
-    """The flows map's occupancy at the publish."""
+    """The flows map at the publish: its occupancy, and generations retired so far."""
 
     flows: int
     flows_capacity: int
+    generations: int
 
 
 def daemon_health(
@@ -71,4 +72,5 @@ def daemon_health(
         series_expired=ledger.expired,
         map_entries={"flows": maps.flows},
         map_capacity={"flows": maps.flows_capacity},
+        flow_generations=maps.generations,
     )

@@ -79,8 +79,11 @@ class Publisher:
         self._clock = clock
         self._sweep_complaints = Throttle(LOG_EVERY_S, clock.monotonic)
         self._full_complaints = Throttle(LOG_EVERY_S, clock.monotonic)
+        self._overflow_complaints = Throttle(LOG_EVERY_S, clock.monotonic)
+        self._overflowed = 0
         self._generation_at = clock.monotonic()
         self._flows_full = 0
+        self.generations = 0  # retired so far
         self.unseen_closes = 0  # closes the closed-socket sweep handed over
         self.last = 0.0  # wall time of the last publish
         self.seconds = 0.0  # how long it took
@@ -104,11 +107,13 @@ class Publisher:
         ledger.count_open(probe.open_connections(), view, now)
         if retiring:
             self._retire(entries)
+            self.generations += 1
         ledger.expire(view, now)
         stats = probe.stats()
         self._watch_flows(stats[Stat.FLOWS_FULL])
+        self._watch_overflow()
         self.last = self._clock.time()
-        maps = KernelMaps(entries.total, probe.flows_capacity)
+        maps = KernelMaps(entries.total, probe.flows_capacity, self.generations)
         self._render(stats, maps, sources_up)
         self.seconds = self._clock.monotonic() - started
 
@@ -165,6 +170,19 @@ class Publisher:
                 refused,
             )
         self._flows_full = refused
+
+    def _watch_overflow(self) -> None:
+        """Label sets refused by the cap are logged, not only counted."""
+        folded = sum(self.ledger.overflowed.values())
+        if folded > self._overflowed and self._overflow_complaints.ready():
+            log.warning(
+                "%d label sets past metrics.max_series (%d a level) folded into the overflow"
+                " label set so far (%s); raise metrics.max_series, or lower series_ttl",
+                folded,
+                self.ledger.max_series,
+                ", ".join(f"{lv} {n}" for lv, n in self.ledger.overflowed.items()),
+            )
+        self._overflowed = folded
 
     def _sweep_failed(self, exc: SockDiagError) -> None:
         """A namespace the sweep could not enter: its connections' bytes come at close."""

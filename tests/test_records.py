@@ -7,7 +7,7 @@ import ipaddress
 
 import pytest
 
-from kmeshd.accesslog.records import RecordFeed, access_record, format_address
+from kmeshd.accesslog.records import DRAIN_SLICE_S, RecordFeed, access_record, format_address
 from kmeshd.accesslog.render import AccessRecord
 from kmeshd.accesslog.sinks import Fanout
 from kmeshd.events import ConnectionRecord
@@ -130,11 +130,27 @@ def test_the_feed_stops_the_drain_when_the_budget_is_spent() -> None:
     sink = Collecting()
     feed = RecordFeed(Fanout([sink]), IDS, 2, lambda: now[0])
     raw = conn_record("10.244.0.17", 40000, "10.244.0.11", 80, Direction.OUTBOUND)
+    assert feed.begin()
     assert [feed(raw), feed(raw)] == [True, False]
-    assert not feed.ready()
+    assert not feed.begin()
     now[0] = 1.0
-    assert feed.ready()
+    assert feed.begin()
     feed.limit(0)
     assert all(feed(raw) for _ in range(100))
     assert feed.handled == 102 and len(sink.got) == 102
     assert (sink.got[0].src_workload, sink.got[0].dst_workload) == (SLEEP.name, HTTPBIN.name)
+
+
+def test_one_drain_stops_after_its_time_slice_even_without_a_limit() -> None:
+    """With no rate limit, a drain still ends after DRAIN_SLICE_S, so that the main loop
+    goes on publishing during a flood; begin(None) (shutdown's) drains to the end."""
+    now = [0.0]
+    feed = RecordFeed(Fanout([Collecting()]), IDS, 0, lambda: now[0])
+    raw = conn_record("10.244.0.17", 40000, "10.244.0.11", 80, Direction.OUTBOUND)
+    assert feed.begin()
+    assert feed(raw)
+    now[0] += DRAIN_SLICE_S
+    assert not feed(raw)
+    assert feed.begin(None)
+    now[0] += 3600
+    assert feed(raw)

@@ -7,7 +7,9 @@ ends, becomes an AccessRecord for every sink.
 `RecordFeed` is what the probe calls for each record it drains. It handles at most
 `accesslog.max_rate` records a second: past that it tells the probe to stop, and the rest
 wait in the kernel's ring buffer (whose overflow the kernel counts), so a burst of
-connections costs counted records, never a core taken from the node's real work.
+connections costs counted records, never a core taken from the node's real work. And one
+drain lasts at most DRAIN_SLICE_S, so that even without a rate limit a flood of records
+never keeps the main loop from publishing.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from kmeshd.identity.model import UNKNOWN, IdentityView, IPAddress
 from kmeshd.kernel.layout import Direction, Kind
 from kmeshd.labels import ends_of
 from kmeshd.ratelimit import TokenBucket
+
+DRAIN_SLICE_S = 0.05  # the longest one drain takes; the main loop ticks every 0.1 s
 
 
 @functools.lru_cache(maxsize=65536)
@@ -78,15 +82,19 @@ class RecordFeed:
         self.handled = 0  # records taken from the kernel: kmeshd_accesslog_records_total
         self._clock = clock
         self.budget = TokenBucket(rate, clock)
+        self._slice_ends = float("inf")
 
     def __call__(self, raw: bytes) -> bool:
-        """One record; False when the budget is spent (the probe stops draining)."""
+        """One record; False when the budget or the drain's time is spent (the probe stops
+        draining)."""
         self.handled += 1
         self.sinks.write(access_record(decode_record(raw), self.view, self.wall_offset_ns))
-        return self.budget.take()
+        return self.budget.take() and self._clock() < self._slice_ends
 
-    def ready(self) -> bool:
-        """Whether the budget allows another record now."""
+    def begin(self, slice_s: float | None = DRAIN_SLICE_S) -> bool:
+        """Start a drain of at most `slice_s` seconds (None: until the ring buffer is empty);
+        whether the budget allows a record now."""
+        self._slice_ends = float("inf") if slice_s is None else self._clock() + slice_s
         return self.budget.available()
 
     def limit(self, rate: int) -> None:

@@ -42,6 +42,7 @@ class Health:
     series_expired: int = 0
     map_entries: Mapping[str, int] = field(default_factory=dict)  # map -> entries now
     map_capacity: Mapping[str, int] = field(default_factory=dict)  # map -> max entries
+    flow_generations: int = 0  # generations of kernel flow entries retired
 
 
 class HealthCollector(Collector):
@@ -171,6 +172,12 @@ def _health(h: Health) -> Iterator[Metric]:
         "Entries in a BPF map now, by map",
         "map",
         h.map_entries,
+    )
+    yield CounterMetricFamily(
+        "kmeshd_bpf_flow_generations_total",
+        "Generations of the kernel's flow entries retired: read a last time and removed"
+        " (every bpf.flow_expiry)",
+        value=h.flow_generations,
     )
     yield _gauge(
         "kmeshd_bpf_map_capacity",
