@@ -256,3 +256,42 @@ def test_a_changed_pod_answers_with_its_new_identity_at_once() -> None:
 )
 def test_ip_key(address: str, key: int) -> None:
     assert ip_key(ip_address(address)) == key
+
+
+def test_a_name_is_known_while_any_pod_answers_to_it_dead_ones_included() -> None:
+    """A workload is known while one of its pods is in the cache, a deleted pod until the
+    grace period ends; a deleted service likewise. What metric series leave by."""
+    cache = IdentityCache("n1", GRACE)
+    first, second = (
+        replace(p, workload=replace(p.workload, workload="web"))
+        for p in (pod("a", name="web-1"), pod("b", name="web-2", ip="10.1.0.6"))
+    )
+    workload = ("workload", *first.workload.label_values())
+    cache.put(PODS, APISERVER, first, now=0)
+    cache.put(PODS, APISERVER, second, now=0)
+    assert workload == ("workload", *second.workload.label_values())
+    assert cache.knows(workload) and cache.knows(("pod", "shop", "web-1"))
+    cache.delete(PODS, APISERVER, "a", now=10)
+    cache.gc(now=10 + GRACE)
+    assert not cache.knows(("pod", "shop", "web-1")) and cache.knows(workload)
+    cache.delete(PODS, APISERVER, "b", now=20)
+    assert cache.knows(workload)  # dead, within its grace
+    cache.gc(now=20 + GRACE)
+    assert not cache.knows(workload)
+    cache.replace(SERVICES, APISERVER, [service("web")], now=0)
+    assert cache.knows(("service", "shop", "web"))
+    cache.replace(SERVICES, APISERVER, [], now=30)
+    cache.gc(now=30 + GRACE)
+    assert not cache.knows(("service", "shop", "web"))
+
+
+def test_a_relabelled_pod_answers_to_its_new_name_only() -> None:
+    """A pod whose labels changed (a new revision) is known by its new identity, not by
+    the old one, which no other pod holds."""
+    cache = IdentityCache("n1", GRACE)
+    before = pod("a", name="web-1")
+    after = replace(before, workload=replace(before.workload, canonical_revision="v2"))
+    cache.put(PODS, APISERVER, before, now=0)
+    cache.put(PODS, APISERVER, after, now=1)
+    assert cache.knows(("workload", *after.workload.label_values()))
+    assert not cache.knows(("workload", *before.workload.label_values()))
