@@ -21,16 +21,17 @@ counters, and the histograms `histograms` names.
 
 from __future__ import annotations
 
+import operator
 import struct
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from kmeshd.config import HISTOGRAMS
-from kmeshd.events import decode_flow_key
+from kmeshd.events import FlowKey, decode_flow_key
 from kmeshd.identity.model import UNKNOWN, IdentityView, Name
 from kmeshd.kernel.layout import BUCKETS, FLOW_COUNTERS, FLOW_KEY, Entries
-from kmeshd.labels import LabelValues, ends_of, flow_labels
+from kmeshd.labels import Ends, LabelValues, ends_of, flow_labels
 
 SCALARS = (
     "opened", "closed", "failed", "received_bytes", "sent_bytes", "reset", "refused",
@@ -44,14 +45,25 @@ LEVELS = ("workload", "service")
 _KEPT_IN_OVERFLOW = frozenset({0, 20, 21, 22})  # reporter, protocol, flags, policy
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class LabelSet:
-    """One series' counts (the kept slots, cumulative), its open connections now, and
-    when its counts last changed (monotonic seconds)."""
+    """One series' counts (the kept slots, cumulative), its open connections now, when
+    its counts last changed (monotonic seconds), and whether it is still exported."""
 
     counts: list[int]
     changed_at: float
     active: int = 0
+    live: bool = True
+
+
+@dataclass(slots=True)
+class _Route:
+    """Where one flow's counts went last time: the identities its ends had then (compared
+    by identity: the sources replace an object that changes) and the two label sets."""
+
+    flow: FlowKey
+    ends: Ends
+    series: tuple[LabelSet, LabelSet] | None  # None: neither end known
 
 
 @dataclass(frozen=True)
@@ -123,14 +135,26 @@ class Ledger:
         self.slots = slots or Slots()
         self.max_series = max_series
         self.series_ttl = series_ttl
-        self.policy = policy
+        self._policy = policy
         self.levels: dict[str, dict[LabelValues, LabelSet]] = {lv: {} for lv in LEVELS}
         self.unattributed = 0  # connections (opened or failed) with no known end
         self.overflowed = {lv: 0 for lv in LEVELS}  # label sets folded into overflow
         self.expired = 0  # label sets that left
         self._last: dict[bytes, bytes] = {}  # entry key -> its value's kept bytes
+        self._routes: dict[bytes, _Route] = {}  # flow key (generation 0) -> its route
         # Label sets recently folded into overflow, so that each counts once while seen.
         self._overflow_seen: OrderedDict[tuple[str, LabelValues], float] = OrderedDict()
+
+    @property
+    def policy(self) -> str:
+        """connection_security_policy's value in new label sets."""
+        return self._policy
+
+    @policy.setter
+    def policy(self, policy: str) -> None:
+        if policy != self._policy:
+            self._policy = policy
+            self._routes.clear()  # their label sets carry the old value
 
     @property
     def workload(self) -> dict[LabelValues, LabelSet]:
@@ -148,7 +172,7 @@ class Ledger:
     def fold(self, entries: Entries, ids: IdentityView, now: float) -> None:
         """Add what each entry counted since it was last read."""
         width, key_size, value_size = self.slots.width, FLOW_KEY.size, FLOW_COUNTERS.size
-        keys, values, last = entries.keys, entries.values, self._last
+        keys, values, last, unpack = entries.keys, entries.values, self._last, self.slots.unpack
         for i in range(entries.total):
             at = i * value_size
             raw = values[at : at + width]
@@ -157,13 +181,12 @@ class Ledger:
             if before == raw:
                 continue
             last[key] = raw
-            delta = self.slots.unpack(raw)
+            delta = unpack(raw)
             if before is not None:
-                old = self.slots.unpack(before)
-                moved = [a - b for a, b in zip(delta, old, strict=True)]
+                moved = list(map(operator.sub, delta, unpack(before)))
                 if min(moved) >= 0:  # else the map was recreated: all of it is new
                     delta = moved
-            self._add(key, delta, ids, now)
+            self._add(key[:-1] + b"\0", delta, ids, now)
 
     def fold_closes(
         self, closes: Iterable[tuple[bytes, int]], ids: IdentityView, now: float
@@ -181,17 +204,15 @@ class Ledger:
             for series in series_of.values():
                 series.active = 0
         for key, n in open_now.items():
-            labels = self._labels(key, ids)
-            if labels is None:
-                continue
-            for level, values in zip(LEVELS, labels, strict=True):
-                series = self._series(level, values, now)
+            for series in self._route(key, ids, now) or ():
                 series.active += n
 
     def forget(self, keys: Iterable[bytes]) -> None:
         """Entries the kernel no longer has (retired, their final counts folded)."""
         for key in keys:
             self._last.pop(key, None)
+        flows = {key[:-1] + b"\0" for key in self._last}
+        self._routes = {k: r for k, r in self._routes.items() if k in flows}
 
     def expire(self, ids: IdentityView, now: float) -> int:
         """Remove the label sets naming an identity no longer known that have no open
@@ -206,7 +227,7 @@ class Ledger:
                 and not all(ids.knows(name) for name in names_of(labels, level))
             ]
             for labels in stale:
-                del series_of[labels]
+                series_of.pop(labels).live = False
             gone += len(stale)
         for seen, at in list(self._overflow_seen.items()):
             if now - at < self.series_ttl:
@@ -215,24 +236,42 @@ class Ledger:
         self.expired += gone
         return gone
 
-    def _labels(self, key: bytes, ids: IdentityView) -> tuple[LabelValues, LabelValues] | None:
-        flow = decode_flow_key(key)
+    def _route(self, key: bytes, ids: IdentityView, now: float) -> tuple[LabelSet, LabelSet] | None:
+        """The label sets of flow `key` (generation 0) under the identities of now. Kept
+        per flow and reused while its ends resolve to the same objects and its label sets
+        are exported: labelling is most of what a flow costs a publish."""
+        route = self._routes.get(key)
+        flow = route.flow if route is not None else decode_flow_key(key)
         ends = ends_of(ids, flow.client, flow.server, flow.server_port)
-        if not ends.known():
-            return None
-        return flow_labels(flow, ends, self.policy)
+        if (
+            route is not None
+            and all(map(operator.is_, ends, route.ends))
+            and (route.series is None or all(s.live for s in route.series))
+        ):
+            return route.series
+        series = None
+        if ends.known():
+            labels = flow_labels(flow, ends, self.policy)
+            series = (
+                self._series(LEVELS[0], labels[0], now),
+                self._series(LEVELS[1], labels[1], now),
+            )
+        self._routes[key] = _Route(flow, ends, series)
+        return series
 
     def _add(self, key: bytes, delta: list[int], ids: IdentityView, now: float) -> None:
         if not any(delta):
             return
-        labels = self._labels(key, ids)
-        if labels is None:
+        series = self._route(key, ids, now)
+        if series is None:
             self.unattributed += delta[OPENED] + delta[FAILED]
             return
-        for level, values in zip(LEVELS, labels, strict=True):
-            series = self._series(level, values, now)
-            series.counts = [a + b for a, b in zip(series.counts, delta, strict=True)]
-            series.changed_at = now
+        for s in series:
+            counts = s.counts
+            for i, d in enumerate(delta):
+                if d:
+                    counts[i] += d
+            s.changed_at = now
 
     def _series(self, level: str, labels: LabelValues, now: float) -> LabelSet:
         """The label set `labels` of `level`, made if new: past max_series, the overflow."""

@@ -8,10 +8,12 @@ kernel only when the identities changed, and at most once every `every` seconds.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable
 from typing import Protocol
 
 from kmeshd.events import encode_address
+from kmeshd.identity.model import IPAddress
 from kmeshd.identity.sources import IdentitySource
 
 KNOWN_EVERY_S = 1.0  # new pod addresses reach the kernel's known set within this
@@ -21,6 +23,13 @@ class KnownSetter(Protocol):
     def set_known(self, keys: Iterable[bytes]) -> int:
         """Make the kernel's set equal `keys`; returns the entries refused (map full)."""
         ...
+
+
+@functools.lru_cache(maxsize=1 << 17)
+def _encoded(address: IPAddress) -> bytes:
+    """An address as the kernel keeps it, encoded once: a cluster has tens of thousands of
+    service addresses, and the set is handed over again whenever one changes."""
+    return encode_address(address)
 
 
 class KnownAddresses:
@@ -44,4 +53,4 @@ class KnownAddresses:
             return
         self._version, self._at = source.known_version, now
         addresses = source.view().known_addresses()
-        self.refused = self._probe.set_known(encode_address(a) for a in addresses)
+        self.refused = self._probe.set_known(map(_encoded, addresses))

@@ -113,6 +113,10 @@ def le_value(bound_us: int | None) -> str:
     return "+Inf" if bound_us is None else _go_float(bound_us / 1e6)
 
 
+# Each histogram's le label values, written once.
+_LES = {h: [le_value(b) for b in (*bounds, None)] for h, _s, _d, bounds in HISTOGRAM_FAMILIES}
+
+
 class Exposition:
     """Renders a Ledger's label sets. Keeps each label set's label text between publishes
     (and drops the texts of label sets that left)."""
@@ -175,11 +179,11 @@ class Exposition:
     def _histograms(
         self, prefix: str, level: str, texts: list[tuple[str, LabelSet]]
     ) -> Iterator[str]:
-        for histogram, suffix, doc, bounds in HISTOGRAM_FAMILIES:
+        for histogram, suffix, doc, _bounds in HISTOGRAM_FAMILIES:
             if histogram not in self.slots.histograms:
                 continue
             name = prefix + suffix
-            les = [le_value(b) for b in (*bounds, None)]
+            les = _LES[histogram]
             start = self.slots.offset(histogram)
             lines = [_header(name, doc.format(level), "histogram")]
             for t, s in texts:

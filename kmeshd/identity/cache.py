@@ -165,6 +165,7 @@ class _Store(Generic[K, C, E]):
         self._names = names
         self.names: dict[Name, int] = {}  # name -> entries answering to it, dead ones too
         self.entries: dict[K, _Entry[E]] = {}
+        self._reported: dict[str, set[K]] = {}  # source -> keys it reports now
         self.index: _Index[C, E] = _Index(rank)
         self._dead: set[K] = set()  # so that gc looks at these, not at every entry
         self.claims_changed = 0  # bumped when what entries claim (or who reports them) changed
@@ -175,6 +176,7 @@ class _Store(Generic[K, C, E]):
         key = self.key(value)
         old = self.entries.get(key)
         sources = _shared((old.sources if old else frozenset()) | {source})
+        self._reported.setdefault(source, set()).add(key)
         dead_since = None
         if self._finished(value):
             dead_since = old.dead_since if old and old.dead_since is not None else now
@@ -204,6 +206,7 @@ class _Store(Generic[K, C, E]):
         if entry is None:
             return
         entry.sources = _shared(entry.sources - {source})
+        self._reported.get(source, set()).discard(key)
         if not entry.sources and entry.alive:
             entry.dead_since = now
             self._dead.add(key)
@@ -216,14 +219,17 @@ class _Store(Generic[K, C, E]):
         for value in values:
             listed.add(self.key(value))
             self.put(source, value, now)
-        for key in [k for k, e in self.entries.items() if source in e.sources and k not in listed]:
+        for key in self._reported.get(source, set()) - listed:
             self.delete(source, key, now)
 
     def gc(self, now: float, grace: float) -> int:
         expired = [k for k in self._dead if now - (self.entries[k].dead_since or now) >= grace]
         for key in expired:
             self._dead.discard(key)
-            self._forget(self.entries.pop(key))
+            entry = self.entries.pop(key)
+            for source in entry.sources:
+                self._reported[source].discard(key)
+            self._forget(entry)
         self.claims_changed += bool(expired)
         return len(expired)
 
@@ -272,6 +278,7 @@ class IdentityCache:
         self._slices: _Store[tuple[str, str], int, Endpoints] = _Store(
             lambda s: (s.namespace, s.name), _endpoints, _slice_rank, lambda s: s.service
         )
+        self._known: tuple[int, frozenset[IPAddress]] | None = None
         self._stores: dict[str, _Store[Any, Any, Any]] = {
             PODS: self._pods,
             SERVICES: self._services,
@@ -323,7 +330,11 @@ class IdentityCache:
 
     def known_addresses(self) -> frozenset[IPAddress]:
         """This node's pod addresses and every cluster IP: the sockets worth tracking here
-        have one of these at an end. Remote pods are resolved, but not tracked for."""
+        have one of these at an end. Remote pods are resolved, but not tracked for. Made
+        again only when known_version moved."""
+        version = self.known_version
+        if self._known is not None and self._known[0] == version:
+            return self._known[1]
         local = {
             plain_ip(ip)
             for e in self._pods.entries.values()
@@ -331,7 +342,8 @@ class IdentityCache:
             for ip in e.value.workload.addresses
         }
         vips = {plain_ip(ip) for e in self._services.entries.values() for ip in e.value.addresses}
-        return frozenset(local | vips)
+        self._known = (version, frozenset(local | vips))
+        return self._known[1]
 
     def knows(self, name: Name) -> bool:
         """Whether a pod, workload or service of this name is in the cache (alive, or dead

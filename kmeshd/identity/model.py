@@ -8,7 +8,6 @@ never v4-mapped, so a lookup of what the kernel reports is one dict access.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -129,36 +128,41 @@ class Identities:
 
     workloads: tuple[Workload, ...] = ()
     services: tuple[Service, ...] = ()
-    _by_ip: dict[IPAddress, Workload] = field(init=False, repr=False, compare=False)
-    _by_vip: dict[tuple[IPAddress, int], Service] = field(init=False, repr=False, compare=False)
+    # Keyed by ip_key() ints, not address objects: a lookup hashes an int in C.
+    _by_ip: dict[int, Workload] = field(init=False, repr=False, compare=False)
+    _by_vip: dict[tuple[int, int], Service] = field(init=False, repr=False, compare=False)
+    _addresses: frozenset[IPAddress] = field(init=False, repr=False, compare=False)
     _by_target: dict[tuple[str, str, int], Service] = field(init=False, repr=False, compare=False)
     _names: frozenset[Name] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        by_ip = {plain_ip(a): w for w in self.workloads for a in w.addresses}
-        by_vip: dict[tuple[IPAddress, int], Service] = {}
+        by_ip = {ip_key(a): w for w in self.workloads for a in w.addresses}
+        by_vip: dict[tuple[int, int], Service] = {}
         by_target: dict[tuple[str, str, int], Service] = {}
         # Several services may select one workload on one target port: the first in
         # (namespace, name) order wins, so the choice never depends on file order.
         for svc in sorted(self.services, key=lambda s: (s.namespace, s.name)):
             for port in svc.ports:
                 for vip in svc.addresses:
-                    by_vip.setdefault((plain_ip(vip), port.port), svc)
+                    by_vip.setdefault((ip_key(vip), port.port), svc)
                 for wl in svc.workloads:
                     by_target.setdefault((svc.namespace, wl, port.target_port), svc)
         object.__setattr__(self, "_by_ip", by_ip)
         object.__setattr__(self, "_by_vip", by_vip)
         object.__setattr__(self, "_by_target", by_target)
+        addresses = {plain_ip(a) for w in self.workloads for a in w.addresses}
+        addresses |= {plain_ip(a) for s in self.services for a in s.addresses}
+        object.__setattr__(self, "_addresses", frozenset(addresses))
         names = {n for w in self.workloads for n in workload_names(w)}
         names |= {service_name(s) for s in self.services}
         object.__setattr__(self, "_names", frozenset(names))
 
     def workload_at(self, ip: IPAddress) -> Workload | None:
-        return self._by_ip.get(plain_ip(ip))
+        return self._by_ip.get(ip_key(ip))
 
     def service_at(self, ip: IPAddress, port: int) -> Service | None:
         """The service whose virtual IP and port these are."""
-        return self._by_vip.get((plain_ip(ip), port))
+        return self._by_vip.get((ip_key(ip), port))
 
     def service_behind(self, ip: IPAddress, port: int) -> Service | None:
         """The service that selects the workload at `ip` and forwards to this port."""
@@ -169,8 +173,7 @@ class Identities:
 
     def known_addresses(self) -> frozenset[IPAddress]:
         """Every workload address and service VIP: the kernel counts flows touching these."""
-        vips: Iterable[IPAddress] = (plain_ip(a) for s in self.services for a in s.addresses)
-        return frozenset(self._by_ip) | frozenset(vips)
+        return self._addresses
 
     def knows(self, name: Name) -> bool:
         return name in self._names

@@ -168,18 +168,21 @@ class Namespaces(NamedTuple):
 def namespace_paths(proc: Path = Path("/proc")) -> Namespaces:
     """One path per distinct network namespace, and the processes that hide theirs."""
     found = Namespaces({}, [])
-    processes = [p for p in proc.iterdir() if p.name.isdigit()]
-    candidates: list[tuple[str, Path | None]] = [(str(p / "ns" / "net"), p) for p in processes]
+    # Strings, not Path objects: this runs at every publish, over every process.
+    root = str(proc)
+    with os.scandir(root) as entries:
+        pids = [e.name for e in entries if e.name.isdigit()]
+    candidates: list[tuple[str, str | None]] = [(f"{root}/{pid}/ns/net", pid) for pid in pids]
     candidates += [(m, None) for m in nsfs_mounts((proc / "self" / "mountinfo").read_text())]
-    for path, process in candidates:
+    for path, pid in candidates:
         try:
             st = os.stat(path)
         except (FileNotFoundError, ProcessLookupError):
             continue  # the process exited, or a mount went away: not a namespace now
         except PermissionError as exc:
-            if process is None:
+            if pid is None:
                 raise SockDiagError(exc.errno, f"cannot read {path}: {exc.strerror}") from exc
-            found.hidden.append(process)
+            found.hidden.append(proc / pid)
             continue
         found.paths.setdefault((st.st_dev, st.st_ino), path)
     return found

@@ -13,7 +13,9 @@ reports:
   (`labels.ends_of`) against the full cache, hits and misses mixed;
 - requests: every request the daemon made, by kind, during the sync and during a steady
   window with pod churn (watch events only), and the requests per hour that follow from
-  the watch lengths it asked for.
+  the watch lengths it asked for;
+- CPU: the daemon's in windows with pod churn and in as many as long without, taken in
+  turn: what the events cost is the difference.
 
     .venv/bin/python -m tests.bench.identity [--pods N] [--services N] [--nodes N]
                                              [--window SECONDS] [--churn EVENTS_PER_S]
@@ -58,6 +60,7 @@ from tests.k8s_server import (
 from tests.tls import make_tls
 
 NODE = "node-0"
+PAIRS = 3  # quiet and churn windows, alternating
 PATHS = {r.path: r.name for r in apiserver.RESOURCES}
 MiB = 1024 * 1024
 
@@ -128,7 +131,7 @@ def daemon_run(args: argparse.Namespace, cluster: Cluster, tls: Any, work: Path)
     pin_dir = Path(f"/sys/fs/bpf/kmeshd-bench-identity-{uuid.uuid4().hex[:6]}")
     table = f'kubeconfig = "{kubeconfig}"\nnode_name = "{NODE}"\nkubelet_url = "{kubelet.url}"\n'
     daemon = DaemonProcess(
-        work, "", pin_dir, kubernetes=table, accesslog_file=False, textfile=False
+        work, "", pin_dir, kubernetes=table, accesslog_file=False, textfile=False, metrics=""
     )
     clock = RequestClock(api)
     try:
@@ -149,15 +152,24 @@ def daemon_run(args: argparse.Namespace, cluster: Cluster, tls: Any, work: Path)
         lengths = [int(r.query["timeoutSeconds"]) for r in api.log if r.query.get("watch")]
         api.clear_log()
         kubelet.clear_log()
-        progress(f"synced in {synced:.1f} s (READY after {ready:.1f} s); steady window...")
-        cpu0 = cpu_seconds(pid)
-        stop = threading.Event()
-        churner = threading.Thread(target=churn, args=(args, cluster, stop))
-        churner.start()
-        time.sleep(args.window)
-        stop.set()
-        churner.join()
-        window_cpu = cpu_seconds(pid) - cpu0
+        progress(
+            f"synced in {synced:.1f} s (READY after {ready:.1f} s); quiet and churn windows..."
+        )
+        # Alternating quiet and churn windows, so that the host's drift falls on both.
+        quiet_cpu = window_cpu = 0.0
+        part = args.window / PAIRS
+        for _ in range(PAIRS):
+            cpu0 = cpu_seconds(pid)
+            time.sleep(part)
+            quiet_cpu += cpu_seconds(pid) - cpu0
+            cpu0 = cpu_seconds(pid)
+            stop = threading.Event()
+            churner = threading.Thread(target=churn, args=(args, cluster, stop))
+            churner.start()
+            time.sleep(part)
+            stop.set()
+            churner.join()
+            window_cpu += cpu_seconds(pid) - cpu0
         steady = count_requests(api, kubelet)
         lengths += [int(r.query["timeoutSeconds"]) for r in api.log if r.query.get("watch")]
         return {
@@ -170,6 +182,7 @@ def daemon_run(args: argparse.Namespace, cluster: Cluster, tls: Any, work: Path)
             "steady_window_s": args.window,
             "steady_requests": steady,
             "steady_cpu_s": window_cpu,
+            "quiet_cpu_s": quiet_cpu,
             "churn_events_per_s": args.churn,
             "watch_lengths_s": lengths,
         }
@@ -298,7 +311,10 @@ def render(r: dict[str, Any]) -> str:
             + ", ".join(f"{k} {v:.2f}" for k, v in c["lookup_us"].items()),
             f"requests during sync: {sync}",
             f"steady window {d['steady_window_s']:.0f} s with {d['churn_events_per_s']:.0f} pod"
-            f" events/s: {steady or 'none'}; daemon CPU {d['steady_cpu_s']:.2f} s",
+            f" events/s: {steady or 'none'}; daemon CPU {d['steady_cpu_s']:.2f} s, against"
+            f" {d['quiet_cpu_s']:.2f} s in as long without events: the events cost"
+            f" {(d['steady_cpu_s'] - d['quiet_cpu_s']) * 60 / d['steady_window_s']:.2f} s a"
+            " minute",
             f"watch lengths asked for: {d['watch_lengths_s']} s -> per hour: {hourly}",
         ]
     )
