@@ -3,7 +3,8 @@
 #   sudo make test    set up what is missing, then run every test (BPF tests included)
 #   make check        ruff + mypy + tests (what CI runs)
 #   sudo make bench   overhead benchmarks (figures for README and kmeshd(8)); bench-identity
-#                     runs only the Kubernetes identity one
+#                     runs only the Kubernetes identity one, bench-scale only the size
+#                     ones (label sets, flows, a month's churn)
 #   make man          man pages from their scdoc sources
 #   make deb          build/kmeshd_<version>_all.deb
 
@@ -31,7 +32,7 @@ DEB := build/kmeshd_$(VERSION)_all.deb
 # Reproducible man pages: dated by the last commit, not by the build.
 export SOURCE_DATE_EPOCH ?= $(shell git log -1 --format=%ct 2>/dev/null || date +%s)
 
-.PHONY: run test check lint typecheck pytest bench bench-identity venv host-deps kernel-headers \
+.PHONY: run test check lint typecheck pytest bench bench-identity bench-scale venv host-deps kernel-headers \
 	man deb clean
 
 run: venv kernel-headers
@@ -58,6 +59,14 @@ bench: venv kernel-headers
 	$(VENV)/bin/python -m tests.bench.sweep $(BENCH_SWEEP_ARGS)
 	$(VENV)/bin/python -m tests.bench.paired $(BENCH_PAIRED_ARGS)
 	$(VENV)/bin/python -m tests.bench.identity $(BENCH_IDENTITY_ARGS)
+	$(VENV)/bin/python -m tests.bench.scale $(BENCH_SCALE_ARGS)
+	$(VENV)/bin/python -m tests.bench.publish $(BENCH_PUBLISH_ARGS)
+	$(VENV)/bin/python -m tests.bench.soak $(BENCH_SOAK_ARGS)
+
+bench-scale: venv kernel-headers
+	$(VENV)/bin/python -m tests.bench.scale $(BENCH_SCALE_ARGS)
+	$(VENV)/bin/python -m tests.bench.publish $(BENCH_PUBLISH_ARGS)
+	$(VENV)/bin/python -m tests.bench.soak $(BENCH_SOAK_ARGS)
 
 bench-identity: venv kernel-headers
 	$(VENV)/bin/python -m tests.bench.identity $(BENCH_IDENTITY_ARGS)
