@@ -58,10 +58,13 @@ class LabelSet:
 
 @dataclass(slots=True)
 class _Route:
-    """Where one flow's counts went last time: the identities its ends had then (compared
-    by identity: the sources replace an object that changes) and the two label sets."""
+    """Where one flow's counts went last time: the view and its version then, the
+    identities its ends had (compared by identity: the sources replace an object that
+    changes), and the two label sets."""
 
     flow: FlowKey
+    view: IdentityView
+    version: int
     ends: Ends
     series: tuple[LabelSet, LabelSet] | None  # None: neither end known
 
@@ -241,13 +244,15 @@ class Ledger:
         per flow and reused while its ends resolve to the same objects and its label sets
         are exported: labelling is most of what a flow costs a publish."""
         route = self._routes.get(key)
+        live = route is not None and (
+            route.series is None or (route.series[0].live and route.series[1].live)
+        )
+        if live and route is not None and route.view is ids and route.version == ids.version:
+            return route.series  # nothing changed that could move it
         flow = route.flow if route is not None else decode_flow_key(key)
         ends = ends_of(ids, flow.client, flow.server, flow.server_port)
-        if (
-            route is not None
-            and all(map(operator.is_, ends, route.ends))
-            and (route.series is None or all(s.live for s in route.series))
-        ):
+        if live and route is not None and all(map(operator.is_, ends, route.ends)):
+            route.view, route.version = ids, ids.version
             return route.series
         series = None
         if ends.known():
@@ -256,7 +261,7 @@ class Ledger:
                 self._series(LEVELS[0], labels[0], now),
                 self._series(LEVELS[1], labels[1], now),
             )
-        self._routes[key] = _Route(flow, ends, series)
+        self._routes[key] = _Route(flow, ids, ids.version, ends, series)
         return series
 
     def _add(self, key: bytes, delta: list[int], ids: IdentityView, now: float) -> None:

@@ -231,3 +231,24 @@ def test_only_the_histograms_asked_for_are_kept() -> None:
     [series] = agg.workload.values()
     assert series.counts == [1, *[0] * 9, 1, *[0] * 17, 40, *[0] * 17, 1, 9]
     assert isinstance(series, LabelSet)
+
+
+def test_a_pod_relabelled_in_the_cache_takes_the_new_counts() -> None:
+    """The Kubernetes cache changes in place: a flow's counts after a pod's labels changed
+    go to its new label set (kept routes are checked against the cache's version)."""
+    from dataclasses import replace
+
+    from kmeshd.identity.cache import APISERVER, PODS, IdentityCache
+    from kmeshd.identity.objects import Pod
+
+    cache = IdentityCache("n1")
+    client, server = (Pod(w.name, "n1", 1.0, False, False, w) for w in (A, B))
+    for pod in (client, server):
+        cache.put(PODS, APISERVER, pod, now=0)
+    agg = Ledger()
+    agg.fold(entries([(KEY, FlowCounters(1, 1))]), cache, 0.0)
+    relabelled = replace(server, workload=replace(B, canonical_revision="v2"))
+    cache.put(PODS, APISERVER, relabelled, now=1)
+    agg.fold(entries([(KEY, FlowCounters(3, 3))]), cache, 1.0)
+    revisions = {labels[14]: s.counts[0] for labels, s in agg.workload.items()}
+    assert revisions == {"latest": 1, "v2": 2}

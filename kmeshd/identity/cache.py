@@ -279,6 +279,7 @@ class IdentityCache:
             lambda s: (s.namespace, s.name), _endpoints, _slice_rank, lambda s: s.service
         )
         self._known: tuple[int, frozenset[IPAddress]] | None = None
+        self.version = 0  # moves with every change (IdentityView.version)
         self._stores: dict[str, _Store[Any, Any, Any]] = {
             PODS: self._pods,
             SERVICES: self._services,
@@ -289,20 +290,25 @@ class IdentityCache:
 
     def put(self, resource: str, source: str, value: Pod | Service | Endpoints, now: float) -> None:
         """`source` reports this object (new or changed)."""
+        self.version += 1
         self._stores[resource].put(source, value, now)
 
     def delete(self, resource: str, source: str, key: Hashable, now: float) -> None:
         """`source` no longer has the object with this key (a pod's uid, else (namespace,
         name)); it dies when no source has it."""
+        self.version += 1
         self._stores[resource].delete(source, key, now)
 
     def replace(self, resource: str, source: str, values: Iterable[Any], now: float) -> None:
         """All `source` has of `resource` now: what it no longer lists, it deleted."""
+        self.version += 1
         self._stores[resource].replace(source, values, now)
 
     def gc(self, now: float) -> int:
         """Forget what has been dead longer than the grace period; returns how many."""
-        return sum(s.gc(now, self.grace) for s in self._stores.values())
+        gone = sum(s.gc(now, self.grace) for s in self._stores.values())
+        self.version += bool(gone)
+        return gone
 
     @property
     def known_version(self) -> int:

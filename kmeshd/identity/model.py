@@ -90,7 +90,11 @@ class Service:
 
 
 class IdentityView(Protocol):
-    """The questions every identity source answers (the inventory, the Kubernetes cache)."""
+    """The questions every identity source answers (the inventory, the Kubernetes cache).
+    `version` changes whenever an answer may have: while it stays, an answer holds."""
+
+    @property
+    def version(self) -> int: ...
 
     def workload_at(self, ip: IPAddress) -> Workload | None:
         """The workload instance (pod) with this address."""
@@ -177,3 +181,8 @@ class Identities:
 
     def knows(self, name: Name) -> bool:
         return name in self._names
+
+    @property
+    def version(self) -> int:
+        """A snapshot never changes (a reload makes another)."""
+        return 0
