@@ -30,6 +30,7 @@ from kmeshd.export.textfile import Textfile
 from kmeshd.health import KernelMaps, daemon_health
 from kmeshd.identity.model import IdentityView
 from kmeshd.kernel.layout import FLOW_KEY, Entries, Stat
+from kmeshd.kernel.memory import release_freed_memory
 from kmeshd.kernel.sockdiag import SockDiagError
 from kmeshd.known import KnownAddresses
 from kmeshd.ratelimit import LOG_EVERY_S, Throttle
@@ -128,6 +129,9 @@ class Publisher:
         ]
         self._probe.forget_flows(b"".join(old))
         self.ledger.forget(old)
+        # A generation's flows and their routes are freed together: hand the heap they
+        # leave back, or months of churning peers leave the RSS in fragments.
+        release_freed_memory()
 
     def _render(
         self, stats: dict[Stat, int], maps: KernelMaps, sources: Mapping[str, bool]

@@ -200,3 +200,36 @@ def test_a_textfile_that_cannot_be_written_is_counted_and_the_old_one_kept(
     assert one(text, "kmeshd_textfile_write_failures_total") == 2
     pub.publish(IDS, {})
     assert one(path.read_text(), "kmeshd_sink_up", sink="textfile") == 1
+
+
+def test_the_series_of_a_deleted_pod_leave_after_its_grace_and_series_ttl() -> None:
+    """Kubernetes: a pod deleted by the apiserver still names its series during the cache's
+    grace period; once gone from the cache and idle for series_ttl, its label sets leave
+    /metrics, and the other pod's stay with their counts."""
+    from kmeshd.identity.cache import APISERVER, PODS, IdentityCache
+    from kmeshd.identity.objects import Pod
+
+    cache = IdentityCache("n1", grace=30.0)
+    other = Workload(
+        "sleep-2", "sleep2", "default", "sleep2", "latest", "-", "Kubernetes", (ip("10.0.0.3"),)
+    )
+    for w in (CLIENT, SERVER, other):
+        cache.put(PODS, APISERVER, Pod(w.name, "n1", 1.0, False, False, w), now=0)
+    probe, clock = FakeProbe(), FakeClock()
+    pub = publisher(probe, clock)
+    pub.ledger.series_ttl = 60.0
+    probe.flows_map = {
+        OUT: flow_value(1, 1, 10, 5),
+        flow_key("10.0.0.3", "10.0.0.2", 80, Direction.OUTBOUND): flow_value(1, 1, 10, 5),
+    }
+    pub.publish(cache, {})
+    assert one(scraped(pub), "kmeshd_series", level="workload") == 2
+    cache.delete(PODS, APISERVER, CLIENT.name, now=clock.monotonic())
+    for _ in range(9):  # 90 s: past the grace (30 s) and the series_ttl (60 s) after it
+        clock.sleep(10.0)
+        cache.gc(clock.monotonic())
+        pub.publish(cache, {})
+    text = scraped(pub)
+    assert 'source_workload="sleep"' not in text
+    assert one(text, "kmesh_tcp_workload_received_bytes_total", source_workload="sleep2") == 10
+    assert one(text, "kmeshd_series_expired_total") == 2

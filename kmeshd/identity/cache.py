@@ -163,7 +163,10 @@ class _Store(Generic[K, C, E]):
         self.key, self._claims, self._finished = key, claims, finished
         self._answer = answer
         self._names = names
-        self.names: dict[Name, int] = {}  # name -> entries answering to it, dead ones too
+        # hash(name) -> entries answering to it, dead ones too. Hashes, not the names: a
+        # name tuple per pod would cost 150,000 pods tens of MiB. Two names that collide
+        # make a gone identity look known: its series stay a little longer, no worse.
+        self.names: dict[int, int] = {}
         self.entries: dict[K, _Entry[E]] = {}
         self._reported: dict[str, set[K]] = {}  # source -> keys it reports now
         self.index: _Index[C, E] = _Index(rank)
@@ -244,8 +247,8 @@ class _Store(Generic[K, C, E]):
 
     def _rename(self, old: E | None, new: E | None) -> None:
         """Keep `names` counting the entries that answer to each name."""
-        before = tuple(self._names(old)) if old is not None else ()
-        after = tuple(self._names(new)) if new is not None else ()
+        before = tuple(map(hash, self._names(old))) if old is not None else ()
+        after = tuple(map(hash, self._names(new))) if new is not None else ()
         if before == after:
             return
         for name in before:
@@ -354,7 +357,8 @@ class IdentityCache:
     def knows(self, name: Name) -> bool:
         """Whether a pod, workload or service of this name is in the cache (alive, or dead
         within the grace period)."""
-        return name in self._pods.names or name in self._services.names
+        key = hash(name)
+        return key in self._pods.names or key in self._services.names
 
     def counts(self) -> dict[str, int]:
         """Objects held, by kind (dead ones included): for logs and self-metrics."""
