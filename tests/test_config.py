@@ -358,6 +358,24 @@ KNOWN_TABLES = "(known: accesslog, bpf, identity, kubernetes, metrics)"
             "[metrics]\ntextfile_explicit = true",
             f"metrics.textfile_explicit: unknown key {KNOWN_METRICS}",
         ),
+        ('[bpf]\nflow_expiry = "500ms"', "bpf.flow_expiry: must be from 1s to 24h"),
+        ('[bpf]\nflow_expiry = "25h"', "bpf.flow_expiry: must be from 1s to 24h"),
+        ("[bpf]\nmax_flows = 100", "bpf.max_flows: must be from 1,024 to 1,048,576, got 100"),
+        ('[metrics]\nseries_ttl = "200h"', "metrics.series_ttl: must be from 1s to 168h"),
+        ("[metrics]\nmax_series = 0", "metrics.max_series: must be from 1 to 1,000,000, got 0"),
+        (
+            '[metrics]\nhistograms = ["srtt", "p99"]',
+            'metrics.histograms[1]: "p99" is not a histogram (use duration, srtt, min_rtt,'
+            " connect)",
+        ),
+        (
+            '[metrics]\nhistograms = ["srtt", "srtt"]',
+            'metrics.histograms[1]: "srtt" is listed twice',
+        ),
+        (
+            '[metrics]\nhistograms = "srtt"',
+            'metrics.histograms: expected an array of strings, got the string "srtt"',
+        ),
     ],
 )
 def test_problem(toml: str, problem: str) -> None:
