@@ -33,10 +33,8 @@ from kmeshd.identity.model import UNKNOWN, IdentityView, Name
 from kmeshd.kernel.layout import BUCKETS, FLOW_COUNTERS, FLOW_KEY, Entries
 from kmeshd.labels import Ends, LabelValues, ends_of, flow_labels
 
-SCALARS = (
-    "opened", "closed", "failed", "received_bytes", "sent_bytes", "reset", "refused",
-    "timeout", "retransmits", "lost",
-)  # fmt: skip
+# struct flow_counters: scalar counters, then the histograms (HISTOGRAMS, in that order).
+SCALARS = tuple(name for name, code in FLOW_COUNTERS.fields if code == "Q")
 HISTOGRAM_SLOTS = BUCKETS + 1  # the buckets, then the sum
 OPENED, CLOSED, FAILED = 0, 1, 2
 OVERFLOW = "overflow"

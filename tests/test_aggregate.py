@@ -9,9 +9,10 @@ from collections.abc import Sequence
 import pytest
 
 from kmeshd.aggregate import OVERFLOW, LabelSet, Ledger, Slots, names_of, overflow_labels
-from kmeshd.events import FlowCounters, FlowKey, encode_address
+from kmeshd.events import FlowKey, encode_address
 from kmeshd.identity.model import Identities, Workload
 from kmeshd.kernel.layout import FLOW_COUNTERS, FLOW_KEY, Direction, Entries
+from tests.flow_counters import FlowCounters
 
 ip = ipaddress.ip_address
 A = Workload("a-1", "a", "default", "a", "latest", "-", "Kubernetes", (ip("10.0.0.1"),))

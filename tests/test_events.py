@@ -8,15 +8,9 @@ import struct
 
 import pytest
 
-from kmeshd.events import (
-    FlowCounters,
-    FlowKey,
-    decode_address,
-    decode_flow,
-    decode_record,
-    encode_address,
-)
+from kmeshd.events import FlowKey, decode_address, decode_record, encode_address
 from kmeshd.kernel.layout import BUCKETS, CONN_RECORD, Direction, Kind, Reason
+from tests.flow_counters import FlowCounters, decode_flow
 
 SLOTS = 10 + 4 * (BUCKETS + 1)  # struct flow_counters in __u64s
 ip = ipaddress.ip_address

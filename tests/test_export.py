@@ -16,11 +16,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from kmeshd.aggregate import LabelSet, Ledger, Slots
 from kmeshd.config import HISTOGRAMS
-from kmeshd.events import FlowCounters
 from kmeshd.export.exposition import Exposition
 from kmeshd.export.http import Body, MetricsServer
 from kmeshd.export.metrics import Health, SinkHealth, health_text
 from kmeshd.labels import SERVICE_LABELS, WORKLOAD_LABELS, LabelValues
+from tests.flow_counters import FlowCounters
 
 WL = (
     "destination",

@@ -138,3 +138,13 @@ def test_a_change_on_the_c_side_alone_is_caught(tmp_path: Path, old: str, new: s
         for m in layout.MIRRORS
     }
     assert (c["defines"], c["structs"]) != (layout.defines(), structs)
+
+
+def test_the_histograms_config_names_are_the_structs() -> None:
+    """metrics.histograms names struct flow_counters' histograms, in the struct's order,
+    after its ten scalar counters."""
+    from kmeshd.aggregate import SCALARS
+    from kmeshd.config import HISTOGRAMS
+
+    names = [name for name, _code in layout.FLOW_COUNTERS.fields]
+    assert (len(SCALARS), tuple(names[len(SCALARS) :])) == (10, HISTOGRAMS)

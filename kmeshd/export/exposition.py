@@ -80,7 +80,7 @@ HISTOGRAM_FAMILIES = (
     ),
 )
 
-LEVELS = (
+FAMILY_LEVELS = (  # level, family prefix, label names
     ("workload", "kmesh_tcp_workload_", WORKLOAD_LABELS),
     ("service", "kmesh_tcp_", SERVICE_LABELS),
 )
@@ -128,7 +128,7 @@ class Exposition:
     def render(self, ledger: Ledger) -> Iterator[str]:
         """The kmesh_* families, a family (or less) at a time."""
         live = 0
-        for level, prefix, names in LEVELS:
+        for level, prefix, names in FAMILY_LEVELS:
             series_of = ledger.levels[level]
             live += len(series_of)
             texts = [(self._text(level, names, labels), s) for labels, s in series_of.items()]
@@ -137,7 +137,7 @@ class Exposition:
             yield from self._histograms(prefix, level, texts)
             yield self._active(prefix, level, texts)
         if len(self._texts) > 2 * live + 1024:  # label sets left: forget their texts
-            keep = {(lv, labels) for lv, _p, _n in LEVELS for labels in ledger.levels[lv]}
+            keep = {(lv, labels) for lv, _p, _n in FAMILY_LEVELS for labels in ledger.levels[lv]}
             self._texts = {k: v for k, v in self._texts.items() if k in keep}
 
     def _text(self, level: str, names: tuple[str, ...], labels: LabelValues) -> str:
