@@ -17,7 +17,7 @@ from __future__ import annotations
 import itertools
 import logging
 import zlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Protocol
 
 from kmeshd.accesslog.records import RecordFeed
@@ -47,7 +47,7 @@ class FlowReader(Protocol):
     flows_capacity: int
 
     def sweep(self, on_error: Callable[[SockDiagError], None]) -> int: ...
-    def flow_entries(self) -> Entries: ...
+    def flow_entries(self) -> Iterator[Entries]: ...
     def open_connections(self) -> dict[bytes, int]: ...
     def take_unseen_closes(self) -> list[tuple[bytes, int]]: ...
     def new_generation(self) -> int: ...
@@ -100,33 +100,39 @@ class Publisher:
         if retiring:  # from here on the old generation's entries no longer change
             probe.new_generation()
             self._generation_at = now
-        entries = probe.flow_entries()
-        ledger.fold(entries, view, now)
+        entries, old = 0, []
+        for batch in probe.flow_entries():
+            ledger.fold(batch, view, now)
+            entries += batch.total
+            if retiring:
+                old += self._older(batch)
         closes = probe.take_unseen_closes()
         ledger.fold_closes(closes, view, now)
         self.unseen_closes += sum(n for _key, n in closes)
         ledger.count_open(probe.open_connections(), view, now)
         if retiring:
-            self._retire(entries)
+            self._retire(old)
             self.generations += 1
         ledger.expire(view, now)
         stats = probe.stats()
         self._watch_flows(stats[Stat.FLOWS_FULL])
         self._watch_overflow()
         self.last = self._clock.time()
-        maps = KernelMaps(entries.total, probe.flows_capacity, self.generations)
+        maps = KernelMaps(entries - len(old), probe.flows_capacity, self.generations)
         self._render(stats, maps, sources_up)
         self.seconds = self._clock.monotonic() - started
 
-    def _retire(self, entries: Entries) -> None:
-        """Delete the entries of earlier generations, folded for the last time just now."""
-        size, current = FLOW_KEY.size, self._probe.generation
-        keys = entries.keys
-        old = [
+    def _older(self, batch: Entries) -> list[bytes]:
+        """The keys of a batch's entries of earlier generations."""
+        size, current, keys = FLOW_KEY.size, self._probe.generation, batch.keys
+        return [
             keys[at : at + size]
-            for at in range(0, entries.total * size, size)
+            for at in range(0, batch.total * size, size)
             if keys[at + size - 1] != current
         ]
+
+    def _retire(self, old: list[bytes]) -> None:
+        """Delete the entries of earlier generations, folded for the last time just now."""
         self._probe.forget_flows(b"".join(old))
         self.ledger.forget(old)
         # A generation's flows and their routes are freed together: hand the heap they

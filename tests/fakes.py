@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import ipaddress
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from kmeshd.config import Config
@@ -72,6 +72,7 @@ class FakeProbe:
         self.generation = 0
         self.generations = 0  # how many times new_generation() ran
         self.flows_capacity = 65536
+        self.batch = 4096  # entries per batch read
         self.records: list[bytes] = []
         self.stats_values = {s: 0 for s in Stat}
         self.known: set[bytes] = set()
@@ -100,9 +101,12 @@ class FakeProbe:
         self.sweeps += 1
         return 1
 
-    def flow_entries(self) -> Entries:
-        keys, values = list(self.flows_map), list(self.flows_map.values())
-        return Entries(b"".join(keys), b"".join(values), len(keys))
+    def flow_entries(self) -> Iterator[Entries]:
+        """The map in batches of `batch` entries, as the kernel hands them over."""
+        items = list(self.flows_map.items())
+        for at in range(0, len(items), self.batch):
+            part = items[at : at + self.batch]
+            yield Entries(b"".join(k for k, _ in part), b"".join(v for _, v in part), len(part))
 
     def open_connections(self) -> dict[bytes, int]:
         return dict(self.open_now)

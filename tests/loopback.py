@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import socket
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
@@ -20,6 +20,15 @@ REPLY = b"hello"  # 5 bytes: sent_bytes per connection
 def address(block: int, i: int) -> str:
     """The i-th source address of a block: 127.<block>.<i // 250>.<i % 250 + 1>."""
     return f"127.{block}.{i // 250}.{i % 250 + 1}"
+
+
+def inventory(server: str, clients: Iterable[tuple[str, str]], namespace: str) -> str:
+    """An inventory naming a workload "server" at `server`, and each (name, address) client."""
+    workloads = [("server", server), *clients]
+    return "".join(
+        f'[[workload]]\nname = "{name}"\nnamespace = "{namespace}"\naddresses = ["{ip}"]\n'
+        for name, ip in workloads
+    )
 
 
 def _read(conn: socket.socket, n: int) -> bytes:

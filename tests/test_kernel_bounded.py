@@ -15,7 +15,7 @@ import pytest
 
 from tests.bench.probes import peak_rss_bytes
 from tests.daemon_proc import DaemonProcess, Samples, free_port, value
-from tests.loopback import REPLY, REQUEST, address, connect, connect_all, server
+from tests.loopback import REPLY, REQUEST, address, connect, connect_all, inventory, server
 
 pytestmark = pytest.mark.kernel
 
@@ -23,14 +23,9 @@ SERVER = "127.0.0.5"
 W = "kmesh_tcp_workload_"
 
 
-def inventory(*clients: tuple[str, str]) -> str:
-    """A server workload at SERVER, and the (name, address) clients."""
-    lines = [f'[[workload]]\nname = "server"\nnamespace = "test"\naddresses = ["{SERVER}"]\n']
-    lines += [
-        f'[[workload]]\nname = "{name}"\nnamespace = "test"\naddresses = ["{ip}"]\n'
-        for name, ip in clients
-    ]
-    return "".join(lines)
+def with_clients(*clients: tuple[str, str]) -> str:
+    """The inventory: a server workload at SERVER, and the (name, address) clients."""
+    return inventory(SERVER, clients, "test")
 
 
 def counts(s: Samples, reporter: str, **labels: str) -> tuple[float, float, float, float]:
@@ -58,7 +53,7 @@ def test_three_waves_of_thirty_thousand_peers_are_counted_exactly(
     flows map emptied between waves, and the daemon under 300 MiB."""
     port = free_port()
     daemon = DaemonProcess(
-        tmp_path, inventory(), pin_dir, interval="1s", bpf='flow_expiry = "2s"', metrics=""
+        tmp_path, with_clients(), pin_dir, interval="1s", bpf='flow_expiry = "2s"', metrics=""
     )
     daemon.start()
     try:
@@ -93,7 +88,7 @@ def test_a_flow_written_while_its_generation_is_retired_loses_nothing(
     client = "127.0.0.6"
     daemon = DaemonProcess(
         tmp_path,
-        inventory(("client", client)),
+        with_clients(("client", client)),
         pin_dir,
         interval="100ms",
         bpf='flow_expiry = "1s"',
@@ -134,7 +129,7 @@ def test_a_workload_removed_from_the_inventory_leaves_after_series_ttl(
     clients = (("client-a", "127.0.0.7"), ("client-b", "127.0.0.8"))
     daemon = DaemonProcess(
         tmp_path,
-        inventory(*clients),
+        with_clients(*clients),
         pin_dir,
         interval="200ms",
         metrics='series_ttl = "2s"',
@@ -145,7 +140,7 @@ def test_a_workload_removed_from_the_inventory_leaves_after_series_ttl(
             connect_all([ip for _, ip in clients], SERVER, port)
         before = daemon.wait_for(exactly(1, source_workload="client-b"), what="client-b")
         assert counts(before, "source", source_workload="client-a") == (1, 1, 10, 5)
-        (tmp_path / "inventory.toml").write_text(inventory(clients[1]))
+        (tmp_path / "inventory.toml").write_text(with_clients(clients[1]))
         daemon.send(signal.SIGHUP)
         removed = time.monotonic()
         after = daemon.wait_for(
@@ -171,7 +166,7 @@ def test_past_max_series_label_sets_fold_into_the_overflow_label_set(
     port = free_port()
     clients = [(f"client-{i}", address(40, i)) for i in range(60)]
     daemon = DaemonProcess(
-        tmp_path, inventory(*clients), pin_dir, interval="200ms", metrics="max_series = 20"
+        tmp_path, with_clients(*clients), pin_dir, interval="200ms", metrics="max_series = 20"
     )
     daemon.start()
     try:
@@ -194,7 +189,7 @@ def test_a_changed_max_flows_makes_the_flows_map_anew(tmp_path: Path, pin_dir: P
     """bpf.max_flows is the flows map's size, also when the map was pinned by an earlier
     start with another size (which is logged)."""
     for size in (4096, 8192):
-        daemon = DaemonProcess(tmp_path, inventory(), pin_dir, bpf=f"max_flows = {size}")
+        daemon = DaemonProcess(tmp_path, with_clients(), pin_dir, bpf=f"max_flows = {size}")
         daemon.start()
         try:
             assert value(daemon.samples(), "kmeshd_bpf_map_capacity", map="flows") == size

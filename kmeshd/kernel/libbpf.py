@@ -124,42 +124,57 @@ class RawMap:
 
 
 class BatchReader:
-    """A whole hash map in as few syscalls as the kernel allows (BPF_MAP_LOOKUP_BATCH), into
-    buffers allocated once for its capacity: keys and values come back as two bytes objects
-    of `count` entries each, laid end to end, for struct.iter_unpack and slicing."""
+    """A hash map read in batches (BPF_MAP_LOOKUP_BATCH), `chunk` entries a syscall into
+    buffers allocated once: each batch's keys and values come back as two bytes objects,
+    laid end to end, for struct.iter_unpack and slicing. A batch at a time, so a full map
+    of 65,536 flows (45 MiB of values) never has to be resident whole."""
 
-    def __init__(self, libbpf: LibBpf, fd: int) -> None:
+    CHUNK = 4096
+
+    def __init__(self, libbpf: LibBpf, fd: int, chunk: int = CHUNK) -> None:
         self._libbpf, self._fd = libbpf, fd
         self.key_size, self.value_size = libbpf.map_sizes(fd)
         self.capacity = libbpf.map_capacity(fd)
-        self._keys = ctypes.create_string_buffer(self.key_size * self.capacity)
-        self._values = ctypes.create_string_buffer(self.value_size * self.capacity)
+        self._chunk = min(chunk, self.capacity)
+        self._keys = ctypes.create_string_buffer(self.key_size * self._chunk)
+        self._values = ctypes.create_string_buffer(self.value_size * self._chunk)
 
-    def read(self) -> tuple[bytes, bytes, int]:
-        """(keys, values, count) of every entry; entries that come or go meanwhile may or
-        may not be among them."""
-        token, total, first = ctypes.c_uint32(0), 0, True
+    def batches(self) -> Iterator[tuple[bytes, bytes, int]]:
+        """(keys, values, count) of every entry, a batch at a time; entries that come or go
+        meanwhile may or may not be among them."""
+        token, first = ctypes.c_uint32(0), True
         keys, values = ctypes.addressof(self._keys), ctypes.addressof(self._values)
-        while total < self.capacity:
-            count = ctypes.c_uint32(self.capacity - total)
+        while True:
+            count = ctypes.c_uint32(self._chunk)
             ret = self._libbpf.map_lookup_batch(
                 self._fd,
                 None if first else ctypes.byref(token),
                 ctypes.byref(token),
-                keys + total * self.key_size,
-                values + total * self.value_size,
+                keys,
+                values,
                 ctypes.byref(count),
                 None,
             )
-            total += count.value
+            if ret not in (0, -errno.ENOENT):
+                self._libbpf.check(ret, "bpf_map_lookup_batch")
+            n = count.value
+            if n:
+                yield (
+                    ctypes.string_at(keys, n * self.key_size),
+                    ctypes.string_at(values, n * self.value_size),
+                    n,
+                )
             if ret == -errno.ENOENT:  # the end of the map
-                break
-            self._libbpf.check(ret, "bpf_map_lookup_batch")
+                return
             first = False
+
+    def read(self) -> tuple[bytes, bytes, int]:
+        """Every entry in one piece (for maps that stay small)."""
+        batches = list(self.batches())
         return (
-            ctypes.string_at(keys, total * self.key_size),
-            ctypes.string_at(values, total * self.value_size),
-            total,
+            b"".join(k for k, _v, _n in batches),
+            b"".join(v for _k, v, _n in batches),
+            sum(n for _k, _v, n in batches),
         )
 
     def delete(self, keys: bytes) -> int:

@@ -21,7 +21,7 @@ import ctypes
 import logging
 import os
 import struct
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -115,18 +115,19 @@ class Probe:
         """Hand every queued record to the callback (until it says stop); never waits."""
         self._bpf.ring_buffer_consume()
 
-    def flow_entries(self) -> Entries:
-        """The flows map: struct flow_key and struct flow_counters entries."""
-        return Entries(*self._flows.read())
+    def flow_entries(self) -> Iterator[Entries]:
+        """The flows map, a batch at a time: struct flow_key and struct flow_counters."""
+        for batch in self._flows.batches():
+            yield Entries(*batch)
 
     def open_connections(self) -> dict[bytes, int]:
         """Established tracked sockets by flow key (generation 0): the connections open now.
         Counted from the sockets themselves, so it needs no history of opens and closes."""
-        _keys, values, _count = self._socks.read()
         open_by_flow: dict[bytes, int] = {}
-        for key, flags in _SOCKET_FLOW.iter_unpack(values):
-            if flags & SockFlag.ESTABLISHED:
-                open_by_flow[key] = open_by_flow.get(key, 0) + 1
+        for _keys, values, _count in self._socks.batches():
+            for key, flags in _SOCKET_FLOW.iter_unpack(values):
+                if flags & SockFlag.ESTABLISHED:
+                    open_by_flow[key] = open_by_flow.get(key, 0) + 1
         return open_by_flow
 
     def take_unseen_closes(self) -> list[tuple[bytes, int]]:

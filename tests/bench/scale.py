@@ -33,7 +33,7 @@ from typing import Any
 from kmeshd.kernel.pins import remove_pins
 from tests.bench.probes import peak_rss_bytes, stop_daemon
 from tests.daemon_proc import DaemonProcess, value
-from tests.loopback import address, connect_all, server
+from tests.loopback import address, connect_all, inventory, server
 
 SERVER = "127.0.0.2"
 PORT = 18080
@@ -53,14 +53,9 @@ def client_address(i: int) -> str:
     return address(1, i)
 
 
-def inventory(clients: int) -> str:
-    lines = [f'[[workload]]\nname = "server"\nnamespace = "bench"\naddresses = ["{SERVER}"]\n']
-    for i in range(clients):
-        lines.append(
-            f'[[workload]]\nname = "client-{i}"\nnamespace = "bench"\n'
-            f'addresses = ["{client_address(i)}"]\n'
-        )
-    return "".join(lines)
+def clients_inventory(clients: int) -> str:
+    named = ((f"client-{i}", client_address(i)) for i in range(clients))
+    return inventory(SERVER, named, "bench")
 
 
 def timed_get(url: str, gzipped: bool) -> tuple[float, bytes]:
@@ -80,7 +75,12 @@ def measure(label_sets: int, interval: str, timeout: float) -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix=f"kmeshd-scale-{label_sets}-"))
     pin_dir = BPFFS / f"kmeshd-bench-scale-{uuid.uuid4().hex[:8]}"
     daemon = DaemonProcess(
-        workdir, inventory(clients), pin_dir, accesslog_file=False, interval=interval, metrics=""
+        workdir,
+        clients_inventory(clients),
+        pin_dir,
+        accesslog_file=False,
+        interval=interval,
+        metrics="",
     )
     result: dict[str, Any] = {"label_sets": label_sets, "clients": clients}
     try:

@@ -35,21 +35,17 @@ from typing import Any
 from kmeshd.kernel.pins import remove_pins
 from tests.bench.probes import peak_rss_bytes, stop_daemon
 from tests.daemon_proc import DaemonProcess, Samples, free_port, parse_metrics, value
-from tests.loopback import REPLY, REQUEST, address, connect_all, server
+from tests.loopback import REPLY, REQUEST, address, connect_all, inventory, server
 
 SERVER = "127.0.0.5"
 BPFFS = Path("/sys/fs/bpf")
 W = "kmesh_tcp_workload_"
 
 
-def inventory(wave: int, identities: int) -> str:
-    lines = [f'[[workload]]\nname = "server"\nnamespace = "soak"\naddresses = ["{SERVER}"]\n']
-    for i in range(identities):
-        lines.append(
-            f'[[workload]]\nname = "c{wave}-{i}"\nnamespace = "soak"\n'
-            f'addresses = ["{address(10 + wave, i)}"]\n'
-        )
-    return "".join(lines)
+def wave_inventory(wave: int, identities: int) -> str:
+    """The server, and the wave's client workloads (its first `identities` peers)."""
+    clients = ((f"c{wave}-{i}", address(10 + wave, i)) for i in range(identities))
+    return inventory(SERVER, clients, "soak")
 
 
 def rss_mib(pid: int) -> float:
@@ -98,7 +94,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     port = free_port()
     daemon = DaemonProcess(
         workdir,
-        inventory(0, args.identities),
+        wave_inventory(0, args.identities),
         pin_dir,
         accesslog_file=False,
         interval="1s",
@@ -114,7 +110,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         with server(SERVER, port, threads=8):
             for wave in range(args.waves):
                 if wave:
-                    (workdir / "inventory.toml").write_text(inventory(wave, args.identities))
+                    (workdir / "inventory.toml").write_text(wave_inventory(wave, args.identities))
                     daemon.send(signal.SIGHUP)
                     time.sleep(0.5)
                 per_peer = args.connections // args.peers
