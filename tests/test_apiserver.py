@@ -7,7 +7,7 @@ import contextlib
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -165,14 +165,15 @@ def test_a_large_list_comes_in_pages_and_once(
 def test_watches_that_keep_closing_never_cause_a_relist(
     cluster: Cluster, server: ApiServer, tls_files: TlsFiles
 ) -> None:
-    """Watches cut every 0.3 s: each new watch resumes from the last version seen, the
-    events in between arrive once, and there is still exactly one list."""
+    """Watches cut every 0.3 s (shorter than a watch's pause after an event): each new
+    watch resumes from the last version seen, the events in between arrive once, and there
+    is still exactly one list."""
     server.watch_lifetime(0.3)
     with watching(server, tls_files) as running:
         running.wait_for(lambda m: bool(listed(m)))
         for i in range(8):
             cluster.put("pods", pod(f"web-{i}", f"10.244.1.{i}"))
-            time.sleep(0.15)
+            time.sleep(0.3)
         running.wait_for(lambda m: len(running.of(Changed)) == 8)
         time.sleep(0.5)
         assert [c.value.workload.name for c in running.of(Changed)] == [
@@ -375,3 +376,55 @@ def test_pods_are_parsed_into_identities(
         (p,) = listed(running.messages)[0].values
         assert isinstance(p, Pod)
         assert p.workload.principal == "spiffe://cluster.local/ns/shop/sa/web"
+
+
+class Stream:
+    """Events each ready after a given delay, on a fake clock; records the pauses."""
+
+    def __init__(self, delays: list[float]) -> None:
+        self.now = 0.0
+        self.delays = delays
+        self.pauses: list[tuple[int, float]] = []  # (events read so far, seconds)
+        self.read = 0
+        self.closed = False
+
+    def events(self) -> Generator[int, None, None]:
+        try:
+            for delay in self.delays:
+                self.now += delay
+                self.read += 1
+                yield self.read
+        finally:
+            self.closed = True
+
+    def wait(self, seconds: float) -> bool:
+        self.pauses.append((self.read, seconds))
+        self.now += seconds
+        return False
+
+
+@pytest.mark.parametrize(
+    ("delays", "pauses_after"),
+    [
+        ([0.05, 0.05, 0.05], [1, 2, 3]),  # one event at a time: a pause after each
+        ([0.05, 0, 0, 0, 0.2, 0], [1, 5]),  # what piled up is read without a pause
+        ([0, 0, 0], []),  # a burst already buffered: no pause at all
+        ([0.004, 0.006], [2]),  # waiting up to CAUGHT_UP_S is not waiting
+        ([], []),
+    ],
+)
+def test_a_watch_pauses_only_after_reads_that_waited(
+    delays: list[float], pauses_after: list[int]
+) -> None:
+    stream = Stream(delays)
+    got = list(apiserver.paced(stream.events(), stream.wait, lambda: stream.now))
+    assert got == list(range(1, len(delays) + 1))
+    assert stream.pauses == [(n, apiserver.WATCH_PAUSE_S) for n in pauses_after]
+    assert stream.closed
+
+
+def test_a_stop_during_a_pause_ends_the_watch_and_closes_the_stream() -> None:
+    stream = Stream([0.05, 0.05, 0.05])
+    got = list(apiserver.paced(stream.events(), lambda s: True, lambda: stream.now))
+    assert got == [1]
+    assert stream.closed

@@ -16,7 +16,7 @@ import queue
 import random
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Generator, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,6 +42,12 @@ WATCH_SECONDS = (300, 600)  # each watch asks for a random length in this range,
 # serialises the decoding anyway).
 _ONE_LIST_AT_A_TIME = threading.Lock()
 SHORT_WATCH_S = 1.0  # a watch that ended sooner than this backs off before the next one
+# Once a watch has caught up with the stream, it pauses this long before reading again, so
+# that what arrives meanwhile is read in one go: an identity change may wait this much
+# longer (the kubelet is polled every 10 s by default), and at 20 pod events a second the
+# watch costs 2.5 times less CPU (README "Kubernetes identities at scale").
+WATCH_PAUSE_S = 0.5
+CAUGHT_UP_S = 0.005  # a read that waited longer than this found nothing buffered
 
 
 @dataclass(frozen=True)
@@ -170,7 +176,7 @@ class Watcher:
         # In sync again once an event came through whole or the watch ended cleanly: a
         # watch that connects and then breaks every time is not.
         in_sync = False
-        for event in json_lines(resp):
+        for event in paced(json_lines(resp), self.stop.wait):
             if self.stop.is_set():
                 break
             version = self._event(event, version)
@@ -200,6 +206,31 @@ class Watcher:
 
     def _state(self, error: str) -> None:
         self.out.put(SourceState(APISERVER, self.resource.name, error))
+
+
+def paced(
+    events: Generator[Any, None, None],
+    wait: Callable[[float], bool],
+    clock: Callable[[], float] = time.monotonic,
+) -> Iterator[Any]:
+    """The events as they come, with a pause of WATCH_PAUSE_S after each one whose read had
+    to wait for the network. Waking a thread for one event and decrypting its few TLS
+    records costs several times what parsing it does; after a pause the events that piled
+    up in the socket are read together. A burst is read without pauses, as long as there
+    is something buffered. `wait(seconds)` returns True to stop (threading.Event.wait)."""
+    try:
+        while True:
+            started = clock()
+            try:
+                event = next(events)
+            except StopIteration:
+                return
+            caught_up = clock() - started > CAUGHT_UP_S
+            yield event
+            if caught_up and wait(WATCH_PAUSE_S):
+                return
+    finally:
+        events.close()  # closes the response
 
 
 def _watch_error(status: Any) -> ApiError:

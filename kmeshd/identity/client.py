@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Generator, Mapping
 from typing import Any
 
 import requests  # type: ignore[import-untyped,unused-ignore]
@@ -132,7 +132,7 @@ class Client:
         self.session.close()
 
 
-def json_lines(resp: requests.Response) -> Iterator[Any]:
+def json_lines(resp: requests.Response) -> Generator[Any, None, None]:
     """The objects of a watch stream, one per line; ApiError when a line is not JSON or
     the stream breaks off."""
     try:
