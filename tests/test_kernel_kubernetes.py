@@ -13,10 +13,22 @@ from typing import Any
 
 import pytest
 
+from kmeshd.identity.cache import DEFAULT_GRACE_S as GRACE_S
 from tests.daemon_proc import DaemonProcess, value
-from tests.e2e import CLIENT, SERVER, SERVICE, W, attached_probes, closed, exchange, wait_records
+from tests.e2e import (
+    CLIENT,
+    SERVER,
+    SERVICE,
+    W,
+    attached_probes,
+    closed,
+    exchange,
+    run_plan,
+    serve,
+    wait_records,
+)
 from tests.k8s_server import ApiServer, Cluster, FakeKubelet, write_kubeconfig
-from tests.netns import Pod
+from tests.netns import Pod, pod_network
 from tests.tls import TlsFiles
 
 NODE = "kmeshd-test-node"
@@ -218,3 +230,55 @@ def test_a_stop_signal_while_waiting_for_silent_sources_exits_at_once(
     finally:
         d.close()
         silent.close()
+
+
+def test_the_series_of_a_deleted_pod_leave_after_its_grace_and_series_ttl(
+    tmp_path: Path, pin_dir: Path, tls_files: TlsFiles
+) -> None:
+    """The sleep pod deleted from the cluster (apiserver and kubelet): the label sets that
+    name it leave /metrics and the textfile once the cache's grace period (120 s, for
+    closes that come after the deletion) and series_ttl have passed; those of another
+    client pod stay with their counts. Takes about two minutes."""
+    with pod_network(["client", "server", "other"], subnet=78) as network:
+        k = K8s(tmp_path, tls_files, network)
+        other = network["other"]
+        k.cluster.put(
+            "pods", pod_object("curl", "curl-6d4b7c8f9-q2w3e", "6d4b7c8f9", (other.ip4, other.ip6))
+        )
+        d = DaemonProcess(
+            tmp_path,
+            "",
+            pin_dir,
+            kubernetes=k.table(),
+            interval="500ms",
+            metrics='series_ttl = "2s"',
+        )
+        try:
+            d.start()
+            server = serve(network["server"], 2)
+            run_plan(network["client"], network["server"].ip4, [(292, 5, 0)])
+            run_plan(other, network["server"].ip4, [(100, 7, 0)])
+            assert server.wait(timeout=30) == 0
+            d.wait_for(closed(1, source_workload="sleep"), what="sleep's connection")
+            d.wait_for(closed(1, source_workload="curl"), what="curl's connection")
+            k.cluster.delete("pods", "default", CLIENT)
+            deleted = time.monotonic()
+            after = d.wait_for(
+                lambda s: value(s, W + "connections_opened_total", source_workload="sleep") == 0,
+                timeout=GRACE_S + 30,
+                what="the deleted pod's series gone",
+            )
+            took = time.monotonic() - deleted
+            assert GRACE_S <= took <= GRACE_S + 2 + 0.5 + 3  # grace + ttl + interval (+ polls)
+            for reporter in ("source", "destination"):
+                curl = {"reporter": reporter, "source_workload": "curl"}
+                assert value(after, W + "received_bytes_total", **curl) == 100
+                assert value(after, W + "sent_bytes_total", **curl) == 7
+                assert value(after, W + "connections_closed_total", **curl) == 1
+            assert value(after, "kmeshd_series_expired_total") == 4  # 2 reporters x 2 levels
+            textfile = d.textfile.read_text()
+            assert 'source_workload="sleep"' not in textfile
+            assert 'source_workload="curl"' in textfile
+        finally:
+            d.close()
+            k.close()
