@@ -16,16 +16,19 @@ After each wave, once its connections are all published (and checked exact: the 
 peers' label set holds all of theirs since the start, the wave's clients' label sets
 theirs; earlier clients' label sets have left): the daemon's RSS, the flows map's entries,
 the label sets per level, /metrics bytes and the time of a plain scrape, the last
-publish's time.
+publish's time; and the most entries the flows map held at a publish during the wave.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import gzip
 import json
+import re
 import signal
 import tempfile
+import threading
 import time
 import urllib.request
 import uuid
@@ -60,6 +63,36 @@ def scrape(port: int) -> tuple[float, str]:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=60) as r:
         body = r.read()
     return time.monotonic() - started, body.decode()
+
+
+class Occupancy:
+    """The most entries the flows map held at a publish while a wave ran: the gauge,
+    read from a gzip scrape twice a second (it changes once a publish)."""
+
+    ENTRIES = re.compile(rb'^kmeshd_bpf_map_entries\{map="flows"\} (\S+)$', re.M)
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.peak = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> Occupancy:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        url = f"http://127.0.0.1:{self.port}/metrics"
+        while not self._stop.wait(0.5):
+            request = urllib.request.Request(url, headers={"Accept-Encoding": "gzip"})
+            with urllib.request.urlopen(request, timeout=60) as r:
+                found = self.ENTRIES.search(gzip.decompress(r.read()))
+            if found:
+                self.peak = max(self.peak, float(found.group(1)))
 
 
 def counts(s: Samples, reporter: str, **labels: str) -> tuple[float, float, float, float]:
@@ -115,15 +148,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     time.sleep(0.5)
                 per_peer = args.connections // args.peers
                 sources = [address(10 + wave, i) for i in range(args.peers)] * per_peer
-                started = time.monotonic()
-                connect_all(sources, SERVER, port, threads=8)
-                took = time.monotonic() - started
                 unknown = (args.peers - args.identities) * per_peer * (wave + 1)
                 clients = {f"c{wave}-{i}": address(10 + wave, i) for i in range(args.identities)}
                 check = functools.partial(
                     wave_done, unknown=unknown, clients=clients, each=per_peer
                 )
-                daemon.wait_for(check, timeout=60, what=f"wave {wave}")
+                started = time.monotonic()
+                with Occupancy(daemon.port) as occupancy:
+                    connect_all(sources, SERVER, port, threads=8)
+                    took = time.monotonic() - started
+                    daemon.wait_for(check, timeout=60, what=f"wave {wave}")
                 scrape_s, text = scrape(daemon.port)
                 s = parse_metrics(text)
                 entries = value(s, "kmeshd_bpf_map_entries", map="flows")
@@ -133,6 +167,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         "connections_per_s": round(args.connections / took),
                         "rss_mib": round(rss_mib(pid), 1),
                         "flow_entries": entries,
+                        "flow_entries_peak": occupancy.peak,
                         "label_sets": value(s, "kmeshd_series", level="workload"),
                         "metrics_bytes": len(text),
                         "scrape_s": round(scrape_s, 4),
