@@ -17,7 +17,7 @@ KVER := $(shell uname -r)
 DEBS_RUNTIME := python3-bpfcc python3-prometheus-client python3-sdnotify python3-pythonjsonlogger \
 	python3-requests python3-yaml python3-venv linux-headers-amd64
 DEBS_TEST := bpftool iproute2 iptables prometheus prometheus-node-exporter systemd gcc make openssl \
-	procps scdoc mandoc man-db
+	procps scdoc mandoc man-db python3-hypothesis
 # What `make deb` needs, and the booted-systemd test around the package.
 DEBS_PACKAGE := debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools \
 	debootstrap systemd-container
@@ -32,7 +32,7 @@ DEB := build/kmeshd_$(VERSION)_all.deb
 # Reproducible man pages: dated by the last commit, not by the build.
 export SOURCE_DATE_EPOCH ?= $(shell git log -1 --format=%ct 2>/dev/null || date +%s)
 
-.PHONY: run test check lint typecheck pytest bench bench-identity bench-scale venv host-deps kernel-headers \
+.PHONY: run test check lint typecheck pytest fuzz bench bench-identity bench-scale venv host-deps kernel-headers \
 	man deb clean
 
 run: venv kernel-headers
@@ -52,6 +52,13 @@ typecheck:
 
 pytest:
 	$(VENV)/bin/python -m pytest -ra $(PYTEST_ARGS)
+
+# Property-based tests at length: FUZZ_EXAMPLES inputs per target, random each run (the
+# check profile is fixed and small). `--hypothesis-show-statistics` gives what each tried.
+FUZZ_EXAMPLES ?= 20000
+fuzz: venv
+	KMESHD_FUZZ=$(FUZZ_EXAMPLES) $(VENV)/bin/python -m pytest -q -p no:cacheprovider \
+		--hypothesis-show-statistics tests/test_fuzz_*.py $(PYTEST_ARGS)
 
 bench: venv kernel-headers
 	$(VENV)/bin/python -m tests.bench.run $(BENCH_ARGS)

@@ -208,6 +208,29 @@ class Ledger:
             for series in self._route(key, ids, now) or ():
                 series.active += n
 
+    def readings(self) -> Mapping[bytes, bytes]:
+        """Entry key -> the kept bytes of its value when last read."""
+        return self._last
+
+    def not_of(self, generation: int) -> list[bytes]:
+        """The entries read of generations other than `generation`."""
+        return [key for key in self._last if key[-1] != generation]
+
+    def restore(
+        self,
+        levels: Mapping[str, Iterable[tuple[LabelValues, list[int]]]],
+        readings: Mapping[bytes, bytes],
+        now: float,
+    ) -> None:
+        """Start from an earlier daemon's label-set totals, and its last readings of the
+        kernel's entries (so that only what they counted since is folded). Past
+        max_series, label sets fold into the overflow label set as new ones would."""
+        for level, rows in levels.items():
+            for labels, counts in rows:
+                series = self._series(level, labels, now)
+                series.counts[:] = map(operator.add, series.counts, counts)
+        self._last.update(readings)
+
     def forget(self, keys: Iterable[bytes]) -> None:
         """Entries the kernel no longer has (retired, their final counts folded)."""
         for key in keys:

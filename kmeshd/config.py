@@ -63,7 +63,9 @@ class MetricsConfig:
     series_ttl: float = 300.0  # seconds a label set of a gone identity stays, idle
     max_series: int = 20000  # label sets per level; past it, the overflow label set
     histograms: tuple[str, ...] = ()  # of HISTOGRAMS: each costs 20 lines per label set
+    state_file: str = "/var/lib/kmeshd/counters.json.gz"  # counters for the next start; ""
     textfile_explicit: bool = False  # set in the file: its directory must exist
+    state_file_explicit: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -249,7 +251,9 @@ def _metrics(t: Table, d: MetricsConfig) -> MetricsConfig:
         series_ttl=_duration_within(t, "series_ttl", d.series_ttl, SERIES_TTL_RANGE),
         max_series=_count_within(t, "max_series", d.max_series, MAX_SERIES_RANGE),
         histograms=_histograms(t, d.histograms),
+        state_file=t.parsed("state_file", d.state_file, _PATH_OR_OFF),
         textfile_explicit=t.has("textfile"),
+        state_file_explicit=t.has("state_file"),
     )
 
 

@@ -121,6 +121,7 @@ class Daemon:
         self._use_source(self._open_source(cfg, None))
         self.feed.sinks.replace(open_sinks(cfg))
         textfile = self._textfile(cfg)
+        state = self._state_file(cfg)
         cgroup_dir = self._kernel.cgroup(cfg)
         if cfg.metrics.listen:
             self.notify.status(f"listening on {cfg.metrics.listen}")
@@ -139,7 +140,9 @@ class Daemon:
             self.known,
             self.clock,
             cfg.bpf.flow_expiry,
+            state,
         )
+        self.publisher.restore()
         if self._stop:  # a stop signal came while bcc compiled: shutdown() takes over
             return
         self.notify.status("waiting for the identity sources")
@@ -167,6 +170,14 @@ class Daemon:
         path = Path(cfg.metrics.textfile)
         prepare_directory(path, cfg.metrics.textfile_explicit, cfg.path, "metrics.textfile")
         return Textfile(path, self.clock.monotonic)
+
+    @staticmethod
+    def _state_file(cfg: Config) -> Path | None:
+        if not cfg.metrics.state_file:
+            return None
+        path = Path(cfg.metrics.state_file)
+        prepare_directory(path, cfg.metrics.state_file_explicit, cfg.path, "metrics.state_file")
+        return path
 
     @staticmethod
     def _ledger(cfg: Config) -> Ledger:
@@ -295,6 +306,8 @@ class Daemon:
             self.feed.begin(None)
             self.probe.drain()
             self.publish()
+            if self.publisher is not None:
+                self.publisher.save()
             self.probe.close(detach=True)
             self.probe = None
         if self.http is not None:

@@ -31,9 +31,10 @@ def inventory(hostname: str, addresses: list[str]) -> str:
 
 
 def config(inventory_path: Path, listen: str) -> str:
+    state = inventory_path.parent / "counters.json.gz"
     return (
         f'[identity]\ninventory = "{inventory_path}"\n'
-        f'[metrics]\nlisten = "{listen}"\ntextfile = ""\n'
+        f'[metrics]\nlisten = "{listen}"\ntextfile = ""\nstate_file = "{state}"\n'
         '[accesslog]\nfile = "-"\njournald = true\n'
     )
 

@@ -40,6 +40,7 @@ def daemon_health(
     sources: Mapping[str, bool],
     last_publish: float,
     publish_seconds: float,
+    state_failures: int | None = None,
 ) -> Health:
     """`stats`: the probe's counters."""
     sinks = [SinkHealth(s.name, s.up, feed.sinks.dropped(s)) for s in feed.sinks.sinks]
@@ -63,6 +64,7 @@ def daemon_health(
         unseen_closes=unseen_closes,
         sinks=tuple(sinks),
         textfile_failures=textfile.failures if textfile is not None else None,
+        state_failures=state_failures,
         sources=sources,
         last_publish=last_publish,
         publish_seconds=publish_seconds,

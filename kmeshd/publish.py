@@ -18,8 +18,10 @@ import itertools
 import logging
 import zlib
 from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
 from typing import Protocol
 
+from kmeshd import carryover
 from kmeshd.accesslog.records import RecordFeed
 from kmeshd.aggregate import Ledger
 from kmeshd.clock import Clock
@@ -27,9 +29,10 @@ from kmeshd.export.exposition import Exposition
 from kmeshd.export.http import Body, MetricsServer
 from kmeshd.export.metrics import health_text
 from kmeshd.export.textfile import Textfile
+from kmeshd.files import write_atomic
 from kmeshd.health import KernelMaps, daemon_health
 from kmeshd.identity.model import IdentityView
-from kmeshd.kernel.layout import FLOW_KEY, Entries, Stat
+from kmeshd.kernel.layout import Entries, Stat
 from kmeshd.kernel.memory import release_freed_memory
 from kmeshd.kernel.sockdiag import SockDiagError
 from kmeshd.known import KnownAddresses
@@ -45,9 +48,11 @@ class FlowReader(Protocol):
 
     generation: int
     flows_capacity: int
+    origin: str
 
     def sweep(self, on_error: Callable[[SockDiagError], None]) -> int: ...
     def flow_entries(self) -> Iterator[Entries]: ...
+    def keys_at_start(self) -> set[bytes]: ...
     def open_connections(self) -> dict[bytes, int]: ...
     def take_unseen_closes(self) -> list[tuple[bytes, int]]: ...
     def new_generation(self) -> int: ...
@@ -68,8 +73,10 @@ class Publisher:
         known: KnownAddresses,
         clock: Clock,
         flow_expiry: float,
+        state: Path | None = None,
     ) -> None:
         self.ledger = ledger
+        self.state = state  # metrics.state_file: counters for the next daemon
         self.server = server
         self.textfile = textfile
         self.flow_expiry = flow_expiry
@@ -82,6 +89,8 @@ class Publisher:
         self._full_complaints = Throttle(LOG_EVERY_S, clock.monotonic)
         self._overflow_complaints = Throttle(LOG_EVERY_S, clock.monotonic)
         self._overflowed = 0
+        self._save_complaints = Throttle(LOG_EVERY_S, clock.monotonic)
+        self.save_failures = 0
         self._generation_at = clock.monotonic()
         self._flows_full = 0
         self.generations = 0  # retired so far
@@ -100,17 +109,17 @@ class Publisher:
         if retiring:  # from here on the old generation's entries no longer change
             probe.new_generation()
             self._generation_at = now
-        entries, old = 0, []
+        entries = 0
         for batch in probe.flow_entries():
             ledger.fold(batch, view, now)
             entries += batch.total
-            if retiring:
-                old += self._older(batch)
+        old = ledger.not_of(probe.generation) if retiring else []
         closes = probe.take_unseen_closes()
         ledger.fold_closes(closes, view, now)
         self.unseen_closes += sum(n for _key, n in closes)
         ledger.count_open(probe.open_connections(), view, now)
         if retiring:
+            self.save()  # before the kernel forgets them: a crash between loses nothing
             self._retire(old)
             self.generations += 1
         ledger.expire(view, now)
@@ -122,14 +131,57 @@ class Publisher:
         self._render(stats, maps, sources_up)
         self.seconds = self._clock.monotonic() - started
 
-    def _older(self, batch: Entries) -> list[bytes]:
-        """The keys of a batch's entries of earlier generations."""
-        size, current, keys = FLOW_KEY.size, self._probe.generation, batch.keys
-        return [
-            keys[at : at + size]
-            for at in range(0, batch.total * size, size)
-            if keys[at + size - 1] != current
-        ]
+    def restore(self) -> None:
+        """Start from the counters the last daemon saved, if it did (see carryover)."""
+        kept = self._probe.keys_at_start()
+        if self.state is None:
+            return
+        try:
+            data = self.state.read_bytes()
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            log.warning("counters from the last run (%s): %s; counting from zero", self.state, exc)
+            return
+        try:
+            carried = carryover.decode(data, self.ledger.slots, self._probe.origin)
+        except carryover.CarryoverError as exc:
+            aside = self._put_aside()
+            log.warning("counters from the last run (%s): %s; counting from zero%s",
+                        self.state, exc, aside)  # fmt: skip
+            return
+        carryover.restore(self.ledger, carried, self._clock.monotonic(), kept)
+        log.info(
+            "counters from the last run: %d label sets, %d kernel entries as last read%s",
+            sum(len(rows) for rows in carried.levels.values()),
+            len(carried.entries),
+            "" if carried.entries else " (none: the kernel's flows map is not the one saved)",
+        )
+
+    def _put_aside(self) -> str:
+        """Keep an unreadable state file for a look (the next save would replace it)."""
+        assert self.state is not None
+        aside = self.state.with_name(self.state.name + ".broken")
+        try:
+            self.state.replace(aside)
+        except OSError as exc:
+            return f" (cannot keep it as {aside}: {exc})"
+        return f" (kept as {aside})"
+
+    def save(self) -> None:
+        """Write the counters for the next daemon; a failure is logged and counted."""
+        if self.state is None:
+            return
+        try:
+            write_atomic(self.state, carryover.encode(self.ledger, self._probe.origin), 0o600)
+        except OSError as exc:
+            self.save_failures += 1
+            if self._save_complaints.ready():
+                log.warning(
+                    "cannot save the counters to %s: %s; a restart would count from zero",
+                    self.state,
+                    exc,
+                )
 
     def _retire(self, old: list[bytes]) -> None:
         """Delete the entries of earlier generations, folded for the last time just now."""
@@ -153,6 +205,7 @@ class Publisher:
             sources=sources,
             last_publish=self.last,
             publish_seconds=self.seconds,
+            state_failures=self.save_failures if self.state is not None else None,
         )
         compressor = zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, 31)  # 31: gzip framing
         draft = self.textfile.draft() if self.textfile is not None else None

@@ -33,6 +33,7 @@ RESTART_KEYS: tuple[tuple[str, Callable[[Config], object]], ...] = (
     ("bpf.pin_dir", lambda c: c.bpf.pin_dir),
     ("bpf.max_flows", lambda c: c.bpf.max_flows),
     ("metrics.histograms", lambda c: c.metrics.histograms),
+    ("metrics.state_file", lambda c: c.metrics.state_file),
 )
 
 

@@ -9,6 +9,7 @@ from collections.abc import Generator, Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from kmeshd.kernel.pins import remove_pins
 from tests.daemon_proc import DaemonProcess
@@ -18,6 +19,19 @@ from tests.netns import Pod, pod_network
 from tests.tls import tls_files  # noqa: F401  (TLS certificates for the test servers)
 
 IN_CI = os.environ.get("CI") == "true"
+
+# Property-based tests (tests/test_fuzz_*.py): a fixed budget per test keeps `make check`
+# fast and repeatable (derandomized: the same examples each run); `make fuzz` runs the same
+# tests with KMESHD_FUZZ=N examples each, random, and prints what each target tried.
+settings.register_profile(
+    "check", max_examples=150, derandomize=True, deadline=None, print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)  # fmt: skip
+settings.register_profile(
+    "fuzz", max_examples=int(os.environ.get("KMESHD_FUZZ") or 0) or 1, deadline=None,
+    print_blob=True, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)  # fmt: skip
+settings.load_profile("fuzz" if os.environ.get("KMESHD_FUZZ") else "check")
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -71,6 +71,7 @@ class DaemonProcess:
         self.pin_dir = pin_dir
         self.port = free_port()
         self.textfile = workdir / "textfile" / "kmeshd.prom"
+        self.state_file = workdir / "counters.json.gz"  # metrics.state_file
         self.accesslog = workdir / "log" / "accesslog.json"
         self.accesslog_enabled = accesslog_file
         self.config = workdir / "kmeshd.toml"
@@ -88,6 +89,7 @@ source = "{"inventory" if kubernetes is None else "kubernetes"}"
 listen = "127.0.0.1:{self.port}"
 textfile = "{self.textfile if textfile else ""}"
 interval = "{interval}"
+state_file = "{self.state_file}"
 {metrics}
 [accesslog]
 file = "{self.accesslog if accesslog_file else ""}"

@@ -72,6 +72,7 @@ class FakeProbe:
         self.generation = 0
         self.generations = 0  # how many times new_generation() ran
         self.flows_capacity = 65536
+        self.origin = "fake flows map 1"  # a remade map gets another
         self.batch = 4096  # entries per batch read
         self.records: list[bytes] = []
         self.stats_values = {s: 0 for s in Stat}
@@ -87,6 +88,9 @@ class FakeProbe:
 
     def on_record(self, callback: Callable[[bytes], bool]) -> None:
         self.callback = callback
+
+    def keys_at_start(self) -> set[bytes]:
+        return set(self.flows_map)  # no program attaches here: the map as it is
 
     def drain(self) -> None:
         assert self.callback is not None

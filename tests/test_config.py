@@ -240,7 +240,7 @@ F = f"{P}: "
 NOT_DURATION = "is not a duration (use a number with a unit: 250ms, 5s, 1m)"
 KNOWN_METRICS = (
     "(known: connection_security_policy, histograms, interval, listen, max_series,"
-    " series_ttl, textfile)"
+    " series_ttl, state_file, textfile)"
 )
 KNOWN_TABLES = "(known: accesslog, bpf, identity, kubernetes, metrics)"
 
@@ -487,7 +487,7 @@ def test_shipped_config_documents_every_default() -> None:
         path=path,
         identity=IdentityConfig(inventory_explicit=True),
         kubernetes=KubernetesConfig(),
-        metrics=MetricsConfig(textfile_explicit=True),
+        metrics=MetricsConfig(textfile_explicit=True, state_file_explicit=True),
         accesslog=AccessLogConfig(file_explicit=True),
         bpf=BpfConfig(),
     )

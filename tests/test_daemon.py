@@ -71,6 +71,7 @@ class Host:
         self.inventory.write_text(INVENTORY)
         self.accesslog = tmp_path / "log" / "accesslog.json"
         self.textfile = tmp_path / "textfile" / "kmeshd.prom"
+        self.state_file = tmp_path / "counters.json.gz"
         self.accesslog.parent.mkdir()
         self.textfile.parent.mkdir()
         self.config_path = tmp_path / "kmeshd.toml"
@@ -82,7 +83,7 @@ class Host:
         self.config_path.write_text(
             f'[identity]\ninventory = "{self.inventory}"\n'
             f'[metrics]\nlisten = "127.0.0.1:{self.port}"\ntextfile = "{self.textfile}"\n'
-            f'interval = "{interval}"\n'
+            f'interval = "{interval}"\nstate_file = "{self.state_file}"\n'
             f'[accesslog]\nfile = "{self.accesslog}"\njournald = false\n{extra}'
         )
 

@@ -33,6 +33,7 @@ class Health:
     unseen_closes: int = 0  # closes the sweep found (no probe was attached)
     sinks: tuple[SinkHealth, ...] = ()
     textfile_failures: int | None = None  # failed textfile writes; None: no textfile
+    state_failures: int | None = None  # failed saves of metrics.state_file; None: no file
     sources: Mapping[str, bool] = field(default_factory=dict)
     last_publish: float = 0.0
     publish_seconds: float = 0.0
@@ -114,6 +115,12 @@ def _health(h: Health) -> Iterator[Metric]:
         "sink",
         {s.name: s.dropped for s in h.sinks if s.dropped is not None},
     )
+    if h.state_failures is not None:
+        yield CounterMetricFamily(
+            "kmeshd_state_save_failures_total",
+            "Saves of metrics.state_file that failed (a restart would count from zero)",
+            value=h.state_failures,
+        )
     if h.textfile_failures is not None:
         yield CounterMetricFamily(
             "kmeshd_textfile_write_failures_total",

@@ -80,6 +80,10 @@ class LibBpf:
         info = self._info(map_fd)
         return int.from_bytes(info[8:12], "little"), int.from_bytes(info[12:16], "little")
 
+    def map_id(self, map_fd: int) -> int:
+        """struct bpf_map_info: id sits at offset 4 (unique while the map exists)."""
+        return int.from_bytes(self._info(map_fd)[4:8], "little")
+
     def map_capacity(self, map_fd: int) -> int:
         """struct bpf_map_info: max_entries sits at offset 16."""
         return int.from_bytes(self._info(map_fd)[16:20], "little")

@@ -50,13 +50,36 @@ assert SOCK_STATE.places()["flags"] == (FLOW_KEY.size, 2)
 _SOCKET_FLOW = struct.Struct(f"={FLOW_KEY.size}sH{SOCK_STATE.size - FLOW_KEY.size - 2}x")
 
 
+def flows_origin(libbpf: LibBpf, fd: int, pin: Path) -> str:
+    """Names the flows map, so that counters saved against it are known to be its: its id,
+    and when its pin was made (ids start over at each boot; the pin's time does not)."""
+    return f"{libbpf.map_id(fd)}@{pin.stat().st_ctime_ns}"
+
+
+def _keys(reader: BatchReader) -> set[bytes]:
+    """Every key of a flows map, as laid out in its batches."""
+    size = FLOW_KEY.size
+    return {
+        keys[at : at + size]
+        for keys, _values, total in reader.batches()
+        for at in range(0, total * size, size)
+    }
+
+
 class Probe:
     """A compiled, attached probe. Build it with `Probe.start(...)`."""
 
     def __init__(
-        self, bpf: Any, libbpf: LibBpf, link_fd: int, link_pin: Path, sweep_link: int | None
+        self,
+        bpf: Any,
+        libbpf: LibBpf,
+        link_fd: int,
+        link_pin: Path,
+        sweep_link: int | None,
+        origin: str = "",
     ) -> None:
         self._bpf = bpf
+        self.origin = origin  # which flows map this is (see flows_origin)
         self._sweep_link = sweep_link
         self._sweeping = False
         self._libbpf = libbpf
@@ -72,6 +95,7 @@ class Probe:
         self._known_have: set[bytes] | None = None  # what set_known put in the map
         self._stats = bpf["stats"]
         self._settings = bpf["settings"]
+        self._kept: set[bytes] = set()  # see keys_at_start
 
     @classmethod
     def start(
@@ -93,6 +117,7 @@ class Probe:
         sweep_link = attach_sweep(bcc, bpf) if sweep else None
         libbpf = LibBpf()
         _forget_closed_sockets(bpf, libbpf)
+        kept = _keys(BatchReader(libbpf, bpf["flows"].map_fd))
         phase(f"attaching the probe to {cgroup_dir}")
         prog = bpf.load_func(PROGRAM, bcc.BPF.SOCK_OPS)
         try:
@@ -100,7 +125,17 @@ class Probe:
         except OSError as exc:
             bpf.cleanup()
             raise UnavailableError(f"cannot attach the probe to {cgroup_dir}: {exc}") from exc
-        return cls(bpf, libbpf, link_fd, pins / "link", sweep_link)
+        origin = flows_origin(libbpf, bpf["flows"].map_fd, pins / "flows")
+        probe = cls(bpf, libbpf, link_fd, pins / "link", sweep_link, origin)
+        probe._kept = kept
+        return probe
+
+    def keys_at_start(self) -> set[bytes]:
+        """The flow keys the pinned map held before this probe attached (once; then empty).
+        Only an earlier daemon's program wrote those; what this one counts starts at
+        generation 0, which may be a key an earlier daemon deleted."""
+        kept, self._kept = self._kept, set()
+        return kept
 
     def on_record(self, callback: Callable[[bytes], bool]) -> None:
         """Call `callback(raw record)` for each ring-buffer record drain() consumes; when it

@@ -8,7 +8,10 @@ Scenarios, each timed over R publishes (the median):
   publish (each publish sees every entry grow): the fold's worst case, few label sets;
 - steady: the same entries, unchanged (a quiet node with a full map);
 - label sets: N/2 client workloads with one connection each to one server: N label sets
-  a level, all changed, and their rendering.
+  a level, all changed, and their rendering;
+- carryover, after each of the two above: saving the counters to metrics.state_file (at
+  each retired generation and at stop) and restoring them at the next start, and the
+  file's size.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -52,6 +56,30 @@ def timed(pub: Publisher, ids: Identities, before: Any) -> float:
     return time.perf_counter() - started
 
 
+def carryover(pub: Publisher, ids: Identities, rounds: int) -> dict[str, Any]:
+    """Save `pub`'s counters R times, and restore them into a new daemon's publisher."""
+    with tempfile.TemporaryDirectory() as tmp:
+        pub.state = Path(tmp) / "counters.json.gz"
+        saves = []
+        for _ in range(rounds):
+            started = time.perf_counter()
+            pub.save()
+            saves.append(time.perf_counter() - started)
+        restores = []
+        for _ in range(rounds):
+            other = publisher(FakeProbe(), ids)
+            other.state = pub.state
+            started = time.perf_counter()
+            other.restore()
+            restores.append(time.perf_counter() - started)
+        assert other.ledger.readings() == pub.ledger.readings()
+        return {
+            "save_s": round(statistics.median(saves), 3),
+            "restore_s": round(statistics.median(restores), 3),
+            "file_bytes": pub.state.stat().st_size,
+        }
+
+
 def churn(flows: int, rounds: int) -> dict[str, Any]:
     """Every entry changed at every publish."""
     ids = Identities((SERVER,))
@@ -73,6 +101,7 @@ def churn(flows: int, rounds: int) -> dict[str, Any]:
         "steady_us_per_flow": round(statistics.median(steady) / flows * 1e6, 2),
         "changed_publish_s": round(statistics.median(times), 3),
         "steady_publish_s": round(statistics.median(steady), 3),
+        "carryover": carryover(pub, ids, rounds),
     }
 
 
@@ -102,6 +131,7 @@ def label_sets(n: int, rounds: int) -> dict[str, Any]:
         "publish_s": round(statistics.median(times), 3),
         "body_bytes": pub.body.size,
         "gzip_bytes": len(pub.body.gzip),
+        "carryover": carryover(pub, ids, rounds),
     }
 
 
