@@ -20,7 +20,9 @@ class Backoff:
         self.failures = 0
 
     def next(self) -> float:
-        ceiling = min(self.cap, self.base * 2.0**self.failures)
+        # The exponent stops growing long before the cap stops mattering: 2.0**1024 raises
+        # OverflowError, and a source can be down for thousands of retries.
+        ceiling = min(self.cap, self.base * 2.0 ** min(self.failures, 60))
         self.failures += 1
         return ceiling / 2 + self._rng() * ceiling / 2
 

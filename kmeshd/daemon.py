@@ -43,6 +43,7 @@ from kmeshd.kernel.memory import release_freed_memory
 from kmeshd.known import KnownAddresses, KnownSetter
 from kmeshd.publish import FlowReader, Publisher
 from kmeshd.reload import Reload, SourceOpener, prepare
+from kmeshd.supervise import Guard
 from kmeshd.systemd import Notifier
 
 log = logging.getLogger(__name__)
@@ -112,6 +113,7 @@ class Daemon:
         self._reload = False
         self._source_status = ""
         self._reload_note = ""  # why the running config is not the file's, after a rejection
+        self.guard = Guard(clock.monotonic)  # a step that raises is logged, counted, survived
 
     # -- startup -------------------------------------------------------------------------
 
@@ -141,6 +143,7 @@ class Daemon:
             self.clock,
             cfg.bpf.flow_expiry,
             state,
+            self.guard,
         )
         self.publisher.restore()
         if self._stop:  # a stop signal came while bcc compiled: shutdown() takes over
@@ -227,16 +230,20 @@ class Daemon:
         while not self._stop:
             self.feed.wall_offset_ns = clock.time_ns() - clock.monotonic_ns()
             if self.feed.begin():  # else records stay queued in the kernel
-                self.probe.drain()
+                self.guard.run("drain", self.probe.drain)
             if self._reload:
-                self.reload()
-            self.source.refresh(clock.monotonic())
-            self.known.update(self.source)
+                self.guard.run("reload", self.reload)
+            self.guard.run("identities", self._refresh_identities)
             if clock.monotonic() >= next_publish:
-                self.publish()
+                self.guard.run("publish", self.publish)
                 next_publish = max(next_publish + self.config.metrics.interval, clock.monotonic())
             self.notify.watchdog()
             clock.sleep(max(0.0, min(TICK_S, next_publish - clock.monotonic())))
+
+    def _refresh_identities(self) -> None:
+        assert self.known is not None
+        self.source.refresh(self.clock.monotonic())
+        self.known.update(self.source)
 
     def publish(self) -> None:
         assert self.publisher is not None, "startup() first"
@@ -261,18 +268,25 @@ class Daemon:
         self._reload = False
         self.notify.reloading()
         try:
+            self._reload_note = self._reload_config()
+        except Exception:
+            self._reload_note = "reload failed: running the previous config"
+            raise  # logged and counted by the guard
+        finally:
+            self.notify.ready(self._running_status())  # systemd never stays "reloading"
+
+    def _reload_config(self) -> str:
+        """The reload itself; what STATUS= should add to "running"."""
+        try:
             new = prepare(self.config, self.source, self._open_source)
         except ConfigError as exc:
             for problem in exc.problems:
                 log.error("reload rejected, keeping the running config: %s", problem)
             # logrotate's SIGHUP still means "reopen": the old file is no longer the log.
             self.feed.sinks.reopen()
-            self._reload_note = "reload rejected: running the previous config"
-            self.notify.ready(self._running_status())
-            return
+            return "reload rejected: running the previous config"
         self._apply(new)
-        self._reload_note = ""
-        self.notify.ready(self._running_status())
+        return ""
 
     def _apply(self, new: Reload) -> None:
         assert self.probe is not None and self.known is not None
@@ -304,8 +318,8 @@ class Daemon:
             # (about 40,000 records, a second or two), and nothing is left behind unwritten.
             self.feed.limit(0)
             self.feed.begin(None)
-            self.probe.drain()
-            self.publish()
+            self.guard.run("drain", self.probe.drain)
+            self.guard.run("publish", self.publish)
             if self.publisher is not None:
                 self.publisher.save()
             self.probe.close(detach=True)

@@ -8,16 +8,19 @@ gathers them into one Health.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Mapping
 from typing import NamedTuple
 
 from kmeshd import __version__
 from kmeshd.accesslog.records import RecordFeed
 from kmeshd.aggregate import Ledger
+from kmeshd.export.http import MetricsServer
 from kmeshd.export.metrics import Health, SinkHealth
 from kmeshd.export.textfile import Textfile
 from kmeshd.kernel.layout import Stat
 from kmeshd.known import KnownAddresses
+from kmeshd.supervise import LOOP_STEPS, Guard
 
 
 class KernelMaps(NamedTuple):
@@ -41,8 +44,12 @@ def daemon_health(
     last_publish: float,
     publish_seconds: float,
     state_failures: int | None = None,
+    guard: Guard | None = None,
+    server: MetricsServer | None = None,
 ) -> Health:
     """`stats`: the probe's counters."""
+    errors = guard.errors if guard is not None else Counter[str]()
+    threads = {"metrics-http": server.restarts} if server is not None else {}
     sinks = [SinkHealth(s.name, s.up, feed.sinks.dropped(s)) for s in feed.sinks.sinks]
     if textfile is not None:
         sinks.append(SinkHealth("textfile", textfile.up, None))
@@ -75,4 +82,9 @@ def daemon_health(
         map_entries={"flows": maps.flows},
         map_capacity={"flows": maps.flows_capacity},
         flow_generations=maps.generations,
+        publish_errors=errors["publish"],
+        loop_errors={step: errors[step] for step in LOOP_STEPS},
+        thread_restarts=threads,
+        records_failed=feed.failed,
+        http_refused=server.refused if server is not None else None,
     )

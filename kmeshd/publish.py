@@ -37,6 +37,7 @@ from kmeshd.kernel.memory import release_freed_memory
 from kmeshd.kernel.sockdiag import SockDiagError
 from kmeshd.known import KnownAddresses
 from kmeshd.ratelimit import LOG_EVERY_S, Throttle
+from kmeshd.supervise import Guard
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +75,10 @@ class Publisher:
         clock: Clock,
         flow_expiry: float,
         state: Path | None = None,
+        guard: Guard | None = None,
     ) -> None:
         self.ledger = ledger
+        self.guard = guard or Guard(clock.monotonic)  # the main loop's failures, exported
         self.state = state  # metrics.state_file: counters for the next daemon
         self.server = server
         self.textfile = textfile
@@ -206,6 +209,8 @@ class Publisher:
             last_publish=self.last,
             publish_seconds=self.seconds,
             state_failures=self.save_failures if self.state is not None else None,
+            guard=self.guard,
+            server=self.server,
         )
         compressor = zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, 31)  # 31: gzip framing
         draft = self.textfile.draft() if self.textfile is not None else None

@@ -284,3 +284,83 @@ def test_a_bad_path_at_startup_is_a_config_error_before_the_kernel(host: Host) -
         daemon.startup()
     daemon.shutdown()
     assert host.kernel.probe.callback is None
+
+
+def test_a_failing_publish_and_drain_are_logged_counted_and_survived(
+    host: Host, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A publish that raises costs that publish: logged once with its traceback, counted in
+    kmeshd_publish_errors_total, and the next interval's publish runs. A drain that raises
+    is counted under its step; a garbage record costs itself only."""
+    daemon = host.daemon()
+    daemon.startup()
+    probe, clock = host.kernel.probe, host.clock
+    assert daemon.publisher is not None
+    real_publish = daemon.publisher.publish
+    failures = iter([RuntimeError("disk on fire"), RuntimeError("disk on fire")])
+
+    def publish(*args: object) -> None:
+        error = next(failures, None)
+        if error is not None:
+            raise error
+        real_publish(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(daemon.publisher, "publish", publish)
+    real_drain = probe.drain
+    drains = iter([OSError(5, "Input/output error")])
+
+    def drain() -> None:
+        error = next(drains, None)
+        if error is not None:
+            raise error
+        real_drain()
+
+    monkeypatch.setattr(probe, "drain", drain)
+    probe.records = [b"\x01" * 7, RECORD]  # a record too short to be one, then a good one
+    started = clock.monotonic()
+    clock.on_sleep = lambda: daemon.stop() if clock.monotonic() - started >= 3.05 else None
+    with caplog.at_level(logging.ERROR, logger="kmeshd"):
+        daemon.run()
+    s = parse_metrics(host.scrape())
+    daemon.shutdown()
+    assert value(s, "kmeshd_publish_errors_total") == 2
+    assert value(s, "kmeshd_loop_errors_total", step="drain") == 1
+    assert value(s, "kmeshd_loop_errors_total", step="identities") == 0
+    assert value(s, "kmeshd_accesslog_records_failed_total") == 1
+    assert value(s, "kmeshd_accesslog_records_total") == 2
+    assert [r["received_bytes"] for r in host.records()] == [292]
+    published = [r for r in caplog.records if r.getMessage().startswith("publish failed")]
+    assert len(published) == 1  # the second within the minute: counted, not logged
+    assert published[0].exc_info is not None
+    assert published[0].getMessage() == (
+        "publish failed: RuntimeError('disk on fire'); carrying on (1 failures of it so far)"
+    )
+    assert "drain failed: OSError(5, 'Input/output error')" in caplog.text
+    assert "a kernel record (7 bytes) makes no access-log record" in caplog.text
+
+
+def test_a_reload_that_raises_still_says_ready_and_is_counted(
+    host: Host, notifications: Notifications, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An unexpected failure inside a reload must not leave systemd in "reloading": READY=1
+    follows with a status that says so, and the loop goes on."""
+    daemon = host.daemon()
+    daemon.startup()
+
+    def broken(*_args: object) -> None:
+        raise KeyError("surprise")
+
+    monkeypatch.setattr("kmeshd.daemon.prepare", broken)
+    daemon._reload = True
+    host.clock.on_sleep = daemon.stop
+    daemon.run()
+    daemon.publish()
+    s = parse_metrics(host.scrape())
+    daemon.shutdown()
+    assert value(s, "kmeshd_loop_errors_total", step="reload") == 1
+    reloading, ready = notifications.read()[-3:-1]
+    assert reloading.startswith("RELOADING=1")
+    assert ready == (
+        "READY=1\nSTATUS=running; identities from the inventory;"
+        " reload failed: running the previous config"
+    )

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+import logging
 from collections.abc import Callable
 
 from kmeshd.accesslog.render import AccessRecord
@@ -24,7 +25,9 @@ from kmeshd.events import ConnectionRecord, decode_record
 from kmeshd.identity.model import UNKNOWN, IdentityView, IPAddress
 from kmeshd.kernel.layout import Direction, Kind
 from kmeshd.labels import ends_of
-from kmeshd.ratelimit import TokenBucket
+from kmeshd.ratelimit import LOG_EVERY_S, Throttle, TokenBucket
+
+log = logging.getLogger("kmeshd")
 
 DRAIN_SLICE_S = 0.05  # the longest one drain takes; the main loop ticks every 0.1 s
 
@@ -80,6 +83,8 @@ class RecordFeed:
         self.view = view
         self.wall_offset_ns = 0
         self.handled = 0  # records taken from the kernel: kmeshd_accesslog_records_total
+        self.failed = 0  # of which no access-log record could be made
+        self._complaints = Throttle(LOG_EVERY_S, clock)
         self._clock = clock
         self.budget = TokenBucket(rate, clock)
         self._slice_ends = float("inf")
@@ -88,8 +93,24 @@ class RecordFeed:
         """One record; False when the budget or the drain's time is spent (the probe stops
         draining)."""
         self.handled += 1
-        self.sinks.write(access_record(decode_record(raw), self.view, self.wall_offset_ns))
+        try:
+            record = access_record(decode_record(raw), self.view, self.wall_offset_ns)
+        except Exception as exc:
+            self._failed(raw, exc)
+        else:
+            self.sinks.write(record)
         return self.budget.take() and self._clock() < self._slice_ends
+
+    def _failed(self, raw: bytes, exc: Exception) -> None:
+        self.failed += 1
+        if self._complaints.ready():
+            log.error(
+                "a kernel record (%d bytes) makes no access-log record: %r (%d so far)",
+                len(raw),
+                exc,
+                self.failed,
+                exc_info=exc,
+            )
 
     def begin(self, slice_s: float | None = DRAIN_SLICE_S) -> bool:
         """Start a drain of at most `slice_s` seconds (None: until the ring buffer is empty);

@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import errno
 import gzip
+import logging
 import socket
+import sys
 import threading
 import zlib
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -29,7 +32,13 @@ from prometheus_client import (
 
 from kmeshd.config import Config, parse_listen
 from kmeshd.errors import ConfigError, UnavailableError
+from kmeshd.ratelimit import LOG_EVERY_S, Throttle
+from kmeshd.supervise import Supervised
 
+log = logging.getLogger("kmeshd")
+
+CLIENT_TIMEOUT_S = 10.0  # a scrape's client silent this long is disconnected
+MAX_CLIENTS = 64  # connections served at once; a Prometheus server uses one per target
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 CHUNK = 1 << 20  # bytes inflated at a time for a scraper that takes no gzip
 EMPTY_GZIP = gzip.compress(b"")
@@ -54,6 +63,9 @@ def process_registry() -> CollectorRegistry:
 
 class _Handler(BaseHTTPRequestHandler):
     server: _Server
+    # A client that connects and sends nothing, or stops reading, holds a thread: it is let
+    # go after this long without progress (each read or write of the socket).
+    timeout = CLIENT_TIMEOUT_S
 
     def do_GET(self) -> None:
         body = self.server.body
@@ -83,9 +95,47 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 class _Server(ThreadingHTTPServer):
+    """One thread a connection, at most MAX_CLIENTS at once: past that a connection is
+    closed at once and counted, so a crowd of stuck clients cannot take the process's
+    threads and memory."""
+
     daemon_threads = True
+    request_queue_size = MAX_CLIENTS  # the listen backlog: a burst of scrapes waits in it
     body = Body()
     process = CollectorRegistry()
+
+    def server_activate(self) -> None:
+        super().server_activate()
+        self.slots = threading.BoundedSemaphore(MAX_CLIENTS)
+        self.refused = 0  # connections closed because MAX_CLIENTS were being served
+        self.failed = 0  # requests that raised (a client gone mid-answer is not counted)
+        self._complaints = Throttle(LOG_EVERY_S)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self.slots.acquire(blocking=False):
+            self.refused += 1
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A request that raised: logged (throttled) with its traceback, not printed."""
+        exc = sys.exc_info()[1]
+        if isinstance(exc, ConnectionError | TimeoutError):
+            return  # the client went away or stalled: its business
+        self.failed += 1
+        if self._complaints.ready():
+            log.error("a /metrics request from %s failed: %r", client_address, exc, exc_info=exc)
 
 
 class _Server6(_Server):
@@ -101,16 +151,27 @@ class MetricsServer:
         self._server = server_class((host, port), _Handler)
         self._server.process = process_registry()
         self.port = self._server.server_port
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, name="metrics-http", daemon=True
-        )
-        self._thread.start()
+        self._stop = threading.Event()
+        self._thread = Supervised("metrics-http", self._serve, self._stop).start()
+
+    def _serve(self) -> None:
+        self._server.serve_forever(poll_interval=0.5)
+
+    @property
+    def restarts(self) -> int:
+        """How often the listener's thread failed and was started again."""
+        return self._thread.restarts
+
+    @property
+    def refused(self) -> int:
+        return self._server.refused
 
     def publish(self, body: Body) -> None:
         """Serve `body` from now on (scrapes in progress finish with the one they had)."""
         self._server.body = body
 
     def close(self) -> None:
+        self._stop.set()  # before shutdown(): the thread must not serve again
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(timeout=5)

@@ -44,6 +44,11 @@ class Health:
     map_entries: Mapping[str, int] = field(default_factory=dict)  # map -> entries now
     map_capacity: Mapping[str, int] = field(default_factory=dict)  # map -> max entries
     flow_generations: int = 0  # generations of kernel flow entries retired
+    publish_errors: int = 0  # publishes that raised (logged; the next one runs)
+    loop_errors: Mapping[str, int] = field(default_factory=dict)  # main-loop step -> raised
+    thread_restarts: Mapping[str, int] = field(default_factory=dict)  # thread -> restarts
+    records_failed: int = 0  # kernel records no access-log record could be made of
+    http_refused: int | None = None  # /metrics connections refused; None: no listener
 
 
 class HealthCollector(Collector):
@@ -192,3 +197,37 @@ def _health(h: Health) -> Iterator[Metric]:
         "map",
         h.map_capacity,
     )
+    yield from _failures(h)
+
+
+def _failures(h: Health) -> Iterator[Metric]:
+    """What went wrong inside the daemon and was survived (see kmeshd/supervise.py)."""
+    yield CounterMetricFamily(
+        "kmeshd_publish_errors_total",
+        "Publishes that failed (logged with the error; the next one runs as usual)",
+        value=h.publish_errors,
+    )
+    yield _counter(
+        "kmeshd_loop_errors_total",
+        "Failures of a main-loop step other than the publish, by step (logged)",
+        "step",
+        h.loop_errors,
+    )
+    yield _counter(
+        "kmeshd_thread_restarts_total",
+        "Times a thread failed and was started again, by thread (logged)",
+        "thread",
+        h.thread_restarts,
+    )
+    yield CounterMetricFamily(
+        "kmeshd_accesslog_records_failed_total",
+        "Records from the kernel that no access-log record could be made of (logged)",
+        value=h.records_failed,
+    )
+    if h.http_refused is not None:
+        yield CounterMetricFamily(
+            "kmeshd_http_connections_refused_total",
+            "Connections to metrics.listen closed unanswered: as many were being served as"
+            " kmeshd serves at once (64)",
+            value=h.http_refused,
+        )
