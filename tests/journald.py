@@ -157,7 +157,9 @@ def running_journald(
     if len(str(socket_path)) >= 108:  # sun_path holds 108 bytes with the NUL
         raise RuntimeError(f"{socket_path}: too long for a unix socket address; use a shorter root")
     conf_d = run / "systemd" / "journald.conf.d"
-    conf_d.mkdir(parents=True)
+    conf_d.mkdir(parents=True, exist_ok=True)  # exists when journald starts again on `root`
+    for stale in ("socket", "stdout", "dev-log", "io.systemd.journal"):
+        (journal / stale).unlink(missing_ok=True)  # a stopped journald's: wait for new ones
     (conf_d / "zz-kmeshd-test.conf").write_text(_config({**JOURNALD_CONF, **(config or {})}))
     log = root / "journald.log"
     script = 'mount --bind "$1" /run && echo "$2" > /proc/sys/net/unix/max_dgram_qlen && exec "$3"'

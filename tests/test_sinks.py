@@ -343,9 +343,12 @@ def test_missing_socket_is_down_counts_drops_and_retries_every_few_seconds(
     sink.close()
 
 
-def test_a_restarted_journald_is_reached_again(tmp_path: Path) -> None:
+def test_a_restarted_journald_is_reached_again(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """When journald goes away the record is dropped and the sink down; the next write
-    after journald is back reconnects and delivers."""
+    after journald is back reconnects and delivers. Both are logged, the recovery even
+    within the minute that throttles the warnings."""
     path = str(tmp_path / "journal.sock")
     old = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     old.bind(path)
@@ -354,15 +357,21 @@ def test_a_restarted_journald_is_reached_again(tmp_path: Path) -> None:
     old.close()
     os.unlink(path)
 
-    assert not sink.write(SEED)
-    assert (sink.up, sink.dropped) == (False, 1)
+    with caplog.at_level(logging.WARNING, logger="kmeshd"):
+        assert not sink.write(SEED)
+        assert (sink.up, sink.dropped) == (False, 1)
 
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as new:
-        new.bind(path)
-        assert sink.write(FAILED)
-        assert sink.up
-        assert new.recv(65536) == encode_native(journal_fields(FAILED))
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as new:
+            new.bind(path)
+            assert sink.write(FAILED)
+            assert sink.up
+            assert new.recv(65536) == encode_native(journal_fields(FAILED))
     sink.close()
+    assert [r.getMessage() for r in caplog.records] == [
+        f"journald not reachable at {path} (Connection refused): access records to"
+        " journald are dropped and counted until it is",
+        f"journald reachable again at {path}",
+    ]
 
 
 def test_a_stalled_journald_costs_records_not_the_sink(server: socket.socket) -> None:

@@ -384,9 +384,9 @@ class JournaldSink:
             sock.close()
 
     def _set_down(self, exc: OSError) -> None:
-        was_up, self.up = self.up, False
-        if (was_up or not self._warned_down) and self._throttle.ready():
-            self._warned_down = True
+        self.up = False
+        if not self._warned_down and self._throttle.ready():
+            self._warned_down = True  # until the recovery is logged: the two come in pairs
             log.warning(
                 "journald not reachable at %s (%s): access records to journald are dropped "
                 "and counted until it is",
@@ -395,7 +395,8 @@ class JournaldSink:
             )
 
     def _set_up(self) -> None:
-        if not self.up and self._warned_down and self._throttle.ready():
+        if self._warned_down:
+            self._warned_down = False
             log.warning("journald reachable again at %s", self.socket_path)
         self.up = True
 
