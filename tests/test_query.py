@@ -3,15 +3,30 @@ entries rendered back, and the whole verb against a real systemd-journald."""
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from kmeshd.accesslog.query import Filters, journalctl_args, record_fields, render, text, wanted
+from kmeshd.accesslog.query import (
+    Filters,
+    Malformed,
+    Reporter,
+    Skipped,
+    decode,
+    journalctl_args,
+    parse,
+    render,
+    since_problem,
+    systemd_parses,
+    wanted,
+    written_by_kmeshd,
+)
 from kmeshd.accesslog.render import (
     MESSAGE_ID,
     AccessRecord,
@@ -96,40 +111,275 @@ def test_journalctl_args(filters: Filters, expected: list[str]) -> None:
     ],
 )
 def test_short_service_names(service: str | None, hostname: str, expected: bool) -> None:
-    assert wanted({"KMESHD_DST_SERVICE": hostname}, Filters(service=service)) is expected
+    assert wanted({"dst.service": hostname}, Filters(service=service)) is expected
+
+
+# What journald adds to an entry the daemon sends: the kmeshd script run as root.
+KMESHD = {"_UID": "0", "_COMM": "kmeshd", "_PID": "4242"}
 
 
 def as_journalctl_prints(r: Any) -> dict[str, object]:
     """What `journalctl -o json` prints for an entry the journald sink sent."""
-    return {**journal_fields(r), "__REALTIME_TIMESTAMP": "1726301967000000", "_PID": "4242"}
+    return {**journal_fields(r), "__REALTIME_TIMESTAMP": "1726301967000000", **KMESHD}
 
 
 @pytest.mark.parametrize("record", [SEED, IPV6, FAILED], ids=["seed", "ipv6", "failed"])
 def test_entries_render_as_the_daemon_writes(record: Any) -> None:
     """Read back, a record is the file sink's JSON object and the daemon's text line."""
-    entry = as_journalctl_prints(record)
-    assert record_fields(entry) == fields(record)
-    assert list(record_fields(entry)) == list(fields(record))  # same key order
-    assert text(entry) == printed(record)
+    read = decode(as_journalctl_prints(record))
+    assert read.fields == fields(record)
+    assert list(read.fields) == list(fields(record))  # same key order
+    assert read.line == printed(record)
 
 
-def test_fractions_and_non_utf8_fields() -> None:
-    """A whole second has no fraction; a field journalctl prints as bytes is decoded."""
+def test_fractions_and_fields_printed_as_bytes() -> None:
+    """A whole second has no fraction; a field journalctl prints as bytes (UTF-8 that is
+    not printable) is decoded."""
     whole = replace(SEED, time_ns=1726301966_000000000)
     entry = as_journalctl_prints(whole)
-    assert text(entry) == printed(whole)
-    entry["KMESHD_SRC_WORKLOAD"] = list(b"caf\xc3\xa9-\xff")
-    assert record_fields(entry)["src.workload"] == "café-\ufffd"
+    assert decode(entry).line == printed(whole)
+    entry["KMESHD_SRC_WORKLOAD"] = list("café\x07".encode())
+    assert decode(entry).fields["src.workload"] == "café\x07"
 
 
-def test_render_skips_blank_lines_and_filters() -> None:
+@pytest.mark.parametrize(
+    ("fields_", "expected"),
+    [
+        ({"_UID": "0", "_SYSTEMD_UNIT": "kmeshd.service", "_COMM": "python3"}, True),
+        ({"_UID": "0", "_COMM": "kmeshd"}, True),  # /usr/bin/kmeshd outside the unit
+        ({"_UID": "0", "_COMM": "python", "_CMDLINE": "/usr/bin/python3 -m kmeshd.cli run"}, True),
+        ({"_UID": "0", "_CMDLINE": "python3 -X dev -m kmeshd.devrun"}, True),
+        ({"_UID": "0", "_CMDLINE": "python3 -m kmeshd"}, True),
+        ({"_UID": "65534", "_COMM": "kmeshd"}, False),  # anyone can name a program kmeshd
+        ({"_UID": "1000", "_SYSTEMD_UNIT": "kmeshd.service"}, False),
+        ({"_UID": "1000", "_CMDLINE": "python3 -m kmeshd.cli run"}, False),
+        ({"_COMM": "kmeshd"}, False),  # no _UID: not from a local process journald saw
+        ({"_UID": "0", "_COMM": "logger"}, False),  # root, but another program
+        ({"_UID": "0", "_SYSTEMD_UNIT": "cron.service", "_COMM": "python3"}, False),
+        ({"_UID": "0", "_CMDLINE": "python3 -m kmeshdx run"}, False),
+        ({"_UID": "0", "_CMDLINE": "python3 /tmp/x.py -m"}, False),
+        ({"_UID": "0", "_CMDLINE": "python3 x.py kmeshd.cli"}, False),
+        ({"_UID": ["0", "0"], "_COMM": "kmeshd"}, False),  # not what journald writes
+        ({"_UID": 0, "_COMM": "kmeshd"}, False),
+    ],
+)
+def test_only_kmeshd_writes_access_records(fields_: dict[str, object], expected: bool) -> None:
+    """Who wrote an entry is judged by journald's own fields: root, and kmeshd's unit or
+    program; client-sent fields say nothing."""
+    assert written_by_kmeshd({**journal_fields(SEED), **fields_}) is expected
+
+
+def entry_with(**changes: object) -> dict[str, object]:
+    """SEED's entry as journalctl prints it, fields changed (None: removed)."""
+    entry = as_journalctl_prints(SEED)
+    for name, value in changes.items():
+        if value is None:
+            entry.pop(name, None)
+        else:
+            entry[name] = value
+    return entry
+
+
+@pytest.mark.parametrize(
+    ("entry", "problem"),
+    [
+        (entry_with(KMESHD_SENT_BYTES=None), "KMESHD_SENT_BYTES: missing"),
+        (entry_with(KMESHD_TIME=None), "KMESHD_TIME: missing"),
+        (entry_with(MESSAGE=None), "MESSAGE: missing"),
+        (
+            entry_with(KMESHD_SENT_BYTES="five"),
+            'KMESHD_SENT_BYTES: "five" is not a count (0 to 2^64-1)',
+        ),
+        (
+            entry_with(KMESHD_SENT_BYTES="-5"),
+            'KMESHD_SENT_BYTES: "-5" is not a count (0 to 2^64-1)',
+        ),
+        (entry_with(KMESHD_SENT_BYTES=""), 'KMESHD_SENT_BYTES: "" is not a count (0 to 2^64-1)'),
+        (
+            entry_with(KMESHD_SENT_BYTES=" 5"),
+            'KMESHD_SENT_BYTES: " 5" is not a count (0 to 2^64-1)',
+        ),
+        (  # Arabic-Indic digits: int() takes them, the kernel never wrote them
+            entry_with(KMESHD_SENT_BYTES="٥"),
+            'KMESHD_SENT_BYTES: "\\u0665" is not a count (0 to 2^64-1)',
+        ),
+        (
+            entry_with(KMESHD_SRTT_US=str(2**64)),
+            'KMESHD_SRTT_US: "18446744073709551616" is not a count (0 to 2^64-1)',
+        ),
+        (
+            entry_with(KMESHD_DURATION_NS="9" * 5000),
+            'KMESHD_DURATION_NS: "' + "9" * 40 + '..." is not a count (0 to 2^64-1)',
+        ),
+        (entry_with(KMESHD_SEGS_IN="x"), 'KMESHD_SEGS_IN: "x" is not a count (0 to 2^64-1)'),
+        (
+            entry_with(KMESHD_SRC_WORKLOAD=list(b"caf\xc3\xa9-\xff")),
+            "KMESHD_SRC_WORKLOAD: not UTF-8 (binary data)",
+        ),
+        (
+            entry_with(KMESHD_SRC_WORKLOAD=[0, 256]),
+            "KMESHD_SRC_WORKLOAD: an array that is not bytes",
+        ),
+        (
+            entry_with(KMESHD_DST_SERVICE=["a.b", "c.d"]),
+            "KMESHD_DST_SERVICE: 2 values, where kmeshd writes one",
+        ),
+        (
+            entry_with(KMESHD_DST_SERVICE=[]),
+            "KMESHD_DST_SERVICE: 0 values, where kmeshd writes one",
+        ),
+        (entry_with(MESSAGE=5), "MESSAGE: a JSON int, not a journal value"),
+        (entry_with(MESSAGE={"a": 1}), "MESSAGE: a JSON dict, not a journal value"),
+        (
+            entry_with(KMESHD_DIRECTION=[True]),
+            "KMESHD_DIRECTION: 1 values, where kmeshd writes one",
+        ),
+        (entry_with(KMESHD_SRC_ADDR="\ud800"), "KMESHD_SRC_ADDR: not UTF-8"),
+        (
+            entry_with(KMESHD_TIME="2024-09-14 08:19:26"),
+            'KMESHD_TIME: "2024-09-14 08:19:26" is not an RFC 3339 time in UTC',
+        ),
+        (
+            entry_with(KMESHD_TIME="2024-13-14T08:19:26.552709932Z"),
+            'KMESHD_TIME: "2024-13-14T08:19:26.552709932Z" is not a date and time',
+        ),
+        (
+            entry_with(KMESHD_TIME="1969-12-31T23:59:59.000000000Z"),
+            'KMESHD_TIME: "1969-12-31T23:59:59.000000000Z" is before 1970',
+        ),
+    ],
+)
+def test_malformed_entries_say_why(entry: dict[str, object], problem: str) -> None:
+    """An entry that is no access record is Malformed, naming the field and the problem."""
+    with pytest.raises(Malformed) as caught:
+        decode(entry)
+    assert str(caught.value) == problem
+
+
+@pytest.mark.parametrize(
+    ("line", "problem"),
+    [
+        ("{", "not a JSON line (Expecting property name enclosed in double quotes at "
+         "character 1)"),
+        ("[1]", "a JSON list, not an entry object"),
+        ('"x"', "a JSON str, not an entry object"),
+        ("[" * 100_000 + "]" * 100_000, "not a JSON line (nested too deeply)"),
+        ('{"a": ' + "1" * 5000 + "}", "not a JSON line (a number too long)"),
+    ],
+    ids=["cut", "array", "string", "deep", "long-integer"],
+)  # fmt: skip
+def test_lines_that_are_no_entry(line: str, problem: str) -> None:
+    with pytest.raises(Malformed) as caught:
+        parse(line)
+    assert str(caught.value) == problem
+
+
+def test_render_skips_what_it_should_and_counts_it() -> None:
+    """Blank lines and other services' records are left out; another writer's entry and a
+    malformed one are counted, the first of each described; the rest is printed."""
+    nobody = {**as_journalctl_prints(SEED), "_UID": "65534", "__CURSOR": "s=1;i=2"}
     lines = [
         json.dumps(as_journalctl_prints(SEED)),
         "",
+        json.dumps(nobody),
+        json.dumps(entry_with(KMESHD_SENT_BYTES="lots", __CURSOR="s=1;i=3")),
+        "not json",
         json.dumps(as_journalctl_prints(IPV6)),
+        json.dumps({**nobody, "_UID": "1000"}),
     ]
-    out = list(render(lines, Filters(service="httpbin"), "json"))
+    skipped = Skipped()
+    out = list(render(lines, Filters(service="httpbin"), "json", skipped))
     assert [json.loads(line) for line in out] == [fields(IPV6)]
+    assert skipped.report("/j") == [
+        "kmeshd: skipped 2 entries with kmeshd's MESSAGE_ID not written by kmeshd (the first "
+        "by _UID=65534 _COMM=kmeshd): journalctl --directory=/j -o verbose -n 1 "
+        "--cursor='s=1;i=2' shows it",
+        'kmeshd: skipped 2 malformed entries (the first: KMESHD_SENT_BYTES: "lots" is not a '
+        "count (0 to 2^64-1)): journalctl --directory=/j -o verbose -n 1 --cursor='s=1;i=3' "
+        "shows it",
+    ]
+
+
+def test_a_problem_without_a_cursor_points_at_all_entries() -> None:
+    skipped = Skipped()
+    assert list(render(["[]"], Filters(), "text", skipped)) == []
+    assert skipped.report() == [
+        "kmeshd: skipped 1 malformed entries (the first: a JSON list, not an entry object): "
+        f"journalctl -o verbose MESSAGE_ID={MESSAGE_ID} shows them"
+    ]
+
+
+def test_following_reports_as_it_goes_at_most_every_ten_seconds() -> None:
+    """-f: the first skipped entry is said at once, later ones at most every 10 s, and
+    what is left at the end; nothing is said twice."""
+    now = [0.0]
+    err = io.StringIO()
+    reporter = Reporter(err, clock=lambda: now[0])
+    skipped = Skipped()
+
+    def skip(n: int) -> None:
+        for _ in range(n):
+            skipped.damaged(Malformed("MESSAGE: missing"), None)
+            reporter.meanwhile(skipped)
+
+    skip(1)
+    now[0] = 5.0
+    skip(3)
+    now[0] = 10.0
+    reporter.meanwhile(skipped)
+    now[0] = 11.0
+    skip(1)
+    reporter.finally_(skipped)
+    reporter.finally_(skipped)
+    counts = [line.split(" ")[2] for line in err.getvalue().splitlines()]
+    assert counts == ["1", "4", "5"]
+
+
+@pytest.mark.parametrize(
+    ("since", "problem"),
+    [
+        ("-1h", None),
+        ("-1h 30min", None),
+        ("2 days ago", None),
+        ("today", None),
+        ("2026-12-02 10:00", None),
+        ("Mon 2024-01-01", None),
+        ("@1700000000", None),
+        (
+            "the day before yesterday-ish",
+            '"the day before yesterday-ish" is not a time journalctl takes (Invalid '
+            'argument): use e.g. -1h, "2 days ago", today',
+        ),
+        (
+            "2024-01-01T10:00:00",
+            '"2024-01-01T10:00:00" is not a time journalctl takes (Invalid argument): use '
+            'e.g. -1h, "2 days ago", today',
+        ),
+        (
+            "--1h",
+            '"--1h" is not a time journalctl takes (Numerical result out of range): use e.g. '
+            '-1h, "2 days ago", today',
+        ),
+        ("", "an empty time: give one as journalctl --since takes it (-1h, today, ...)"),
+        (" ", "an empty time: give one as journalctl --since takes it (-1h, today, ...)"),
+        ("-1h\n", '"-1h\\n" has control characters: give a time such as -1h or today'),
+    ],
+)
+def test_since_is_checked_by_systemds_parser(since: str, problem: str | None) -> None:
+    assert since_problem(since, systemd_parses) == problem
+
+
+@pytest.mark.parametrize(
+    "since", ["-1h", "-2d", "bogus", "2024-01-01T10:00:00", "today -3h", "@1700000000", "-"]
+)
+def test_systemd_analyze_judges_as_journalctl_does(since: str, tmp_path: Path) -> None:
+    """The parser asked (systemd-analyze timestamp) takes what journalctl takes."""
+    done = subprocess.run(
+        ["journalctl", f"--directory={tmp_path}", f"--since={since}", "-n0", "-q"],
+        capture_output=True,
+        check=False,
+    )
+    assert (systemd_parses(since) is None) is (done.returncode == 0)
 
 
 # -- the verb, against a real journald ---------------------------------------------------
