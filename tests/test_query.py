@@ -3,10 +3,15 @@ entries rendered back, and the whole verb against a real systemd-journald."""
 
 from __future__ import annotations
 
+import base64
 import io
 import json
+import shlex
+import socket
+import struct
 import subprocess
 import sys
+from contextlib import closing
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -35,7 +40,7 @@ from kmeshd.accesslog.render import (
     message,
     text_line,
 )
-from kmeshd.accesslog.sinks import JournaldSink
+from kmeshd.accesslog.sinks import JournaldSink, encode_native
 from tests.journald import Journald
 from tests.test_render import FAILED, IPV6, SEED
 
@@ -384,6 +389,70 @@ def test_systemd_analyze_judges_as_journalctl_does(since: str, tmp_path: Path) -
 
 # -- the verb, against a real journald ---------------------------------------------------
 
+# A writer of raw journal entries: its payloads (base64 JSON on stdin) go out on the
+# connected socket it inherits (its fd number the first argument); then it waits for its
+# stdin to close, so that journald finds it alive when it reads its _COMM, _CMDLINE and
+# _UID from /proc.
+WRITER = """
+import base64, ctypes, json, socket, sys
+if len(sys.argv) > 2:  # the name to show in _COMM (prctl PR_SET_NAME)
+    ctypes.CDLL(None).prctl(15, sys.argv[2].encode(), 0, 0, 0)
+sock = socket.socket(fileno=int(sys.argv[1]))
+for payload in json.loads(sys.stdin.readline()):
+    sock.send(base64.b64decode(payload))
+print("sent", flush=True)
+sys.stdin.read()
+"""
+
+
+def binary_field(name: str, data: bytes) -> bytes:
+    """A field in the native protocol's length-prefixed form, any bytes in it."""
+    return name.encode() + b"\n" + struct.pack("<Q", len(data)) + data + b"\n"
+
+
+def write_entries(
+    journald: Journald, command: list[str], payloads: list[bytes], *names: str
+) -> None:
+    """Send `payloads` to journald from a process started as `command`, calling itself
+    by `names` (at most one)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.connect(journald.socket_path)
+        fd = sock.fileno()
+        with subprocess.Popen(
+            [*command, str(fd), *names],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            pass_fds=(fd,),
+        ) as child:
+            assert child.stdin is not None and child.stdout is not None
+            encoded = [base64.b64encode(p).decode() for p in payloads]
+            child.stdin.write(json.dumps(encoded) + "\n")
+            child.stdin.flush()
+            assert child.stdout.readline() == "sent\n"
+            journald.query()  # journalctl --sync: journald has taken them all
+            child.stdin.close()
+
+
+def as_kmeshd(journald: Journald, tmp_path: Path, payloads: list[bytes]) -> None:
+    """Entries sent as kmeshd outside its unit sends them: root, from a script named
+    kmeshd (/usr/bin/kmeshd is one), so journald's _COMM is "kmeshd"."""
+    script = tmp_path / "bin" / "kmeshd"
+    script.parent.mkdir(exist_ok=True)
+    script.write_text(f"#!{sys.executable}\n{WRITER}")
+    script.chmod(0o755)
+    write_entries(journald, [str(script)], payloads)
+
+
+def as_nobody(journald: Journald, payloads: list[bytes]) -> None:
+    """Entries sent by an unprivileged user whose program calls itself kmeshd."""
+    setpriv = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
+    write_entries(journald, [*setpriv, sys.executable, "-c", WRITER], payloads, "kmeshd")
+
+
+def sent(*records: AccessRecord) -> list[bytes]:
+    return [encode_native(journal_fields(r)) for r in records]
+
 
 def accesslog(journald: Journald, *args: str) -> subprocess.CompletedProcess[str]:
     journald.query()  # journalctl --sync: everything sent is on disk
@@ -396,9 +465,9 @@ def accesslog(journald: Journald, *args: str) -> subprocess.CompletedProcess[str
 
 
 @pytest.mark.consumers
-def test_accesslog_reads_back_from_journald(journald: Journald) -> None:
-    """Records sent by the journald sink come back through `kmeshd accesslog`, filtered,
-    as text and as JSON; other programs' entries never show."""
+def test_accesslog_reads_back_from_journald(journald: Journald, tmp_path: Path) -> None:
+    """Records kmeshd sent come back through `kmeshd accesslog`, filtered, as text and as
+    JSON; other programs' entries never show."""
     other_ns = replace(
         IPV6,
         src_namespace="shop",
@@ -407,9 +476,7 @@ def test_accesslog_reads_back_from_journald(journald: Journald) -> None:
         src_workload="ui-1",
     )
     records = [SEED, IPV6, FAILED, other_ns]
-    sink = JournaldSink(journald.socket_path)
-    assert all(sink.write(r) for r in records)
-    sink.close()
+    as_kmeshd(journald, tmp_path, sent(*records))
     subprocess.run(
         [
             "logger",
@@ -425,7 +492,7 @@ def test_accesslog_reads_back_from_journald(journald: Journald) -> None:
 
     def lines(*args: str) -> list[str]:
         done = accesslog(journald, *args)
-        assert done.returncode == 0, done.stderr
+        assert (done.returncode, done.stderr) == (0, "")
         return done.stdout.splitlines()
 
     assert lines() == [printed(r) for r in records]
@@ -438,12 +505,128 @@ def test_accesslog_reads_back_from_journald(journald: Journald) -> None:
     assert lines("--service", SEED.dst_service) == [printed(SEED), printed(FAILED)]
     assert lines("--dst-workload", "cart-1", "--src-workload", "ui-1") == [printed(other_ns)]
     assert lines("--since", "2000-01-01", "--dst-workload", "nobody") == []
+    # As the documentation writes it: a relative time after a space, and after "=".
+    assert lines("--since", "-1h", "--namespace", "default", "--service", "httpbin") == [
+        printed(IPV6),
+        printed(other_ns),
+    ]
+    assert lines("--since=-1h", "--failed") == [printed(FAILED)]
 
 
 @pytest.mark.consumers
-def test_accesslog_passes_journalctl_errors_on(journald: Journald) -> None:
-    """A --since journalctl cannot parse: its own message, and a failing exit status."""
-    done = accesslog(journald, "--since", "the day before yesterday-ish")
-    assert done.returncode == 1
-    assert "timestamp" in done.stderr.lower()
-    assert done.stdout == ""
+def test_accesslog_shows_only_what_kmeshd_wrote(journald: Journald, tmp_path: Path) -> None:
+    """Entries with kmeshd's MESSAGE_ID and fields from an unprivileged user, even one
+    whose program is named kmeshd, and from the test process itself (root, another
+    program), are not shown; they are counted on stderr, and the command it names shows
+    the first."""
+    forged = replace(SEED, src_workload="forged", sent_bytes=999)
+    as_nobody(journald, sent(forged))
+    as_kmeshd(journald, tmp_path, sent(SEED))
+    with closing(JournaldSink(journald.socket_path)) as sink:  # root, but python -m pytest
+        assert sink.write(replace(forged, sent_bytes=998))
+
+    done = accesslog(journald)
+    assert (done.returncode, done.stdout) == (0, printed(SEED) + "\n")
+    [line] = done.stderr.splitlines()
+    first, _, command = line.partition("): ")
+    assert first == (
+        "kmeshd: skipped 2 entries with kmeshd's MESSAGE_ID not written by kmeshd (the first"
+        " by _UID=65534 _COMM=kmeshd"
+    )
+    assert command.endswith(" shows it")
+    shown = subprocess.run(
+        shlex.split(command.removesuffix(" shows it")), capture_output=True, text=True, check=True
+    )
+    assert "KMESHD_SRC_WORKLOAD=forged" in shown.stdout
+    assert "KMESHD_SENT_BYTES=999" in shown.stdout
+
+
+@pytest.mark.consumers
+def test_accesslog_skips_malformed_entries(journald: Journald, tmp_path: Path) -> None:
+    """Entries kmeshd's writer sent that are no access record (a count that is no
+    number, a huge one, a field missing, invalid UTF-8, binary data) are skipped with one
+    line on stderr; the records around them are printed and the exit status is 0."""
+    good = encode_native(journal_fields(SEED))
+    payloads = [
+        good.replace(b"KMESHD_SENT_BYTES=5\n", b"KMESHD_SENT_BYTES=five\n"),
+        good.replace(b"KMESHD_SENT_BYTES=5\n", b"KMESHD_SENT_BYTES=" + b"9" * 30 + b"\n"),
+        good.replace(b"KMESHD_DST_ADDR=10.244.0.13:9080\n", b""),
+        good.replace(b"KMESHD_DST_WORKLOAD=", b"KMESHD_DST_WORKLOAD=\xff\xfe"),
+        good + binary_field("KMESHD_SRC_WORKLOAD", b"\0\x01\x02\xff"),
+        encode_native(journal_fields(IPV6)),
+    ]
+    assert all(p != good for p in payloads[:5])
+    as_kmeshd(journald, tmp_path, payloads)
+
+    for output, expected in (
+        ("text", printed(IPV6)),
+        ("json", json.dumps(fields(IPV6), ensure_ascii=False)),
+    ):
+        done = accesslog(journald, "--output", output)
+        assert (done.returncode, done.stdout) == (0, expected + "\n")
+        [line] = done.stderr.splitlines()
+        assert line.startswith(
+            'kmeshd: skipped 5 malformed entries (the first: KMESHD_SENT_BYTES: "five" is not'
+            f" a count (0 to 2^64-1)): journalctl --directory={journald.journal_dir} -o verbose"
+            " -n 1 --cursor='"
+        )
+        assert "Traceback" not in done.stderr
+
+
+@pytest.mark.consumers
+def test_accesslog_follow_reports_skipped_entries_as_they_come(
+    journald: Journald, tmp_path: Path
+) -> None:
+    """-f: a malformed entry is reported on stderr while kmeshd accesslog keeps following,
+    and the records after it are printed."""
+    good = encode_native(journal_fields(SEED))
+    as_kmeshd(journald, tmp_path, [good.replace(b"KMESHD_TIME=", b"KMESHD_TIME=x"), good])
+    child = subprocess.Popen(
+        [sys.executable, "-m", "kmeshd.cli", "accesslog", "-f", "-D", journald.journal_dir],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert child.stdout is not None and child.stderr is not None
+        assert child.stderr.readline().startswith(
+            'kmeshd: skipped 1 malformed entries (the first: KMESHD_TIME: "x2024-09-14T08:19:'
+        )
+        assert child.stdout.readline() == printed(SEED) + "\n"
+    finally:
+        child.terminate()
+        child.wait(timeout=10)
+
+
+def test_since_as_the_documentation_writes_it() -> None:
+    """`--since -1h` (the documented form) and `--since=-1h` reach journalctl as -1h."""
+    from kmeshd.cli import parser
+
+    for argv in (["--since", "-1h"], ["--since=-1h"], ["-f", "--since", "-2d", "-o", "json"]):
+        args = parser().parse_args(["accesslog", *argv])
+        assert args.since in ("-1h", "-2d")
+
+
+@pytest.mark.parametrize(
+    ("since", "problem"),
+    [
+        (
+            "the day before yesterday-ish",
+            '"the day before yesterday-ish" is not a time journalctl takes (Invalid argument):'
+            ' use e.g. -1h, "2 days ago", today',
+        ),
+        ("-1x", '"-1x" is not a time journalctl takes (Invalid argument): use e.g. -1h, "2 days'
+         ' ago", today'),
+        ("", "an empty time: give one as journalctl --since takes it (-1h, today, ...)"),
+    ],
+)  # fmt: skip
+def test_a_bad_since_is_a_usage_error(since: str, problem: str, tmp_path: Path) -> None:
+    """A --since journalctl would not take: exit 2 with one line naming it, and nothing run."""
+    done = subprocess.run(
+        [sys.executable, "-m", "kmeshd.cli", "accesslog", "-D", str(tmp_path), "--since", since],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert (done.returncode, done.stdout) == (2, "")
+    assert done.stderr.splitlines()[-1] == f"kmeshd accesslog: error: argument --since: {problem}"
