@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import faulthandler
 import logging
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -58,8 +59,16 @@ def add_accesslog(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "Filters combine with AND. Needs read access to the journal: root, or a member "
         "of the systemd-journal group.",
     )
+    # journalctl's relative times start with "-" ("-1h", "-2d"): read them as values, as
+    # argparse reads negative numbers, so that `--since -1h` works as documented.
+    a._negative_number_matcher = re.compile(r"-\.?[0-9]")
     a.add_argument("-f", "--follow", action="store_true", help="keep printing new records")
-    a.add_argument("--since", metavar="TIME", help='journalctl syntax: "-1h", "today", ...')
+    a.add_argument(
+        "--since",
+        metavar="TIME",
+        type=since_time,
+        help='journalctl syntax: "-1h", "today", ...',
+    )
     a.add_argument(
         "-o",
         "--output",
@@ -88,6 +97,16 @@ def add_accesslog(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         metavar="DIR",
         help="read the journal files in DIR (journalctl -D), not the system journal",
     )
+
+
+def since_time(text: str) -> str:
+    """--since, checked as journalctl will parse it: a bad one is a usage error (exit 2)."""
+    from kmeshd.accesslog.query import since_problem, systemd_parses
+
+    problem = since_problem(text, systemd_parses)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(problem)
+    return text
 
 
 def accesslog(args: argparse.Namespace) -> int:

@@ -3,6 +3,11 @@
 Each struct is read through its mirror in kmeshd.kernel.layout (one `struct` unpack per
 record or flow). Addresses arrive as 16 bytes, IPv4 v4-mapped; they leave as ipaddress
 objects, IPv4 plain.
+
+A ring-buffer record is checked before it is believed: a size other than struct
+conn_record's, or a kind, direction or reason this version does not know (a probe built
+from another version's header), is a BadRecord, never a half-decoded record.
+`RecordDecoder` counts those and carries on.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import functools
 import ipaddress
 from dataclasses import dataclass
+from typing import TypeVar
 
 from kmeshd.identity.model import IPAddress, plain_ip
 from kmeshd.kernel.layout import (
@@ -73,12 +79,27 @@ def decode_flow_key(key: bytes) -> FlowKey:
     )
 
 
+_E = TypeVar("_E")
 _KINDS = {k.value: k for k in Kind}
 _DIRECTIONS = {d.value: d for d in Direction}
 _REASONS = {r.value: r for r in Reason}
 
 
+class BadRecord(ValueError):
+    """Bytes that are not a struct conn_record of this version; the message says why."""
+
+
+def _known(table: dict[int, _E], value: int, what: str) -> _E:
+    try:
+        return table[value]
+    except KeyError:
+        raise BadRecord(f"unknown {what} {value}") from None
+
+
 def decode_record(data: bytes) -> ConnectionRecord:
+    """A ring-buffer record -> ConnectionRecord; BadRecord if it is not one."""
+    if len(data) != CONN_RECORD.size:
+        raise BadRecord(f"{len(data)} bytes, not the {CONN_RECORD.size} of struct conn_record")
     (time_ns, duration, received, sent, local, remote, local_port, remote_port,
      kind, direction, reason, flags, srtt, min_rtt, retrans, segs_in, segs_out, _) = (
         CONN_RECORD.codec.unpack_from(data)
@@ -92,9 +113,9 @@ def decode_record(data: bytes) -> ConnectionRecord:
         local_port=local_port,
         remote=decode_address(remote),
         remote_port=remote_port,
-        kind=_KINDS[kind],
-        direction=_DIRECTIONS[direction],
-        reason=_REASONS[reason],
+        kind=_known(_KINDS, kind, "kind"),
+        direction=_known(_DIRECTIONS, direction, "direction"),
+        reason=_known(_REASONS, reason, "reason"),
         reset=bool(flags & RecordFlag.RESET),
         srtt_us=srtt,
         min_rtt_us=min_rtt,
@@ -102,3 +123,21 @@ def decode_record(data: bytes) -> ConnectionRecord:
         segs_in=segs_in,
         segs_out=segs_out,
     )
+
+
+class RecordDecoder:
+    """decode_record() that never raises: a bad record is None, counted in `rejected`, and
+    the first problem kept in `first_problem` for a log line."""
+
+    def __init__(self) -> None:
+        self.rejected = 0
+        self.first_problem: str | None = None
+
+    def __call__(self, data: bytes) -> ConnectionRecord | None:
+        try:
+            return decode_record(data)
+        except BadRecord as exc:
+            self.rejected += 1
+            if self.first_problem is None:
+                self.first_problem = str(exc)
+            return None

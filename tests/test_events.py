@@ -8,7 +8,14 @@ import struct
 
 import pytest
 
-from kmeshd.events import FlowKey, decode_address, decode_record, encode_address
+from kmeshd.events import (
+    BadRecord,
+    FlowKey,
+    RecordDecoder,
+    decode_address,
+    decode_record,
+    encode_address,
+)
 from kmeshd.kernel.layout import BUCKETS, CONN_RECORD, Direction, Kind, Reason
 from tests.flow_counters import FlowCounters, decode_flow
 
@@ -259,6 +266,44 @@ def test_decode_record(fields: dict[str, object], expected: dict[str, object]) -
     """Ring-buffer records decode to the fields the access log needs."""
     rec = decode_record(record_bytes(**fields))
     assert {k: getattr(rec, k) for k in expected} == expected
+
+
+GOOD = dict(kind=1, direction=2)  # the least a record needs to be one
+
+
+@pytest.mark.parametrize(
+    ("raw", "problem"),
+    [
+        (b"", "0 bytes, not the 96 of struct conn_record"),
+        (record_bytes(**GOOD)[:95], "95 bytes, not the 96 of struct conn_record"),
+        (record_bytes(**GOOD) + b"\0", "97 bytes, not the 96 of struct conn_record"),
+        (record_bytes(**GOOD) * 2, "192 bytes, not the 96 of struct conn_record"),
+        (record_bytes(kind=0, direction=2), "unknown kind 0"),
+        (record_bytes(kind=4, direction=2), "unknown kind 4"),
+        (record_bytes(kind=1, direction=0), "unknown direction 0"),
+        (record_bytes(kind=1, direction=255), "unknown direction 255"),
+        (record_bytes(**GOOD, reason=4), "unknown reason 4"),
+    ],
+)
+def test_bad_records_are_rejected(raw: bytes, problem: str) -> None:
+    """A record of the wrong size or with a value this version does not know is a
+    BadRecord saying which, never a struct.error, a KeyError or a half-decoded record."""
+    with pytest.raises(BadRecord) as caught:
+        decode_record(raw)
+    assert str(caught.value) == problem
+
+
+def test_the_record_decoder_counts_what_it_rejects() -> None:
+    """RecordDecoder: a record for a good one, None and a count for each bad one; the
+    first problem is kept."""
+    decode = RecordDecoder()
+    good = record_bytes(**GOOD, sent_bytes=7)
+    results = [decode(raw) for raw in (b"x", good, record_bytes(kind=9, direction=1), good)]
+    assert [r.sent_bytes if r else None for r in results] == [None, 7, None, 7]
+    assert (decode.rejected, decode.first_problem) == (
+        2,
+        "1 bytes, not the 96 of struct conn_record",
+    )
 
 
 def test_counter_arithmetic() -> None:
