@@ -6,8 +6,8 @@ objects, IPv4 plain.
 
 A ring-buffer record is checked before it is believed: a size other than struct
 conn_record's, or a kind, direction or reason this version does not know (a probe built
-from another version's header), is a BadRecord, never a half-decoded record.
-`RecordDecoder` counts those and carries on.
+from another version's header), is a BadRecord, never a half-decoded record; the record
+feed counts it and carries on.
 """
 
 from __future__ import annotations
@@ -123,21 +123,3 @@ def decode_record(data: bytes) -> ConnectionRecord:
         segs_in=segs_in,
         segs_out=segs_out,
     )
-
-
-class RecordDecoder:
-    """decode_record() that never raises: a bad record is None, counted in `rejected`, and
-    the first problem kept in `first_problem` for a log line."""
-
-    def __init__(self) -> None:
-        self.rejected = 0
-        self.first_problem: str | None = None
-
-    def __call__(self, data: bytes) -> ConnectionRecord | None:
-        try:
-            return decode_record(data)
-        except BadRecord as exc:
-            self.rejected += 1
-            if self.first_problem is None:
-                self.first_problem = str(exc)
-            return None

@@ -11,7 +11,6 @@ import pytest
 from kmeshd.events import (
     BadRecord,
     FlowKey,
-    RecordDecoder,
     decode_address,
     decode_record,
     encode_address,
@@ -291,19 +290,6 @@ def test_bad_records_are_rejected(raw: bytes, problem: str) -> None:
     with pytest.raises(BadRecord) as caught:
         decode_record(raw)
     assert str(caught.value) == problem
-
-
-def test_the_record_decoder_counts_what_it_rejects() -> None:
-    """RecordDecoder: a record for a good one, None and a count for each bad one; the
-    first problem is kept."""
-    decode = RecordDecoder()
-    good = record_bytes(**GOOD, sent_bytes=7)
-    results = [decode(raw) for raw in (b"x", good, record_bytes(kind=9, direction=1), good)]
-    assert [r.sent_bytes if r else None for r in results] == [None, 7, None, 7]
-    assert (decode.rejected, decode.first_problem) == (
-        2,
-        "1 bytes, not the 96 of struct conn_record",
-    )
 
 
 def test_counter_arithmetic() -> None:

@@ -630,3 +630,22 @@ def test_a_bad_since_is_a_usage_error(since: str, problem: str, tmp_path: Path) 
     )
     assert (done.returncode, done.stdout) == (2, "")
     assert done.stderr.splitlines()[-1] == f"kmeshd accesslog: error: argument --since: {problem}"
+
+
+@pytest.mark.consumers
+def test_a_reader_that_stops_early_ends_it_quietly(journald: Journald, tmp_path: Path) -> None:
+    """`kmeshd accesslog | head -1`: the pipe closes early; kmeshd ends with 0 and says
+    nothing (no BrokenPipeError, no traceback)."""
+    as_kmeshd(journald, tmp_path, sent(*[replace(SEED, sent_bytes=i) for i in range(3000)]))
+    journald.query()
+    done = subprocess.run(
+        f"{sys.executable} -m kmeshd.cli accesslog -D {journald.journal_dir} | head -1;"
+        " echo status=${PIPESTATUS[0]}",
+        shell=True,
+        executable="/bin/bash",
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.stdout.splitlines() == [printed(replace(SEED, sent_bytes=0)), "status=0"]
+    assert done.stderr == ""
