@@ -305,8 +305,8 @@ KNOWN_TABLES = "(known: accesslog, bpf, identity, kubernetes, metrics)"
         ("[kubernetes]\nnode_name = [1]", "kubernetes.node_name: expected a string, got an array"),
         (
             "[accesslog]\nmax_rate = -1",
-            "accesslog.max_rate: must be 0 (no limit) or a positive number of records per "
-            "second, got -1",
+            "accesslog.max_rate: must be 0 (no limit) or from 1 to 1,000,000 records per"
+            " second, got -1",
         ),
         (
             '[accesslog]\nmax_rate = "fast"',
@@ -447,7 +447,9 @@ def test_directory_cannot_be_read(tmp_path: Path, explicit: bool) -> None:
     """A config path that exists but is not a readable file is an error, named or not."""
     with pytest.raises(ConfigError) as e:
         load_config(tmp_path, explicit=explicit)
-    assert e.value.problems == [f"{tmp_path}: cannot read: Is a directory"]
+    assert e.value.problems == [
+        f"{tmp_path}: is a directory, not a regular file (name a regular file)"
+    ]
 
 
 def test_non_utf8_file_cannot_be_read(tmp_path: Path) -> None:

@@ -499,7 +499,10 @@ def test_invalidate_forces_a_reread(tmp_path: Path) -> None:
     [
         (lambda f: f.unlink(), 'cannot read "{f}": No such file or directory'),
         (lambda f: f.write_text(" \n"), '"{f}" is empty'),
-        (lambda f: (f.unlink(), f.mkdir()), 'cannot read "{f}": Is a directory'),
+        (
+            lambda f: (f.unlink(), f.mkdir()),
+            '"{f}" is a directory, not a regular file (name a regular file)',
+        ),
     ],
 )
 def test_a_failed_reread_keeps_the_last_token(

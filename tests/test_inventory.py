@@ -466,7 +466,9 @@ def test_directory_cannot_be_read(tmp_path: Path, explicit: bool) -> None:
     """An inventory path that exists but cannot be read is an error, default or not."""
     with pytest.raises(ConfigError) as e:
         load_inventory(tmp_path, explicit=explicit)
-    assert e.value.problems == [f"{tmp_path}: cannot read: Is a directory"]
+    assert e.value.problems == [
+        f"{tmp_path}: is a directory, not a regular file (name a regular file)"
+    ]
 
 
 def test_non_utf8_inventory_cannot_be_read(tmp_path: Path) -> None:
