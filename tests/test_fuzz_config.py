@@ -185,14 +185,22 @@ ADDRESSES = st.lists(
 NAMES = st.one_of(
     st.sampled_from(["a", "default", "a/b", "A", "-x", "a" * 300]), st.text(max_size=10)
 )
-WORKLOAD = st.fixed_dictionaries(
+
+
+def entry(
+    required: dict[str, st.SearchStrategy[object]], optional: dict[str, st.SearchStrategy[object]]
+) -> st.SearchStrategy[dict[str, object]]:
+    return st.fixed_dictionaries(required, optional=optional)
+
+
+WORKLOAD = entry(
     {"name": NAMES, "addresses": ADDRESSES},
-    optional={"namespace": NAMES, "service_account": NAMES, "workload": NAMES, "x": VALUES},
+    {"namespace": NAMES, "service_account": NAMES, "workload": NAMES, "x": VALUES},
 )
-PORT = st.fixed_dictionaries({"port": st.integers()}, optional={"target_port": st.integers()})
-SERVICE = st.fixed_dictionaries(
+PORT = entry({"port": st.integers()}, {"target_port": st.integers()})
+SERVICE = entry(
     {"name": NAMES, "ports": st.lists(PORT, max_size=2)},
-    optional={"namespace": NAMES, "addresses": ADDRESSES, "workloads": st.lists(NAMES, max_size=2)},
+    {"namespace": NAMES, "addresses": ADDRESSES, "workloads": st.lists(NAMES, max_size=2)},
 )
 INVENTORIES = st.fixed_dictionaries(
     {},
