@@ -145,6 +145,10 @@ def _parse_yaml(text: str, path: Path) -> Mapping[str, object]:
     except yaml.MarkedYAMLError as e:
         where = f"line {e.problem_mark.line + 1}: " if e.problem_mark else ""
         raise ConfigError([f"{path}: {where}{one_line(str(e.problem))}"]) from e
+    except yaml.reader.ReaderError as e:  # a character YAML does not allow, such as NUL
+        what = f"U+{e.character:04X}" if isinstance(e.character, int) else "a byte"
+        where = f"character {e.position + 1}"
+        raise ConfigError([f"{path}: {where}: {what} is not allowed in YAML (remove it)"]) from e
     except yaml.YAMLError as e:
         raise ConfigError([f"{path}: {one_line(str(e))}"]) from e
     except RecursionError as e:
