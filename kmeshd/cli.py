@@ -10,12 +10,16 @@ import faulthandler
 import logging
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from kmeshd import __version__
 from kmeshd.config import DEFAULT_CONFIG_PATH, Config, load_config, load_config_leniently
 from kmeshd.errors import ConfigError, KmeshdError, UnavailableError
+
+if TYPE_CHECKING:
+    from kmeshd.identity.sources import IdentitySource
 
 EX_OK = 0
 EX_UNAVAILABLE = 69
@@ -33,7 +37,11 @@ def parser() -> argparse.ArgumentParser:
     verbs = p.add_subparsers(dest="verb", required=True, metavar="VERB")
     for name, help_text in (
         ("run", "run the daemon in the foreground (what systemd starts)"),
-        ("check-config", "validate the config and inventory; exit 0 or 78"),
+        (
+            "check-config",
+            "make every check `run` makes before it touches the kernel, changing nothing;"
+            " exit 0, 78 (config) or 69 (host)",
+        ),
         (
             "sweep-sockets",
             "forget the state of sockets that closed while kmeshd was stopped (needs"
@@ -134,17 +142,82 @@ def read_config(path: Path | None) -> Config:
     return load_config(path or DEFAULT_CONFIG_PATH, explicit=path is not None)
 
 
-def check_config(path: Path | None) -> int:
-    """Every problem of the config and of the inventory (or credentials) it names, at once;
-    the identity source is checked only where the config's own keys for it are valid."""
-    from kmeshd.identity.sources import check_source
+# The files `run` writes, by the key that names each: (value, set in the file).
+WRITTEN: dict[str, Callable[[Config], tuple[str, bool]]] = {
+    "accesslog.file": lambda c: (c.accesslog.file, c.accesslog.file_explicit),
+    "metrics.textfile": lambda c: (c.metrics.textfile, c.metrics.textfile_explicit),
+    "metrics.state_file": lambda c: (c.metrics.state_file, c.metrics.state_file_explicit),
+}
 
-    config, problems = load_config_leniently(path or DEFAULT_CONFIG_PATH, explicit=path is not None)
-    if not any(key.split(".")[0] in SOURCE_TABLES for key in problems.keys):
+
+def host_problems(config: Config, bad_keys: list[str]) -> tuple[list[str], list[str]]:
+    """(config problems, host problems) of what `run` needs of the host before it touches
+    the kernel, found without changing anything: the files it writes can be written, the
+    cgroup is one, the pin directory is on a bpf filesystem. Keys in `bad_keys` already
+    have a problem: their stand-in defaults are not checked."""
+    from kmeshd.files import writable_problem
+    from kmeshd.kernel import cgroup, pins
+
+    problems, host = [], []
+    for key, setting in WRITTEN.items():
+        value, explicit = setting(config)
+        if value in ("", "-") or key in bad_keys:
+            continue
+        if (problem := writable_problem(Path(value), explicit, key)) is not None:
+            problems.append(f"{config.path}: {key}: {problem}")
+    if "bpf.cgroup" not in bad_keys:
         try:
-            check_source(config)
+            cgroup.directory(config.bpf.cgroup, f"{config.path}: bpf.cgroup")
         except ConfigError as exc:
-            problems.lines.extend(exc.problems)
+            problems.extend(exc.problems)
+        except UnavailableError as exc:
+            host.append(str(exc))
+    pin_dir = Path(config.bpf.pin_dir)
+    if "bpf.pin_dir" not in bad_keys and not pins.is_bpffs(pin_dir):
+        host.append(
+            f"{pin_dir} is not on a BPF filesystem: mount one (mount -t bpf bpf /sys/fs/bpf)"
+            " or set bpf.pin_dir"
+        )
+    return problems, host
+
+
+def preflight(config: Config, bad_keys: list[str]) -> IdentitySource | None:
+    """Every check `run` makes before it touches the kernel, `check-config`'s and `run`'s
+    alike, writing nothing: the host's files and the identity source, opened (not
+    started; None where the config's own keys for it are bad). ConfigError with every
+    problem, else UnavailableError for what the host lacks."""
+    from kmeshd.identity.sources import open_source
+
+    problems, host = host_problems(config, bad_keys)
+    source = None
+    if not any(key.split(".")[0] in SOURCE_TABLES for key in bad_keys):
+        try:
+            source = open_source(config)
+        except ConfigError as exc:
+            problems.extend(exc.problems)
+    if problems or host:
+        if source is not None:
+            source.close()
+        if problems:
+            raise ConfigError(problems)
+        raise UnavailableError("; ".join(host))
+    return source
+
+
+def check_config(path: Path | None) -> int:
+    """Every problem of the config, of the inventory (or credentials) it names and of the
+    host's paths, at once; nothing is written."""
+    config, problems = load_config_leniently(path or DEFAULT_CONFIG_PATH, explicit=path is not None)
+    try:
+        source = preflight(config, problems.keys)
+    except ConfigError as exc:
+        problems.lines.extend(exc.problems)
+    except UnavailableError:
+        problems.raise_if_any()  # the file's own problems first: exit 78
+        raise
+    else:
+        if source is not None:
+            source.close()
     problems.raise_if_any()
     print(f"{config.path}: ok")
     return EX_OK
@@ -173,7 +246,16 @@ def run(path: Path | None) -> int:
     from kmeshd.identity.sources import open_source
     from kmeshd.kernel.probe import HostKernel
 
-    daemon = Daemon(read_config(path), HostKernel(), open_source)
+    config = read_config(path)
+    checked = [preflight(config, [])]
+
+    def open_first(cfg: Config, previous: IdentitySource | None) -> IdentitySource:
+        # The source the checks opened is the one start-up uses: the inventory is read
+        # once. A reload opens its own.
+        source = checked.pop() if checked and previous is None else None
+        return source or open_source(cfg, previous)
+
+    daemon = Daemon(config, HostKernel(), open_first)
     daemon.install_signals()
     try:
         daemon.startup()

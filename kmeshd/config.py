@@ -14,18 +14,32 @@ from dataclasses import dataclass, field, fields
 from decimal import Decimal
 from pathlib import Path
 from typing import TypeVar
-from urllib.parse import urlsplit
 
-from kmeshd.validate import Problems, Table, quote, read_text, read_toml
+from kmeshd.validate import (
+    Problems,
+    Table,
+    dns_subdomain_problem,
+    huge,
+    quote,
+    read_text,
+    read_toml,
+    trust_domain_problem,
+    url_problem,
+)
 
 DEFAULT_CONFIG_PATH = Path("/etc/kmeshd/kmeshd.toml")
 IDENTITY_SOURCES = ("inventory", "kubernetes")
 HISTOGRAMS = ("duration", "srtt", "min_rtt", "connect")  # what metrics.histograms may name
-# Ranges of the bounded keys (kmeshd.toml(5)).
+# Ranges of the bounded keys (kmeshd.toml(5) says why each).
+KUBELET_INTERVAL_RANGE = (0.1, 3600.0)
+INTERVAL_RANGE = (0.1, 3600.0)
 SERIES_TTL_RANGE = (1.0, 7 * 86400.0)
 MAX_SERIES_RANGE = (1, 1_000_000)
+MAX_RATE_RANGE = (0, 1_000_000)
+PERIODIC_RANGE = (1.0, 86400.0)
 FLOW_EXPIRY_RANGE = (1.0, 86400.0)
 MAX_FLOWS_RANGE = (1024, 1 << 20)
+PATH_MAX = 4095  # bytes of a path the kernel takes (PATH_MAX, 4096, less the NUL)
 # What every identity carries unless configured: the [kubernetes] keys' defaults, and the
 # inventory's.
 DEFAULT_CLUSTER = "Kubernetes"
@@ -188,16 +202,36 @@ def _absolute(hint: str = "") -> Callable[[str], str]:
     def check(text: str) -> str:
         if not text.startswith("/"):
             raise ValueError(f"{quote(text)} is not an absolute path{hint}")
+        if "\0" in text:
+            raise ValueError(f"{quote(text)} contains a NUL byte, which no path can (remove it)")
+        if len(text.encode("utf-8", "surrogatepass")) > PATH_MAX:
+            raise ValueError(f"{quote(text)} is longer than {PATH_MAX} bytes, which no path can be")
         return text
 
     return check
 
 
 def _url(text: str) -> str:
-    parts = urlsplit(text)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f'{quote(text)} is not an http:// or https:// URL (or "" for no kubelet)')
+    problem = url_problem(text, 'an http:// or https:// URL (or "" for no kubelet)')
+    if problem is not None:
+        raise ValueError(problem)
     return text
+
+
+def _checked(check: Callable[[str], str | None]) -> Callable[[str], str]:
+    """A parse function of a check that returns the problem or None."""
+
+    def parse(text: str) -> str:
+        if (problem := check(text)) is not None:
+            raise ValueError(problem)
+        return text
+
+    return parse
+
+
+_NODE_NAME = _allowing(("",), _checked(lambda s: dns_subdomain_problem(s, "a node name")))
+_TRUST = _checked(trust_domain_problem)
+_CLUSTER_DOMAIN = _checked(lambda s: dns_subdomain_problem(s, "a DNS domain"))
 
 
 def _listen(text: str) -> str:
@@ -226,16 +260,16 @@ def _kubernetes(t: Table, d: KubernetesConfig) -> KubernetesConfig:
     file = _allowing(("",), _absolute(' (or "" for the default)'))
     return KubernetesConfig(
         kubeconfig=t.parsed("kubeconfig", d.kubeconfig, file),
-        node_name=t.string("node_name", d.node_name),
+        node_name=t.parsed("node_name", d.node_name, _NODE_NAME),
         kubelet_url=t.parsed("kubelet_url", d.kubelet_url, _allowing(("",), _url)),
         kubelet_token_file=t.parsed("kubelet_token_file", d.kubelet_token_file, file),
         kubelet_ca_file=t.parsed("kubelet_ca_file", d.kubelet_ca_file, file),
-        kubelet_interval=t.parsed(
-            "kubelet_interval", d.kubelet_interval, parse_duration, _DURATION_TYPE
+        kubelet_interval=_duration_within(
+            t, "kubelet_interval", d.kubelet_interval, KUBELET_INTERVAL_RANGE
         ),
         cluster=t.nonempty("cluster", d.cluster),
-        trust_domain=t.nonempty("trust_domain", d.trust_domain),
-        cluster_domain=t.nonempty("cluster_domain", d.cluster_domain),
+        trust_domain=t.parsed("trust_domain", d.trust_domain, _TRUST),
+        cluster_domain=t.parsed("cluster_domain", d.cluster_domain, _CLUSTER_DOMAIN),
     )
 
 
@@ -244,7 +278,7 @@ def _metrics(t: Table, d: MetricsConfig) -> MetricsConfig:
     return MetricsConfig(
         listen=t.parsed("listen", d.listen, listen, 'a string such as "127.0.0.1:15020"'),
         textfile=t.parsed("textfile", d.textfile, _PATH_OR_OFF),
-        interval=t.parsed("interval", d.interval, parse_duration, _DURATION_TYPE),
+        interval=_duration_within(t, "interval", d.interval, INTERVAL_RANGE),
         connection_security_policy=t.nonempty(
             "connection_security_policy", d.connection_security_policy
         ),
@@ -281,21 +315,25 @@ def _duration_within(t: Table, name: str, default: float, bounds: tuple[float, f
     return value
 
 
-def _count_within(t: Table, name: str, default: int, bounds: tuple[int, int]) -> int:
+def _count_within(
+    t: Table, name: str, default: int, bounds: tuple[int, int], rule: str = ""
+) -> int:
+    """An integer from bounds[0] to bounds[1]; `rule` words the range if not "from-to"."""
     value = t.integer(name, default)
     low, high = bounds
     if not low <= value <= high:
-        t.problem(name, f"must be from {low:,} to {high:,}, got {value:,}")
+        got = huge(value) or f"{value:,}"
+        t.problem(name, f"must be {rule or f'from {low:,} to {high:,}'}, got {got}")
         return default
     return value
 
 
 def _seconds(seconds: float) -> str:
-    """A bound as the config writes it: 1s, 2m, 24h."""
+    """A bound as the config writes it: 100ms, 1s, 2m, 24h."""
     for unit, size in (("h", 3600), ("m", 60)):
         if seconds >= size and seconds % size == 0:
             return f"{seconds // size:g}{unit}"
-    return f"{seconds:g}s"
+    return f"{seconds:g}s" if seconds >= 1 else f"{seconds * 1000:g}ms"
 
 
 def _accesslog(t: Table, d: AccessLogConfig) -> AccessLogConfig:
@@ -305,7 +343,7 @@ def _accesslog(t: Table, d: AccessLogConfig) -> AccessLogConfig:
         file=t.parsed("file", d.file, file),
         journald=t.boolean("journald", d.journald),
         max_rate=_max_rate(t, d.max_rate),
-        periodic=t.parsed("periodic", d.periodic, _off_or_duration, '"" or ' + _DURATION_TYPE),
+        periodic=_periodic(t, d.periodic),
         file_explicit=t.has("file"),
     )
 
@@ -314,15 +352,19 @@ def _off_or_duration(text: str) -> float:
     return 0.0 if text == "" else parse_duration(text)
 
 
-def _max_rate(t: Table, default: int) -> int:
-    rate = t.integer("max_rate", default)
-    if rate < 0:
-        t.problem(
-            "max_rate",
-            f"must be 0 (no limit) or a positive number of records per second, got {rate}",
-        )
+def _periodic(t: Table, default: float) -> float:
+    value = t.parsed("periodic", default, _off_or_duration, '"" or ' + _DURATION_TYPE)
+    low, high = PERIODIC_RANGE
+    if value and not low <= value <= high:
+        t.problem("periodic", f'must be from {_seconds(low)} to {_seconds(high)}, or ""')
         return default
-    return rate
+    return value
+
+
+def _max_rate(t: Table, default: int) -> int:
+    low, high = MAX_RATE_RANGE
+    rule = f"{low} (no limit) or from 1 to {high:,} records per second"
+    return _count_within(t, "max_rate", default, MAX_RATE_RANGE, rule)
 
 
 def _bpf(t: Table, d: BpfConfig) -> BpfConfig:

@@ -18,8 +18,10 @@ import tomllib
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 from kmeshd.errors import ConfigError
+from kmeshd.files import CONFIG_LIMIT, NotRegularError, read_regular
 
 # tomllib puts the position at the end of its message; Python 3.11 has no lineno attribute.
 T = TypeVar("T")
@@ -27,15 +29,37 @@ T = TypeVar("T")
 _POSITION = re.compile(r"\s*\(at (?:line (\d+), column \d+|end of document)\)$")
 
 
+_QUOTE_MAX = 200  # characters of a value a message shows; a 60 MiB line would drown it
+
+
 def quote(value: str) -> str:
-    """A string as TOML (and the error messages) would write it: in double quotes."""
+    """A string as TOML (and the error messages) would write it: in double quotes, control
+    characters escaped (a message stays one line), a long one cut short."""
+    if len(value) > _QUOTE_MAX:
+        cut = json.dumps(value[: _QUOTE_MAX // 2], ensure_ascii=False)
+        return f'{cut[:-1]}..." ({len(value):,} characters)'
     return json.dumps(value, ensure_ascii=False)
+
+
+def huge(value: object) -> str | None:
+    """An integer too long to print, by its size ("an integer of 70,000 bits"): Python
+    refuses to turn one of more than 4300 digits into text. None for any other value."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 64:
+        return f"an integer of {value.bit_length():,} bits"
+    return None
+
+
+def one_line(text: str) -> str:
+    """A parser's message as one line of a problem."""
+    return " ".join(text.split())
 
 
 def describe_toml(value: object) -> str:
     """What a TOML value is, for "expected X, got Y" messages."""
     if isinstance(value, bool):
         return f"the boolean {str(value).lower()}"
+    if (size := huge(value)) is not None:
+        return size
     if isinstance(value, int | float):
         return f"the {'integer' if isinstance(value, int) else 'float'} {value}"
     if isinstance(value, str):
@@ -57,6 +81,10 @@ def describe_yaml(value: object) -> str:
         return "a mapping"
     if isinstance(value, list):
         return "a list"
+    if (size := huge(value)) is not None:
+        return size
+    if isinstance(value, bytes):  # !!binary
+        return f"binary data of {len(value):,} bytes"
     return "null" if value is None else f"the value {value!r}"
 
 
@@ -77,16 +105,21 @@ class Problems:
             raise ConfigError(self.lines)
 
 
-def read_text(path: Path, missing_ok: bool) -> str | None:
-    """The file's text; None if it does not exist and that is allowed."""
+def read_text(path: Path, missing_ok: bool, limit: int = CONFIG_LIMIT) -> str | None:
+    """The text of the regular file `path` (at most `limit` bytes); None if it does not
+    exist and that is allowed; else ConfigError, one line naming the file."""
     try:
-        return path.read_bytes().decode("utf-8")
+        data = read_regular(path, limit)
     except FileNotFoundError as e:
         if missing_ok:
             return None
         raise ConfigError([f"{path}: cannot read: {e.strerror}"]) from e
     except OSError as e:
         raise ConfigError([f"{path}: cannot read: {e.strerror or e}"]) from e
+    except NotRegularError as e:
+        raise ConfigError([f"{path}: {e}"]) from e
+    try:
+        return data.decode("utf-8")
     except UnicodeDecodeError as e:
         where = f"byte 0x{e.object[e.start]:02x} at offset {e.start}"
         raise ConfigError([f"{path}: cannot read: not UTF-8 text ({where})"]) from e
@@ -97,13 +130,74 @@ def read_toml(text: str, path: Path) -> dict[str, Any]:
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
-        message = str(e)
+        message = one_line(str(e))
         match = _POSITION.search(message)
         if match is None:
             raise ConfigError([f"{path}: {message}"]) from e
         # "at end of document" is the last line, which is where an editor should jump.
         line = match[1] or max(1, len(text.splitlines()))
         raise ConfigError([f"{path}: line {line}: {message[: match.start()]}"]) from e
+    except RecursionError as e:
+        raise ConfigError([f"{path}: {TOO_DEEP}"]) from e
+    except ValueError as e:  # the only one tomllib lets through: int() of a too long number
+        raise ConfigError([f"{path}: {too_long_number(e)}"]) from e
+
+
+TOO_DEEP = "arrays or tables are nested too deeply (flatten them)"
+
+
+def too_long_number(e: Exception) -> str:
+    """The problem of a number Python refuses to read (more than 4300 digits)."""
+    if "digits" in str(e):
+        return "a number has more than 4300 digits (shorten it)"
+    return f"not valid: {one_line(str(e))}"
+
+
+def url_problem(text: str, what: str) -> str | None:
+    """Why `text` is not an http:// or https:// URL with a host (and a port of 1-65535),
+    or None; `what` names the URL the key takes."""
+    bad = f"{quote(text)} is not {what}"
+    if any(c.isspace() or not c.isprintable() for c in text):
+        return f"{bad}: it contains a space or a control character"
+    try:
+        parts = urlsplit(text)
+        port = parts.port  # ValueError for a port out of range or not a number
+    except ValueError as e:  # "Port out of range 0-65535", "Invalid IPv6 URL"
+        problem = "its port is not a number from 1 to 65535" if "Port" in str(e) else str(e)
+        return f"{bad}: {one_line(problem)}"
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return bad
+    if port == 0:
+        return f"{bad}: its port is not a number from 1 to 65535"
+    return None
+
+
+_DNS_LABEL = re.compile(r"[a-z0-9](?:[-a-z0-9]{0,61}[a-z0-9])?")
+_TRUST_DOMAIN = re.compile(r"[a-z0-9._-]{1,255}")
+_LABEL_RULE = 'lower-case letters, digits and "-", starting and ending with a letter or digit'
+
+
+def dns_label_problem(text: str, what: str) -> str | None:
+    """Why `text` is not a DNS label (RFC 1123), as Kubernetes namespaces and service names
+    are; `what` names the value ("a namespace"). None if it is one."""
+    if _DNS_LABEL.fullmatch(text):
+        return None
+    return f"{quote(text)} is not {what}: at most 63 {_LABEL_RULE}"
+
+
+def dns_subdomain_problem(text: str, what: str) -> str | None:
+    """Why `text` is not a DNS subdomain (RFC 1123), as Kubernetes pod, node and service
+    account names are: labels joined by "."; None if it is one."""
+    if len(text) <= 253 and all(_DNS_LABEL.fullmatch(label) for label in text.split(".")):
+        return None
+    return f'{quote(text)} is not {what}: at most 253 {_LABEL_RULE}, or such names joined by "."'
+
+
+def trust_domain_problem(text: str) -> str | None:
+    """Why `text` cannot be a SPIFFE trust domain (spiffe://<it>/ns/...), or None."""
+    if _TRUST_DOMAIN.fullmatch(text):
+        return None
+    return f'{quote(text)} is not a trust domain: lower-case letters, digits, ".", "-" and "_"'
 
 
 class Table:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import os
 import socket
 import subprocess
@@ -210,3 +211,101 @@ def test_missing_bcc_names_the_package(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "bcc", None)
     with pytest.raises(UnavailableError, match="apt-get install python3-bpfcc"):
         build.import_bcc()
+
+
+def snapshot(*roots: Path) -> dict[str, tuple[int, int, int]]:
+    """Every path under `roots` with its mode, size and mtime."""
+    found = {}
+    for root in roots:
+        for directory, dirs, files in os.walk(root):
+            for name in [*dirs, *files]:
+                st = os.lstat(os.path.join(directory, name))
+                found[os.path.join(directory, name)] = (st.st_mode, st.st_size, st.st_mtime_ns)
+    return found
+
+
+EMBEDDED = base64.b64encode(b"-----BEGIN CERTIFICATE-----\nAA==\n-----END CERTIFICATE-----\n")
+
+
+def test_check_config_changes_nothing(tmp_path: Path) -> None:
+    """check-config of a config whose every file is yet to be written, with a kubeconfig
+    of embedded certificates: ok, and no file or directory made, here or in /run/kmeshd
+    (the running daemon's)."""
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(
+        "clusters: [{name: c, cluster: {server: 'https://10.0.0.1:6443',"
+        f" certificate-authority-data: {EMBEDDED.decode()}}}}}]\n"
+        f"users: [{{name: u, user: {{client-certificate-data: {EMBEDDED.decode()},"
+        f" client-key-data: {EMBEDDED.decode()}}}}}]\n"
+        "contexts: [{name: x, context: {cluster: c, user: u}}]\ncurrent-context: x\n"
+    )
+    (tmp_path / "out").mkdir()
+    path = tmp_path / "kmeshd.toml"
+    path.write_text(
+        f'[identity]\nsource = "kubernetes"\n[kubernetes]\nkubeconfig = "{kubeconfig}"\n'
+        f'[metrics]\ntextfile = "{tmp_path}/out/k.prom"\nstate_file = "{tmp_path}/out/s.gz"\n'
+        f'[accesslog]\nfile = "{tmp_path}/out/a.json"\n'
+    )
+    before = snapshot(tmp_path, Path("/run/kmeshd"))
+    result = kmeshd("check-config", "--config", str(path))
+    assert (result.returncode, result.stdout, result.stderr) == (0, f"{path}: ok\n", "")
+    assert snapshot(tmp_path, Path("/run/kmeshd")) == before
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        (
+            '[accesslog]\nfile = "{t}"',
+            "accesslog.file: {t} is a directory, not a regular file (change accesslog.file)",
+        ),
+        (
+            '[metrics]\ntextfile = "{t}/missing/k.prom"',
+            "metrics.textfile: directory {t}/missing does not exist (create it or change"
+            " metrics.textfile)",
+        ),
+        (
+            '[metrics]\nstate_file = "{t}/kmeshd.toml/s.gz"',
+            "metrics.state_file: {t}/kmeshd.toml is not a directory (create it or change"
+            " metrics.state_file)",
+        ),
+        (
+            '[bpf]\ncgroup = "{t}/no-such-cgroup"',
+            'bpf.cgroup: {t}/no-such-cgroup is not a cgroup v2 directory (use "auto", or a'
+            " directory on a cgroup2 mount)",
+        ),
+    ],
+)
+def test_check_config_refuses_what_run_refuses(tmp_path: Path, text: str, problem: str) -> None:
+    """Paths that `run` cannot use: check-config says so (78), as `run` does, before any
+    kernel work."""
+    path = config(tmp_path, text.format(t=tmp_path) + "\n")
+    expected = f"{path}: {problem.format(t=tmp_path)}"
+    for verb in ("check-config", "run"):
+        result = kmeshd(verb, "--config", str(path))
+        assert (result.returncode, result.stderr.splitlines()[-1:]) == (78, [expected]), verb
+
+
+def test_a_token_no_header_can_carry_stops_check_config_and_run(tmp_path: Path) -> None:
+    """A kubelet token file with a line break inside: exit 78 naming the file, both verbs."""
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(
+        "clusters: [{name: c, cluster: {server: 'https://10.0.0.1:6443'}}]\n"
+        "users: [{name: u, user: {token: abc}}]\n"
+        "contexts: [{name: x, context: {cluster: c, user: u}}]\ncurrent-context: x\n"
+    )
+    token = tmp_path / "token"
+    token.write_text("abc\ndef\n")
+    path = tmp_path / "kmeshd.toml"
+    path.write_text(
+        f'[identity]\nsource = "kubernetes"\n[kubernetes]\nkubeconfig = "{kubeconfig}"\n'
+        f'kubelet_token_file = "{token}"\n[metrics]\nlisten = ""\ntextfile = ""\n'
+        '[accesslog]\nfile = ""\n'
+    )
+    expected = (
+        f'{path}: kubernetes.kubelet_token_file: "{token}": the token has a line break at'
+        " character 4, which no HTTP header can carry (a token is one line of ASCII text)"
+    )
+    for verb in ("check-config", "run"):
+        result = kmeshd(verb, "--config", str(path))
+        assert (result.returncode, result.stderr.splitlines()[-1:]) == (78, [expected]), verb

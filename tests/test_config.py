@@ -305,8 +305,8 @@ KNOWN_TABLES = "(known: accesslog, bpf, identity, kubernetes, metrics)"
         ("[kubernetes]\nnode_name = [1]", "kubernetes.node_name: expected a string, got an array"),
         (
             "[accesslog]\nmax_rate = -1",
-            "accesslog.max_rate: must be 0 (no limit) or a positive number of records per "
-            "second, got -1",
+            "accesslog.max_rate: must be 0 (no limit) or from 1 to 1,000,000 records per"
+            " second, got -1",
         ),
         (
             '[accesslog]\nmax_rate = "fast"',
@@ -447,7 +447,9 @@ def test_directory_cannot_be_read(tmp_path: Path, explicit: bool) -> None:
     """A config path that exists but is not a readable file is an error, named or not."""
     with pytest.raises(ConfigError) as e:
         load_config(tmp_path, explicit=explicit)
-    assert e.value.problems == [f"{tmp_path}: cannot read: Is a directory"]
+    assert e.value.problems == [
+        f"{tmp_path}: is a directory, not a regular file (name a regular file)"
+    ]
 
 
 def test_non_utf8_file_cannot_be_read(tmp_path: Path) -> None:
@@ -500,3 +502,136 @@ def test_shipped_config_shows_every_key() -> None:
     tables = [IdentityConfig, KubernetesConfig, MetricsConfig, AccessLogConfig, BpfConfig]
     keys = {f.name for t in tables for f in dataclasses.fields(t)}
     assert shown == {k for k in keys if not k.endswith("_explicit")}
+
+
+HUGE_HEX = "0x" + "f" * 100  # 400 bits: more digits in decimal than a message can show
+
+
+@pytest.mark.parametrize(
+    ("toml", "problem"),
+    [
+        (
+            '[kubernetes]\nkubelet_interval = "1ns"',
+            "kubernetes.kubelet_interval: must be from 100ms to 1h",
+        ),
+        (
+            '[kubernetes]\nkubelet_interval = "2h"',
+            "kubernetes.kubelet_interval: must be from 100ms to 1h",
+        ),
+        ('[metrics]\ninterval = "99ms"', "metrics.interval: must be from 100ms to 1h"),
+        (
+            '[metrics]\ninterval = "99999999999999999999h"',
+            "metrics.interval: must be from 100ms to 1h",
+        ),
+        ('[accesslog]\nperiodic = "999ms"', 'accesslog.periodic: must be from 1s to 24h, or ""'),
+        ('[accesslog]\nperiodic = "25h"', 'accesslog.periodic: must be from 1s to 24h, or ""'),
+        (
+            "[accesslog]\nmax_rate = 1000001",
+            "accesslog.max_rate: must be 0 (no limit) or from 1 to 1,000,000 records per second,"
+            " got 1,000,001",
+        ),
+        (
+            f"[metrics]\nmax_series = {HUGE_HEX}",
+            "metrics.max_series: must be from 1 to 1,000,000, got an integer of 400 bits",
+        ),
+        (
+            f"[metrics]\nlisten = {HUGE_HEX}",
+            'metrics.listen: expected a string such as "127.0.0.1:15020", got an integer of 400'
+            " bits",
+        ),
+        (
+            '[metrics]\nlisten = "127.0.0.1:99999"',
+            "metrics.listen: port 99999 is out of range (1-65535)",
+        ),
+        (
+            '[kubernetes]\nkubelet_url = "https://127.0.0.1:99999"',
+            'kubernetes.kubelet_url: "https://127.0.0.1:99999" is not an http:// or https:// URL'
+            ' (or "" for no kubelet): its port is not a number from 1 to 65535',
+        ),
+        (
+            '[kubernetes]\nkubelet_url = "https://127.0.0.1:0"',
+            'kubernetes.kubelet_url: "https://127.0.0.1:0" is not an http:// or https:// URL'
+            ' (or "" for no kubelet): its port is not a number from 1 to 65535',
+        ),
+        (
+            '[kubernetes]\nkubelet_url = "https://[::1"',
+            'kubernetes.kubelet_url: "https://[::1" is not an http:// or https:// URL'
+            ' (or "" for no kubelet): Invalid IPv6 URL',
+        ),
+        (
+            '[kubernetes]\nkubelet_url = "https://a b"',
+            'kubernetes.kubelet_url: "https://a b" is not an http:// or https:// URL'
+            ' (or "" for no kubelet): it contains a space or a control character',
+        ),
+        (
+            '[identity]\ninventory = "/etc/\\u0000"',
+            'identity.inventory: "/etc/\\u0000" contains a NUL byte, which no path can (remove it)',
+        ),
+        (
+            f'[metrics]\ntextfile = "/{"a" * 4095}"',
+            f'metrics.textfile: "/{"a" * 99}..." (4,096 characters) is longer than 4095 bytes,'
+            " which no path can be",
+        ),
+        (
+            '[kubernetes]\nnode_name = "a/b"',
+            'kubernetes.node_name: "a/b" is not a node name: at most 253 lower-case letters,'
+            ' digits and "-", starting and ending with a letter or digit, or such names joined'
+            ' by "."',
+        ),
+        (
+            '[kubernetes]\ntrust_domain = "Example.org/x"',
+            'kubernetes.trust_domain: "Example.org/x" is not a trust domain: lower-case letters,'
+            ' digits, ".", "-" and "_"',
+        ),
+    ],
+)
+def test_range_and_hostile_value(toml: str, problem: str) -> None:
+    """Values that would make the daemon spin, never wake, or fail later are refused, each
+    in one line that never prints a number too long to print."""
+    assert problems(toml) == [F + problem]
+
+
+@pytest.mark.parametrize(
+    ("toml", "key", "expected"),
+    [
+        ('[kubernetes]\nkubelet_interval = "100ms"', "kubernetes.kubelet_interval", 0.1),
+        ('[kubernetes]\nkubelet_interval = "1h"', "kubernetes.kubelet_interval", 3600.0),
+        ('[metrics]\ninterval = "1h"', "metrics.interval", 3600.0),
+        ('[accesslog]\nperiodic = "1s"', "accesslog.periodic", 1.0),
+        ('[accesslog]\nperiodic = "24h"', "accesslog.periodic", 86400.0),
+        ("[accesslog]\nmax_rate = 1000000", "accesslog.max_rate", 1_000_000),
+        (
+            '[kubernetes]\nnode_name = "ip-10-0-0-1.ec2.internal"',
+            "kubernetes.node_name",
+            "ip-10-0-0-1.ec2.internal",
+        ),
+        (
+            '[kubernetes]\ntrust_domain = "prod_eu-1.example.org"',
+            "kubernetes.trust_domain",
+            "prod_eu-1.example.org",
+        ),
+    ],
+)
+def test_range_bounds_are_valid(toml: str, key: str, expected: object) -> None:
+    """Each range includes its bounds."""
+    assert value(parse_config(toml, P), key) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("a = " + "[" * 5000 + "]" * 5000, "arrays or tables are nested too deeply (flatten them)"),
+        (
+            "a = " + "{b = " * 5000 + "1" + "}" * 5000,
+            "arrays or tables are nested too deeply (flatten them)",
+        ),
+        (
+            "[metrics]\nmax_series = " + "9" * 5000,
+            "a number has more than 4300 digits (shorten it)",
+        ),
+        ('a = "\x00"', "line 1: Illegal character '\\x00'"),
+    ],
+)
+def test_documents_no_parser_survives_are_one_line(text: str, problem: str) -> None:
+    """Deep nesting, a number of 5000 digits, a NUL: one problem each, not a traceback."""
+    assert problems(text) == [F + problem]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import os
 import shutil
 import stat
 from pathlib import Path
@@ -499,7 +500,10 @@ def test_invalidate_forces_a_reread(tmp_path: Path) -> None:
     [
         (lambda f: f.unlink(), 'cannot read "{f}": No such file or directory'),
         (lambda f: f.write_text(" \n"), '"{f}" is empty'),
-        (lambda f: (f.unlink(), f.mkdir()), 'cannot read "{f}": Is a directory'),
+        (
+            lambda f: (f.unlink(), f.mkdir()),
+            '"{f}" is a directory, not a regular file (name a regular file)',
+        ),
     ],
 )
 def test_a_failed_reread_keeps_the_last_token(
@@ -642,3 +646,114 @@ def test_session_without_credentials(creds: Credentials, verify: bool) -> None:
     s = session(creds)
     assert (s.verify, s.cert) == (verify, None)
     assert "Authorization" not in prepared(s).headers
+
+
+# --- hostile input ------------------------------------------------------------------
+
+NO_HEADER = "which no HTTP header can carry (a token is one line of ASCII text)"
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        (b"abc\ndef\n", f"the token has a line break at character 4, {NO_HEADER}"),
+        ("abc€".encode(), f"the token has U+20AC at character 4, {NO_HEADER}"),
+        ("abcé".encode(), f"the token has U+00E9 at character 4, {NO_HEADER}"),
+        (b"a\x00b", f"the token has U+0000 at character 2, {NO_HEADER}"),
+    ],
+)
+def test_token_file_that_no_header_can_carry(tmp_path: Path, content: bytes, problem: str) -> None:
+    """A token with a line break, a control or a non-ASCII character would fail every
+    request: refused up front, naming the file (then check-config and run exit 78)."""
+    token = write(tmp_path / "token", content)
+    with pytest.raises(ValueError) as e:
+        TokenSource.from_file(token)
+    assert str(e.value) == f'"{token}": {problem}'
+
+
+@pytest.mark.parametrize(
+    ("special", "problem"),
+    [
+        ("fifo", "is a FIFO, not a regular file (name a regular file)"),
+        ("/dev/zero", "is a character device, not a regular file (name a regular file)"),
+    ],
+)
+def test_special_files_are_refused_without_blocking(
+    api: Credentials, tmp_path: Path, special: str, problem: str
+) -> None:
+    """A FIFO (which would block a read) or /dev/zero (which never ends) as the kubelet's
+    token or CA: one problem each, at once."""
+    if special == "fifo":
+        os.mkfifo(tmp_path / "fifo")
+    file = special if special.startswith("/") else f"{tmp_path}/{special}"
+    with pytest.raises(ConfigError) as e:
+        kubelet_credentials(api, "https://127.0.0.1:10250", file, file)
+    assert e.value.problems == [
+        f'kubernetes.kubelet_token_file: "{file}" {problem}',
+        f'kubernetes.kubelet_ca_file: "{file}" {problem}',
+    ]
+
+
+@pytest.mark.parametrize(
+    ("cluster", "user", "expected"),
+    [
+        (
+            "server: https://[::1",
+            TOKEN,
+            ['clusters[0].cluster.server: "https://[::1" is not an https:// URL: Invalid IPv6 URL'],
+        ),
+        (
+            "server: https://10.0.0.1:99999",
+            TOKEN,
+            [
+                'clusters[0].cluster.server: "https://10.0.0.1:99999" is not an https:// URL:'
+                " its port is not a number from 1 to 65535"
+            ],
+        ),
+        (
+            f"{SERVER}\n    certificate-authority-data: ÄÖÜ",
+            TOKEN,
+            ["clusters[0].cluster.certificate-authority-data: is not valid base64"],
+        ),
+        (
+            SERVER,
+            'token: "a\\nb"',
+            [f"users[0].user.token: the token has a line break at character 2, {NO_HEADER}"],
+        ),
+        (
+            SERVER,
+            "tokenFile: /dev/zero",
+            [
+                'users[0].user.tokenFile: "/dev/zero" is a character device, not a regular file'
+                " (name a regular file)"
+            ],
+        ),
+        (
+            SERVER,
+            'tokenFile: "/a\\0b"',
+            [
+                'users[0].user.tokenFile: "/a\\u0000b" contains a NUL byte, which no path can'
+                " (remove it)"
+            ],
+        ),
+    ],
+)
+def test_hostile_kubeconfig_values(
+    tmp_path: Path, cluster: str, user: str, expected: list[str]
+) -> None:
+    kc = tmp_path / "config"
+    assert problems(kubeconfig(cluster, user), kc) == [f"{kc}: {line}" for line in expected]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("a: " + "[" * 5000 + "]" * 5000, "arrays or tables are nested too deeply (flatten them)"),
+        ("a: " + "9" * 5000, "a number has more than 4300 digits (shorten it)"),
+        ("a: 2024-13-45", "not valid: month must be in 1..12"),
+        ("a: \x00", "character 4: U+0000 is not allowed in YAML (remove it)"),
+    ],
+)
+def test_yaml_no_parser_survives_is_one_line(tmp_path: Path, text: str, expected: str) -> None:
+    kc = tmp_path / "config"
+    assert problems(text, kc) == [f"{kc.absolute()}: {expected}"]

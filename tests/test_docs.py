@@ -178,3 +178,34 @@ def test_every_access_log_key_is_documented() -> None:
     for key in JSON_KEYS:
         assert f"*{key}*" in section, key
     assert MESSAGE_ID in section
+
+
+# The keys with a bounded range, and the constants that hold it in kmeshd.config.
+RANGES = {
+    "kubernetes.kubelet_interval": "KUBELET_INTERVAL_RANGE",
+    "metrics.interval": "INTERVAL_RANGE",
+    "metrics.series_ttl": "SERIES_TTL_RANGE",
+    "metrics.max_series": "MAX_SERIES_RANGE",
+    "accesslog.max_rate": "MAX_RATE_RANGE",
+    "accesslog.periodic": "PERIODIC_RANGE",
+    "bpf.flow_expiry": "FLOW_EXPIRY_RANGE",
+    "bpf.max_flows": "MAX_FLOWS_RANGE",
+}
+
+
+@pytest.mark.parametrize("key", RANGES)
+def test_each_documented_range_is_the_enforced_range(key: str, tmp_path: Path) -> None:
+    """kmeshd.toml(5)'s "low to high" of a key is what the code takes: both bounds are
+    valid, and the value each holds is the code's bound."""
+    import kmeshd.config
+
+    section, name = key.split(".")
+    default, valid = documented(key)
+    bounds = re.fullmatch(r"(\S+) to (\S+?)(?:, or \"\")?(?:; _restart_)?", valid)
+    assert bounds, valid
+    low, high = bounds.groups()
+    quoted = default.startswith('"')
+    for bound, expected in zip((low, high), getattr(kmeshd.config, RANGES[key]), strict=True):
+        written = f'"{bound}"' if quoted else bound
+        parsed = parse_config(f"[{section}]\n{name} = {written}\n", tmp_path / "k.toml")
+        assert getattr(getattr(parsed, section), name) == expected, bound

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from ipaddress import IPv4Address, IPv6Address, ip_address
 from pathlib import Path
 
@@ -466,7 +467,9 @@ def test_directory_cannot_be_read(tmp_path: Path, explicit: bool) -> None:
     """An inventory path that exists but cannot be read is an error, default or not."""
     with pytest.raises(ConfigError) as e:
         load_inventory(tmp_path, explicit=explicit)
-    assert e.value.problems == [f"{tmp_path}: cannot read: Is a directory"]
+    assert e.value.problems == [
+        f"{tmp_path}: is a directory, not a regular file (name a regular file)"
+    ]
 
 
 def test_non_utf8_inventory_cannot_be_read(tmp_path: Path) -> None:
@@ -498,3 +501,76 @@ def test_shipped_example_inventory() -> None:
     service = identities.service_at(IPv4Address("10.96.0.20"), 8000)
     assert service is not None and service.workloads == ("httpbin",)
     assert identities.service_behind(httpbin.addresses[0], 80) == service
+
+
+NEVER = "which can never be a connection's address"
+
+
+@pytest.mark.parametrize(
+    ("address", "problem"),
+    [
+        ("fe80::1%eth0", f'"fe80::1%eth0" has a zone index, {NEVER} (write "fe80::1")'),
+        ("0.0.0.0", f'"0.0.0.0" is the unspecified address, {NEVER}'),
+        ("::", f'"::" is the unspecified address, {NEVER}'),
+        ("::ffff:0.0.0.0", f'"::ffff:0.0.0.0" is the unspecified address, {NEVER}'),
+        ("255.255.255.255", f'"255.255.255.255" is the broadcast address, {NEVER}'),
+        ("224.0.0.1", f'"224.0.0.1" is a multicast address, {NEVER}'),
+        ("ff02::1", f'"ff02::1" is a multicast address, {NEVER}'),
+        ("10.0.0.1\x00", '"10.0.0.1\\u0000" is not an IP address'),
+    ],
+)
+def test_address_that_no_connection_has(address: str, problem: str) -> None:
+    """Workload addresses and service VIPs that the kernel never reports are refused."""
+    toml = f'[[workload]]\nname = "a"\naddresses = [{json.dumps(address)}]\n'
+    assert problems(toml) == [F + "workload[0].addresses[0]: " + problem]
+    vip = f'[[service]]\nname = "s"\nports = [{{port = 80}}]\naddresses = [{json.dumps(address)}]\n'
+    assert problems(vip) == [F + "service[0].addresses[0]: " + problem]
+
+
+LABEL_RULE = 'lower-case letters, digits and "-", starting and ending with a letter or digit'
+
+
+@pytest.mark.parametrize(
+    ("toml", "problem"),
+    [
+        (
+            W0 + 'namespace = "a/b"',
+            f'workload[0].namespace: "a/b" is not a namespace: at most 63 {LABEL_RULE}',
+        ),
+        (
+            W0 + 'namespace = "Prod"',
+            f'workload[0].namespace: "Prod" is not a namespace: at most 63 {LABEL_RULE}',
+        ),
+        (
+            W0 + f'namespace = "{"n" * 64}"',
+            f'workload[0].namespace: "{"n" * 64}" is not a namespace: at most 63 {LABEL_RULE}',
+        ),
+        (
+            W0 + 'service_account = "sa/../x"',
+            f'workload[0].service_account: "sa/../x" is not a service account: at most 253'
+            f' {LABEL_RULE}, or such names joined by "."',
+        ),
+        (
+            '[[workload]]\nname = "a b"\naddresses = ["10.0.0.1"]',
+            f'workload[0].name: "a b" is not an instance name: at most 253 {LABEL_RULE}, or'
+            ' such names joined by "."',
+        ),
+        (
+            '[[service]]\nname = "s.x"\nports = [{port = 80}]',
+            f'service[0].name: "s.x" is not a service name: at most 63 {LABEL_RULE}',
+        ),
+        (
+            '[[service]]\nname = "s"\nnamespace = "-x"\nports = [{port = 80}]',
+            f'service[0].namespace: "-x" is not a namespace: at most 63 {LABEL_RULE}',
+        ),
+        (
+            'trust_domain = "a/b"',
+            'trust_domain: "a/b" is not a trust domain: lower-case letters, digits, ".", "-"'
+            ' and "_"',
+        ),
+    ],
+)
+def test_names_that_would_corrupt_the_principal_or_labels(toml: str, problem: str) -> None:
+    """Namespaces, names and service accounts follow Kubernetes' rules: a "/" would make
+    spiffe://<domain>/ns/<namespace>/sa/<account> name another principal."""
+    assert problems(toml) == [F + problem]

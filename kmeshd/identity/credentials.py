@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 import requests  # type: ignore[import-untyped,unused-ignore]
 
 from kmeshd.errors import ConfigError, UnavailableError
-from kmeshd.files import write_atomic
+from kmeshd.files import CREDENTIAL_LIMIT, NotRegularError, read_regular, write_atomic
 from kmeshd.validate import quote
 
 log = logging.getLogger(__name__)
@@ -82,15 +82,40 @@ class TokenSource:
 
 
 def _read_token(file: Path) -> str:
+    data = read_file(file)
     try:
-        token = file.read_text(encoding="utf-8").strip()
-    except OSError as e:
-        raise ValueError(f"cannot read {quote(str(file))}: {e.strerror or e}") from e
+        token = data.decode("utf-8").strip()
     except UnicodeDecodeError as e:
         raise ValueError(f"{quote(str(file))} is not UTF-8 text") from e
     if not token:
         raise ValueError(f"{quote(str(file))} is empty")
+    if (problem := token_problem(token)) is not None:
+        raise ValueError(f"{quote(str(file))}: {problem}")
     return token
+
+
+def token_problem(token: str) -> str | None:
+    """Why `token` cannot follow "Authorization: Bearer " in an HTTP header, or None:
+    requests refuses a line break, and headers are latin-1; a token is one line of ASCII.
+    A control character or a non-ASCII one is named by its code point, never shown."""
+    for i, c in enumerate(token):
+        if not " " <= c <= "~":
+            what = "a line break" if c in "\r\n" else f"U+{ord(c):04X}"
+            return (
+                f"the token has {what} at character {i + 1}, which no HTTP header can carry"
+                " (a token is one line of ASCII text)"
+            )
+    return None
+
+
+def read_file(path: Path) -> bytes:
+    """A credential file's content; ValueError naming the file and the problem."""
+    try:
+        return read_regular(path, CREDENTIAL_LIMIT)
+    except OSError as e:
+        raise ValueError(f"cannot read {quote(str(path))}: {e.strerror or e}") from e
+    except NotRegularError as e:
+        raise ValueError(f"{quote(str(path))} {e}") from e
 
 
 @dataclass(frozen=True)
@@ -163,10 +188,10 @@ def session(creds: Credentials) -> requests.Session:
 def unreadable(path: Path) -> str | None:
     """Why `path` cannot be read, or None: checked up front, so the error names the key."""
     try:
-        with path.open("rb"):
-            return None
-    except OSError as e:
-        return f"cannot read {quote(str(path))}: {e.strerror or e}"
+        read_file(path)
+    except ValueError as e:
+        return str(e)
+    return None
 
 
 def write_embedded(creds: Credentials) -> None:

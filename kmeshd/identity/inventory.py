@@ -9,9 +9,11 @@ on which entry happened to come first.
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Callable
 from pathlib import Path
 
 from kmeshd.config import DEFAULT_CLUSTER, DEFAULT_CLUSTER_DOMAIN, DEFAULT_TRUST_DOMAIN
+from kmeshd.files import INVENTORY_LIMIT
 from kmeshd.identity.model import (
     UNKNOWN,
     Identities,
@@ -21,7 +23,16 @@ from kmeshd.identity.model import (
     Workload,
     plain_ip,
 )
-from kmeshd.validate import Problems, Table, quote, read_text, read_toml
+from kmeshd.validate import (
+    Problems,
+    Table,
+    dns_label_problem,
+    dns_subdomain_problem,
+    quote,
+    read_text,
+    read_toml,
+    trust_domain_problem,
+)
 
 _TOP_KEYS = ("cluster", "trust_domain", "workload", "service")
 _WORKLOAD_KEYS = (
@@ -74,12 +85,47 @@ def _owner(t: Table, name: str) -> str:
     return f"{t.key} ({name})" if name else t.key
 
 
+_NEVER = "which can never be a connection's address"
+_BROADCAST = ipaddress.IPv4Address("255.255.255.255")
+
+
 def _address(t: Table, key: str, text: str) -> IPAddress | None:
     try:
-        return plain_ip(ipaddress.ip_address(text))
+        ip = plain_ip(ipaddress.ip_address(text))
     except ValueError:
         t.problems.add(key, f"{quote(text)} is not an IP address")
         return None
+    if problem := _never_connected(ip):
+        t.problems.add(key, f"{quote(text)} {problem}")
+        return None
+    return ip
+
+
+def _never_connected(ip: IPAddress) -> str | None:
+    """Why no TCP connection can have `ip` as an end, or None: the kernel reports
+    addresses without a zone, and connects to none of the others."""
+    if isinstance(ip, ipaddress.IPv6Address) and ip.scope_id is not None:
+        plain = str(ip).split("%", 1)[0]
+        return f'has a zone index, {_NEVER} (write "{plain}")'
+    if ip.is_unspecified:
+        return f"is the unspecified address, {_NEVER}"
+    if ip == _BROADCAST:
+        return f"is the broadcast address, {_NEVER}"
+    if ip.is_multicast:
+        return f"is a multicast address, {_NEVER}"
+    return None
+
+
+def _name(t: Table, key: str, default: str | None, check: Callable[[str], str | None]) -> str:
+    """A name that must not be empty and must pass `check` (a Kubernetes name rule)."""
+    value = t.nonempty(key, default)
+    if value and (problem := check(value)) is not None:
+        t.problem(key, problem)
+    return value
+
+
+def _namespace(t: Table) -> str:
+    return _name(t, "namespace", "default", lambda s: dns_label_problem(s, "a namespace"))
 
 
 def _addresses(t: Table, required: bool) -> list[tuple[str, IPAddress]]:
@@ -100,16 +146,18 @@ def _addresses(t: Table, required: bool) -> list[tuple[str, IPAddress]]:
 
 
 def _workload(t: Table, cluster: str, domain: str, claims: _Claims) -> Workload:
-    name = t.nonempty("name")
+    name = _name(t, "name", None, lambda s: dns_subdomain_problem(s, "an instance name"))
     workload = t.nonempty("workload", name)
-    namespace = t.nonempty("namespace", "default")
+    namespace = _namespace(t)
     claims.name(t, "workload", namespace, name)
     addresses = _addresses(t, required=True)
     for key, ip in addresses:
         claims.address(key, ip, _owner(t, name))
     canonical_service = t.nonempty("canonical_service", workload)
     canonical_revision = t.nonempty("canonical_revision", "latest")
-    account = t.nonempty("service_account", "")
+    account = _name(
+        t, "service_account", "", lambda s: dns_subdomain_problem(s, "a service account")
+    )
     return Workload(
         name=name,
         workload=workload,
@@ -150,8 +198,8 @@ def _selected(t: Table, namespace: str, known: set[tuple[str, str]]) -> tuple[st
 
 
 def _service(t: Table, known: set[tuple[str, str]], claims: _Claims) -> Service:
-    name = t.nonempty("name")
-    namespace = t.nonempty("namespace", "default")
+    name = _name(t, "name", None, lambda s: dns_label_problem(s, "a service name"))
+    namespace = _namespace(t)
     claims.name(t, "service", namespace, name)
     hostname = t.nonempty("hostname", f"{name}.{namespace}.svc.{DEFAULT_CLUSTER_DOMAIN}")
     vips = _addresses(t, required=False)
@@ -173,7 +221,7 @@ def parse_inventory(text: str, path: Path) -> Identities:
     problems = Problems(path)
     doc = Table(read_toml(text, path), "", problems, _TOP_KEYS)
     cluster = doc.nonempty("cluster", DEFAULT_CLUSTER)
-    domain = doc.nonempty("trust_domain", DEFAULT_TRUST_DOMAIN)
+    domain = _name(doc, "trust_domain", DEFAULT_TRUST_DOMAIN, trust_domain_problem)
     claims = _Claims(problems)
     workloads = [
         _workload(t, cluster, domain, claims) for t in doc.tables("workload", _WORKLOAD_KEYS)
@@ -186,7 +234,7 @@ def parse_inventory(text: str, path: Path) -> Identities:
 
 def load_inventory(path: Path, explicit: bool) -> tuple[Identities, list[str]]:
     """The inventory in `path` and warnings; a missing default-path file is empty, not an error."""
-    text = read_text(path, missing_ok=not explicit)
+    text = read_text(path, missing_ok=not explicit, limit=INVENTORY_LIMIT)
     if text is None:
         return Identities(), [f"{path}: not found; starting with no identities"]
     return parse_inventory(text, path), []

@@ -23,17 +23,26 @@ check-config` never does. Every problem in a kubeconfig is reported at once, as
 from __future__ import annotations
 
 import base64
-import binascii
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import yaml  # type: ignore[import-untyped,unused-ignore]
 
 from kmeshd.errors import ConfigError
-from kmeshd.identity.credentials import Credentials, TokenSource, unreadable
-from kmeshd.validate import Problems, Table, describe_yaml, quote, read_text
+from kmeshd.files import CREDENTIAL_LIMIT
+from kmeshd.identity.credentials import Credentials, TokenSource, token_problem, unreadable
+from kmeshd.validate import (
+    TOO_DEEP,
+    Problems,
+    Table,
+    describe_yaml,
+    one_line,
+    quote,
+    read_text,
+    too_long_number,
+    url_problem,
+)
 
 DEFAULT_KUBECONFIG = Path("/etc/kmeshd/kubeconfig")
 SERVICE_ACCOUNT_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
@@ -54,7 +63,7 @@ def apiserver_credentials(
     first = next((p for p in env.get("KUBECONFIG", "").split(os.pathsep) if p), None)
     if first:
         return load_kubeconfig(Path(first), data_dir, "$KUBECONFIG")
-    text = read_text(default_kubeconfig, missing_ok=True)
+    text = read_text(default_kubeconfig, missing_ok=True, limit=CREDENTIAL_LIMIT)
     if text is not None:
         return parse_kubeconfig(text, default_kubeconfig, data_dir)
     creds = in_cluster(env, sa_dir)
@@ -97,7 +106,7 @@ def in_cluster(env: Mapping[str, str], sa_dir: Path = SERVICE_ACCOUNT_DIR) -> Cr
 def load_kubeconfig(path: Path, data_dir: Path = DATA_DIR, origin: str = "") -> Credentials:
     """The credentials of the kubeconfig's current context; `origin` names who chose the file."""
     try:
-        text = read_text(path, missing_ok=False)
+        text = read_text(path, missing_ok=False, limit=CREDENTIAL_LIMIT)
     except ConfigError as e:
         suffix = f" (named by {origin})" if origin else ""
         raise ConfigError([line + suffix for line in e.problems]) from e
@@ -135,9 +144,19 @@ def _parse_yaml(text: str, path: Path) -> Mapping[str, object]:
         doc: object = yaml.safe_load(text)
     except yaml.MarkedYAMLError as e:
         where = f"line {e.problem_mark.line + 1}: " if e.problem_mark else ""
-        raise ConfigError([f"{path}: {where}{e.problem}"]) from e
+        raise ConfigError([f"{path}: {where}{one_line(str(e.problem))}"]) from e
+    except yaml.reader.ReaderError as e:  # a character YAML does not allow, such as NUL
+        what = f"U+{e.character:04X}" if isinstance(e.character, int) else "a byte"
+        where = f"character {e.position + 1}"
+        raise ConfigError([f"{path}: {where}: {what} is not allowed in YAML (remove it)"]) from e
     except yaml.YAMLError as e:
-        raise ConfigError([f"{path}: {e}"]) from e
+        raise ConfigError([f"{path}: {one_line(str(e))}"]) from e
+    except RecursionError as e:
+        raise ConfigError([f"{path}: {TOO_DEEP}"]) from e
+    except (ValueError, OverflowError) as e:
+        # Values PyYAML builds with Python's own constructors: int() of more than 4300
+        # digits, a date such as 2024-13-45.
+        raise ConfigError([f"{path}: {too_long_number(e)}"]) from e
     if not isinstance(doc, dict):
         what = "empty" if doc is None else f"{describe_yaml(doc)}, not a mapping"
         raise ConfigError([f"{path}: not a kubeconfig: the file is {what}"])
@@ -223,7 +242,7 @@ class _Files:
         try:
             # Go's base64 decoder, which kubectl uses, skips line breaks; so does this.
             decoded = base64.b64decode("".join(data.split()), validate=True)
-        except binascii.Error:
+        except ValueError:  # binascii.Error, or a character that is not ASCII
             entry.problem(name, "is not valid base64")
             return None
         if b"-----BEGIN " not in decoded:
@@ -238,8 +257,8 @@ def _cluster(entry: Table, files: _Files) -> tuple[str, Path | None, bool]:
     if server is None:
         if entry.raw("server") in (None, ""):  # else optional() reported its type
             entry.problem("server", "is not set")
-    elif urlsplit(server).scheme not in ("http", "https") or not urlsplit(server).hostname:
-        entry.problem("server", f"{quote(server)} is not an https:// URL")
+    elif (problem := url_problem(server, "an https:// URL")) is not None:
+        entry.problem("server", problem)
     ca_file = files.path_or_data(entry, "certificate-authority", "ca.crt")
     insecure = entry.boolean("insecure-skip-tls-verify", False)
     if insecure and ca_file is not None:
@@ -279,4 +298,7 @@ def _token(entry: Table, files: _Files) -> TokenSource | None:
         except ValueError as e:
             entry.problem("tokenFile", str(e))
             return None
+    if token and (problem := token_problem(token)) is not None:
+        entry.problem("token", problem)
+        return None
     return TokenSource(token) if token else None
