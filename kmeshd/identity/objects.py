@@ -216,9 +216,7 @@ def canonical(obj: Mapping[str, Any], workload: str) -> tuple[str, str]:
 def pod_addresses(obj: Mapping[str, Any]) -> tuple[IPAddress, ...]:
     """status.podIPs (dual stack), else the older status.podIP; in order, no repeats."""
     ips = [
-        _ip(
-            _field(entry, "ip", str) if isinstance(entry, dict) else entry, f"status.podIPs[{i}].ip"
-        )
+        _ip(entry.get("ip") if isinstance(entry, dict) else entry, f"status.podIPs[{i}].ip")
         for i, entry in enumerate(_field(obj, "status.podIPs", list, []))
     ]
     single = _field(obj, "status.podIP", str, "")
