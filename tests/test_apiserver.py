@@ -666,10 +666,10 @@ def test_an_event_with_an_object_that_is_not_valid_is_skipped_and_counted(
 
 
 def surrogate_pod() -> bytes:
-    obj = {"type": "ADDED", "object": pod("evil", "10.244.11.1")}
-    obj["object"]["metadata"]["labels"] = {"app": "PLACEHOLDER"}
-    obj["object"]["metadata"]["resourceVersion"] = "3"
-    return json.dumps(obj).replace("PLACEHOLDER", "\\ud800").encode() + b"\n"
+    evil = pod("evil", "10.244.11.1")
+    evil["metadata"]["labels"] = {"app": "PLACEHOLDER"}
+    evil["metadata"]["resourceVersion"] = "3"
+    return json.dumps({"type": "ADDED", "object": evil}).replace("PLACEHOLDER", "\\ud800").encode() + b"\n"
 
 
 @pytest.mark.parametrize(
