@@ -669,7 +669,8 @@ def surrogate_pod() -> bytes:
     evil = pod("evil", "10.244.11.1")
     evil["metadata"]["labels"] = {"app": "PLACEHOLDER"}
     evil["metadata"]["resourceVersion"] = "3"
-    return json.dumps({"type": "ADDED", "object": evil}).replace("PLACEHOLDER", "\\ud800").encode() + b"\n"
+    text = json.dumps({"type": "ADDED", "object": evil})
+    return text.replace("PLACEHOLDER", "\\ud800").encode() + b"\n"
 
 
 @pytest.mark.parametrize(
