@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import ipaddress
 import json
+from collections.abc import Callable
 from typing import Any
 
 from hypothesis import given
@@ -57,7 +58,9 @@ def deep(depth: int) -> Any:
     return value
 
 
-VALUE = st.one_of(JSON, st.integers(0, 3000).map(deep))
+# Hypothesis prints each example, recursively: values past a few hundred levels are made
+# inside test_values_nested_as_deep_as_json_decodes instead.
+VALUE = st.one_of(JSON, st.integers(0, 300).map(deep))
 
 POD = {
     "metadata": {
@@ -263,3 +266,33 @@ def test_lines_split_like_split(chunks: list[bytes]) -> None:
         assert any(len(line) > 30 for line in data.split(b"\n"))
         return
     assert got == expected
+
+
+TEMPLATES: dict[str, tuple[dict[str, Any], Callable[[Any], Any], type[Exception]]] = {
+    "pod": (POD, lambda o: parse_pod(o, NAMING), Malformed),
+    "service": (SERVICE, lambda o: parse_service(o, NAMING), Malformed),
+    "slice": (SLICE, parse_endpoint_slice, Malformed),
+    "list": (LIST, apiserver.list_page, ApiError),
+    "event": ({"type": "DELETED", "object": POD}, apiserver.watch_event, ApiError),
+    "kubelet": ({"kind": "PodList", "items": [POD]}, lambda o: pods_of(o, NAMING), ApiError),
+}
+
+
+@given(st.sampled_from(sorted(TEMPLATES)), st.integers(0, 10_000), st.integers(0, 990))
+def test_values_nested_as_deep_as_json_decodes(name: str, where: int, depth: int) -> None:
+    """A value nested up to json's own limit, anywhere in an object: rejected or ignored,
+    never a RecursionError from a repr or a walk."""
+    template, parse, rejection = TEMPLATES[name]
+    doc: Any = copy.deepcopy(template)
+    path = _paths(template)[where % len(_paths(template))]
+    if not path:
+        doc = deep(depth)
+    else:
+        parent: Any = doc
+        for step in path[:-1]:
+            parent = parent[step]
+        parent[path[-1]] = deep(depth)
+    try:
+        parse(doc)
+    except rejection as exc:
+        str(exc).encode("utf-8")
