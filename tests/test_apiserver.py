@@ -478,7 +478,7 @@ OBJ = {"metadata": {"name": "web", "resourceVersion": "9"}}
         ("ADDED", "a watch event is a str, not an object"),
         ({"type": "ADDED", "object": []}, "a ADDED event's object is a list"),
         ({"type": "SYNC", "object": OBJ}, "a watch event's type is 'SYNC'"),
-        ({"type": ["ADDED"], "object": OBJ}, "a watch event's type is ['ADDED']"),
+        ({"type": ["ADDED"], "object": OBJ}, "a watch event's type is a list"),
         ({"type": "ERROR", "object": {"code": 410, "message": "gone"}}, "watch: 410 Gone (gone)"),
         ({"type": "ERROR", "object": {"code": 500, "message": ["x"]}}, "watch: error event 500"),
         ({"type": "ERROR", "object": [[[]]]}, "watch: error event without a code (no message)"),

@@ -150,7 +150,7 @@ def test_faults_in_order_then_recovery(tls_files: TlsFiles) -> None:
 @pytest.mark.parametrize(
     ("body", "problem"),
     [
-        ({"kind": ["PodList"]}, "the kubelet's answer is not a PodList: kind ['PodList']"),
+        ({"kind": ["PodList"]}, "the kubelet's answer is not a PodList: kind a list"),
         (
             {"kind": "PodList", "items": "x"},
             "the kubelet's PodList: items: expected a list, got str",

@@ -158,7 +158,9 @@ def watch_event(event: Any) -> Event:
         raise ApiError(f"{NOT_USABLE}: a watch event is a {_what(event)}, not an object")
     kind, obj = event.get("type"), event.get("object")
     if not isinstance(kind, str) or kind not in _EVENTS:
-        raise Refused(f"{NOT_USABLE}: a watch event's type is {printable(repr(kind))[:60]}")
+        # repr only of a str: a value nested 990 deep has no repr within the recursion limit
+        shown = printable(repr(kind[:40])) if isinstance(kind, str) else f"a {_what(kind)}"
+        raise Refused(f"{NOT_USABLE}: a watch event's type is {shown}")
     if kind == "ERROR":
         raise _watch_error(obj)
     if not isinstance(obj, dict):

@@ -32,7 +32,9 @@ def pods_of(body: Any, naming: Naming) -> tuple[list[Pod], list[str]]:
         raise ApiError(f"the kubelet's answer is not a PodList: a {type(body).__name__}")
     kind = body.get("kind", "PodList")
     if kind != "PodList":
-        raise ApiError(f"the kubelet's answer is not a PodList: kind {printable(repr(kind))}")
+        # repr only of a str: a value nested 990 deep has no repr within the recursion limit
+        shown = printable(repr(kind[:40])) if isinstance(kind, str) else f"a {type(kind).__name__}"
+        raise ApiError(f"the kubelet's answer is not a PodList: kind {shown}")
     items = body.get("items") or []
     if not isinstance(items, list):
         raise ApiError(f"the kubelet's PodList: items: expected a list, got {type(items).__name__}")
