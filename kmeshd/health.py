@@ -18,6 +18,7 @@ from kmeshd.aggregate import Ledger
 from kmeshd.export.http import MetricsServer
 from kmeshd.export.metrics import Health, SinkHealth
 from kmeshd.export.textfile import Textfile
+from kmeshd.identity.model import SourcesUp
 from kmeshd.kernel.layout import Stat
 from kmeshd.known import KnownAddresses
 from kmeshd.supervise import LOOP_STEPS, Guard
@@ -73,6 +74,7 @@ def daemon_health(
         textfile_failures=textfile.failures if textfile is not None else None,
         state_failures=state_failures,
         sources=sources,
+        objects_rejected=sources.rejected if isinstance(sources, SourcesUp) else {},
         last_publish=last_publish,
         publish_seconds=publish_seconds,
         textfile_write_seconds=textfile.write_seconds if textfile is not None else None,

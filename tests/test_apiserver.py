@@ -4,6 +4,7 @@ protocol over HTTPS (resourceVersion, bookmarks, 410 Gone, pagination, faults)."
 from __future__ import annotations
 
 import contextlib
+import json
 import queue
 import threading
 import time
@@ -15,11 +16,11 @@ import pytest
 
 from kmeshd.backoff import Backoff
 from kmeshd.identity import apiserver
-from kmeshd.identity.apiserver import RESOURCES, Watcher
-from kmeshd.identity.client import Client
+from kmeshd.identity.apiserver import RESOURCES, Event, Page, Watcher
+from kmeshd.identity.client import ApiError, Client, Expired
 from kmeshd.identity.credentials import Credentials, TokenSource
 from kmeshd.identity.objects import Naming, Pod
-from kmeshd.identity.updates import Changed, Deleted, Listed, SourceState, Update
+from kmeshd.identity.updates import Changed, Deleted, Listed, Rejected, SourceState, Update
 from tests.k8s_server import TESTDATA, ApiServer, Cluster, load_into, synthetic_pod_ip
 from tests.tls import TlsFiles
 
@@ -428,3 +429,273 @@ def test_a_stop_during_a_pause_ends_the_watch_and_closes_the_stream() -> None:
     got = list(apiserver.paced(stream.events(), lambda s: True, lambda: stream.now))
     assert got == [1]
     assert stream.closed
+
+
+# -- the envelopes ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        ({"metadata": {"resourceVersion": "7"}, "items": None}, Page([], "7", "")),
+        (
+            {"metadata": {"resourceVersion": "7", "continue": "eyJ2Ijo"}, "items": [{}]},
+            Page([{}], "7", "eyJ2Ijo"),
+        ),
+        ([], "expected a list object, got list"),
+        ({"metadata": [], "items": []}, "metadata: expected an object, got list"),
+        ({"items": []}, "metadata: expected an object, got null"),
+        (
+            {"metadata": {"resourceVersion": 7}},
+            "metadata.resourceVersion: missing or not a version",
+        ),
+        ({"metadata": {"resourceVersion": "7 8"}}, "metadata.resourceVersion: missing or not"),
+        ({"metadata": {"resourceVersion": "7" * 129}}, "metadata.resourceVersion: missing or not"),
+        ({"metadata": {"resourceVersion": "7", "continue": 5}}, "metadata.continue: not a contin"),
+        ({"metadata": {"resourceVersion": "7", "continue": "a\ud800"}}, "metadata.continue: not a"),
+        ({"metadata": {"resourceVersion": "7"}, "items": {}}, "items: expected a list, got dict"),
+    ],
+)
+def test_a_list_page_envelope(body: Any, expected: Page | str) -> None:
+    if isinstance(expected, Page):
+        assert apiserver.list_page(body) == expected
+        return
+    with pytest.raises(ApiError) as err:
+        apiserver.list_page(body)
+    assert str(err.value).startswith(f"the apiserver's answer is not JSON we can use: {expected}")
+
+
+OBJ = {"metadata": {"name": "web", "resourceVersion": "9"}}
+
+
+@pytest.mark.parametrize(
+    ("event", "expected"),
+    [
+        ({"type": "ADDED", "object": OBJ}, Event("ADDED", OBJ, "9")),
+        ({"type": "BOOKMARK", "object": {"metadata": {"resourceVersion": "x y"}}}, None),
+        ({"type": "BOOKMARK", "object": {"metadata": {"resourceVersion": 12}}}, None),
+        ({"type": "DELETED", "object": {"metadata": []}}, None),
+        ("ADDED", "a watch event is a str, not an object"),
+        ({"type": "ADDED", "object": []}, "a ADDED event's object is a list"),
+        ({"type": "SYNC", "object": OBJ}, "a watch event's type is 'SYNC'"),
+        ({"type": ["ADDED"], "object": OBJ}, "a watch event's type is a list"),
+        ({"type": "ERROR", "object": {"code": 410, "message": "gone"}}, "watch: 410 Gone (gone)"),
+        ({"type": "ERROR", "object": {"code": 500, "message": ["x"]}}, "watch: error event 500"),
+        ({"type": "ERROR", "object": [[[]]]}, "watch: error event without a code (no message)"),
+    ],
+)
+def test_a_watch_event_envelope(event: Any, expected: Event | str | None) -> None:
+    """An event whose version is not one is returned without one (to be rejected); one
+    that is no event at all is an ApiError, a 410 an Expired."""
+    if expected is None:
+        assert apiserver.watch_event(event).version is None
+        return
+    if isinstance(expected, Event):
+        assert apiserver.watch_event(event) == expected
+        return
+    with pytest.raises(ApiError) as err:
+        apiserver.watch_event(event)
+    assert expected in str(err.value)
+    assert isinstance(err.value, Expired) == ("410" in expected)
+
+
+# -- hostile apiservers -------------------------------------------------------------------
+
+
+def statuses(server: ApiServer, watch: bool, path: str = PODS_PATH) -> list[int]:
+    return [r.status for r in server.log if r.path == path and bool(r.query.get("watch")) == watch]
+
+
+def rejected(running: Running) -> int:
+    return sum(r.count for r in running.of(Rejected))
+
+
+def events(*lines: Any) -> bytes:
+    return b"".join(
+        (line if isinstance(line, bytes) else json.dumps(line).encode()) + b"\n" for line in lines
+    )
+
+
+def test_an_exception_in_the_loop_is_logged_once_reported_and_survived(
+    cluster: Cluster, server: ApiServer, tls_files: TlsFiles, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A bug (here a RuntimeError from the client, three times): logged once with its
+    traceback, the source reported down with it, then listing and watching again."""
+    cluster.put("pods", pod("web", "10.244.7.1"))
+    client = Client(credentials(server, tls_files))
+    original = client.get_json
+    failures = 3
+
+    def broken(path: str, params: Any = None) -> Any:
+        nonlocal failures
+        if failures:
+            failures -= 1
+            raise RuntimeError("boom")
+        return original(path, params)
+
+    client.get_json = broken  # type: ignore[method-assign]
+    stop = threading.Event()
+    running = Running(Watcher(client, PODS, Naming(), queue.Queue(), stop, Backoff(0.1, 0.5)))
+    try:
+        running.wait_for(lambda m: bool(listed(m)))
+        running.wait_for(lambda m: any(r.query.get("watch") for r in server.log))
+    finally:
+        stop.set()
+        server.stop()
+        running.thread.join(timeout=5)
+    errors = [s.error for s in running.of(SourceState)]
+    crash = (
+        "unexpected failure (RuntimeError: boom), starting over: a kmeshd bug; please report"
+        " it with the traceback logged"
+    )
+    assert errors[:4] == [crash, crash, crash, ""]
+    logged = [r for r in caplog.records if "unexpected failure" in r.getMessage()]
+    assert len(logged) == 1 and logged[0].exc_info is not None
+    assert names(listed(running.messages)[0]) == {"web"}
+
+
+def test_retry_after_zero_is_a_second_not_a_request_loop(
+    cluster: Cluster, server: ApiServer, tls_files: TlsFiles
+) -> None:
+    server.fail(PODS_PATH, 429, headers={"Retry-After": "0"}, times=1000, watch=False)
+    with watching(server, tls_files) as running:
+        time.sleep(2.5)
+        assert len(statuses(server, watch=False)) == 3  # at 0, 1 and 2 s
+        assert running.thread.is_alive()
+
+
+def test_a_huge_retry_after_is_capped_and_the_watcher_lives(
+    cluster: Cluster, server: ApiServer, tls_files: TlsFiles
+) -> None:
+    server.fail(PODS_PATH, 429, headers={"Retry-After": "9" * 400}, times=1, watch=False)
+    with watching(server, tls_files) as running:
+        running.wait_for(lambda m: bool(running.of(SourceState)))
+        time.sleep(0.3)
+        assert running.thread.is_alive()
+        assert running.of(SourceState)[0].error.endswith("HTTP 429 (TooManyRequests)")
+
+
+def test_a_410_on_every_watch_relists_once_at_once_then_after_backoff(
+    cluster: Cluster, server: ApiServer, tls_files: TlsFiles
+) -> None:
+    """Expired once: list again at once. Expired at every watch: the lists back off
+    (0.1 s doubling to 0.5 s here), not back to back."""
+    gone = events({"type": "ERROR", "object": {"kind": "Status", "code": 410, "message": "old"}})
+    server.fail(PODS_PATH, 200, body=gone, times=1000, watch=True)
+    with watching(server, tls_files) as running:
+        time.sleep(2.0)
+        lists = statuses(server, watch=False)
+        assert 4 <= len(lists) <= 10  # back to back, it was hundreds
+        assert any("410 Gone (old); again" in s.error for s in running.of(SourceState))
+
+
+def test_a_repeated_continue_token_ends_the_list_with_an_error(
+    cluster: Cluster, server: ApiServer, tls_files: TlsFiles
+) -> None:
+    page = {
+        "kind": "PodList",
+        "metadata": {"resourceVersion": "5", "continue": "c2FtZQ"},
+        "items": [pod("web", "10.244.8.1")],
+    }
+    server.fail(PODS_PATH, 200, body=page, times=1000, watch=False)
+    with watching(server, tls_files) as running:
+        running.wait_for(lambda m: bool(running.of(SourceState)))
+        error = running.of(SourceState)[0].error
+        assert error == (
+            "list pods: the apiserver sent a continue token it had sent before (paging would"
+            " never end); listing again later"
+        )
+        assert statuses(server, watch=False)[:2] == [200, 200]
+        assert not listed(running.messages)
+
+
+def test_a_bookmark_with_a_bad_version_is_rejected_and_the_watch_goes_on(
+    cluster: Cluster, server: ApiServer, tls_files: TlsFiles
+) -> None:
+    """A BOOKMARK whose version is no version: counted, and the next watch starts from the
+    last good version, not from one the apiserver answers with 400."""
+    cluster.put("pods", pod("web", "10.244.9.1"))
+    version = str(cluster.resource_version)
+    bad = events({"type": "BOOKMARK", "object": {"metadata": {"resourceVersion": "x y"}}})
+    server.fail(PODS_PATH, 200, body=bad, times=1, watch=True)
+    with watching(server, tls_files) as running:
+        running.wait_for(lambda m: len([r for r in server.log if r.query.get("watch")]) >= 2)
+        assert rejected(running) == 1
+        second = [r.query for r in server.log if r.query.get("watch")][1]
+        assert second["resourceVersion"] == version
+
+
+def test_watches_refused_again_and_again_lead_to_a_relist(
+    cluster: Cluster, server: ApiServer, tls_files: TlsFiles
+) -> None:
+    """400 for every watch (a version the apiserver cannot take): after 5 in a row, list
+    again, and watch from the new list's version."""
+    server.fail(PODS_PATH, 400, times=5, watch=True)
+    with watching(server, tls_files) as running:
+        running.wait_for(lambda m: len(listed(m)) == 2)
+        assert statuses(server, watch=True)[:5] == [400] * 5
+        assert [r.status for r in server.log][:7] == [200] + [400] * 5 + [200]
+        assert lists_and_watches(server)[:2] == ["list", "list"]
+
+
+@pytest.mark.parametrize(
+    ("stream", "count"),
+    [
+        ({"type": "MODIFIED", "object": {"metadata": []}}, 1),
+        ({"type": "DELETED", "object": {"metadata": "x", "resourceVersion": "3"}}, 1),
+        (
+            {
+                "type": "ADDED",
+                "object": {**pod("w", "10.1.1.1"), "metadata": {"resourceVersion": "3"}},
+            },
+            1,
+        ),
+        ({"type": "ADDED", "object": {**pod("w", "10.1.1.1"), "spec": 5}}, 1),
+    ],
+)
+def test_an_event_with_an_object_that_is_not_valid_is_skipped_and_counted(
+    cluster: Cluster, server: ApiServer, tls_files: TlsFiles, stream: Any, count: int
+) -> None:
+    """Counted as rejected; the watcher lives, and the next good event arrives."""
+    server.fail(PODS_PATH, 200, body=events(stream), times=1, watch=True)
+    with watching(server, tls_files) as running:
+        running.wait_for(lambda m: len([r for r in server.log if r.query.get("watch")]) >= 2)
+        cluster.put("pods", pod("web", "10.244.10.1"))
+        running.wait_for(lambda m: len(running.of(Changed)) == 1)
+        assert rejected(running) == count
+
+
+def surrogate_pod() -> bytes:
+    evil = pod("evil", "10.244.11.1")
+    evil["metadata"]["labels"] = {"app": "PLACEHOLDER"}
+    evil["metadata"]["resourceVersion"] = "3"
+    text = json.dumps({"type": "ADDED", "object": evil})
+    return text.replace("PLACEHOLDER", "\\ud800").encode() + b"\n"
+
+
+@pytest.mark.parametrize(
+    ("body", "problem"),
+    [
+        (b"[" * 5000 + b"\n", "nested too deeply"),
+        (b'{"type":"ADDED","object":' + b"[" * 900 + b"]" * 900 + b"}\n", "object is a list"),
+        (b'"just a string"\n', "a watch event is a str"),
+    ],
+)
+def test_a_watch_line_that_is_not_an_event_is_an_error_not_the_end(
+    cluster: Cluster, server: ApiServer, tls_files: TlsFiles, body: bytes, problem: str
+) -> None:
+    server.fail(PODS_PATH, 200, body=body, times=1, watch=True)
+    with watching(server, tls_files) as running:
+        running.wait_for(lambda m: any(problem in (s.error or "") for s in running.of(SourceState)))
+        cluster.put("pods", pod("web", "10.244.12.1"))
+        running.wait_for(lambda m: len(running.of(Changed)) == 1)
+
+
+def test_a_label_with_a_lone_surrogate_never_reaches_the_cache(
+    cluster: Cluster, server: ApiServer, tls_files: TlsFiles
+) -> None:
+    server.fail(PODS_PATH, 200, body=surrogate_pod(), times=1, watch=True)
+    with watching(server, tls_files) as running:
+        running.wait_for(lambda m: rejected(running) == 1)
+        assert running.of(Changed) == []
+        assert running.thread.is_alive()

@@ -295,3 +295,16 @@ def test_a_relabelled_pod_answers_to_its_new_name_only() -> None:
     cache.put(PODS, APISERVER, after, now=1)
     assert cache.knows(("workload", *after.workload.label_values()))
     assert not cache.knows(("workload", *before.workload.label_values()))
+
+
+def test_a_port_past_16_bits_never_names_another_address() -> None:
+    """Port 65616 at 10.96.0.20 would be port 80 at 10.96.0.21 in the packed key: the
+    parsers reject it, and the cache does not index it either."""
+    cache = IdentityCache("n1")
+    wide = replace(service("wide"), ports=(ServicePort(65616, 8080),))
+    cache.put(SERVICES, APISERVER, wide, 0.0)
+    cache.put(SLICES, APISERVER, replace(slice_of("wide"), ports=(65616,)), 0.0)
+    cache.put(PODS, APISERVER, pod("u-1", ip="10.1.0.6"), 0.0)
+    assert cache.service_at(IPv4Address("10.96.0.21"), 80) is None
+    assert cache.service_at(IPv4Address("10.96.0.20"), 65616 & 0xFFFF) is None
+    assert cache.service_behind(IPv4Address("10.1.0.6"), 80) is None

@@ -10,12 +10,13 @@ import time
 import pytest
 
 from kmeshd.backoff import Backoff
+from kmeshd.identity import kubelet
 from kmeshd.identity.cache import KUBELET, PODS
 from kmeshd.identity.client import ApiError, Client
 from kmeshd.identity.credentials import Credentials, TokenSource
 from kmeshd.identity.kubelet import Poller, pods_of
 from kmeshd.identity.objects import Naming
-from kmeshd.identity.updates import Listed, SourceState, Update
+from kmeshd.identity.updates import Listed, Rejected, SourceState, Update
 from tests.k8s_server import TESTDATA, Cluster, FakeKubelet
 from tests.tls import TlsFiles
 
@@ -144,3 +145,66 @@ def test_faults_in_order_then_recovery(tls_files: TlsFiles) -> None:
     errors = [m.error for m in polling.messages if isinstance(m, SourceState) and m.error]
     assert len(errors) == 3
     assert "HTTP 500" in errors[0] and "not JSON" in errors[1]
+
+
+@pytest.mark.parametrize(
+    ("body", "problem"),
+    [
+        ({"kind": ["PodList"]}, "the kubelet's answer is not a PodList: kind a list"),
+        (
+            {"kind": "PodList", "items": "x"},
+            "the kubelet's PodList: items: expected a list, got str",
+        ),
+        ([[[[]]]] * 3, "the kubelet's answer is not a PodList: a list"),
+    ],
+)
+def test_the_message_of_a_body_that_is_not_a_pod_list(body: object, problem: str) -> None:
+    with pytest.raises(ApiError) as err:
+        pods_of(body, NAMING)
+    assert str(err.value) == problem
+
+
+def test_pods_that_are_not_valid_are_counted_and_the_rest_kept(tls_files: TlsFiles) -> None:
+    body = json.loads(captured("kubelet-podlist-nri-minikube-1.35.json"))
+    body["items"][0]["metadata"] = [1]
+    body["items"][1]["spec"]["ports"] = None
+    body["items"][2]["status"]["podIPs"] = [{"ip": 167837957}]
+    raw = json.dumps(body).replace('"kube-system"', '"kube-\\ud800"', 1).encode()
+    with FakeKubelet(body=raw, tls=tls_files) as kubelet:
+        creds = Credentials(kubelet.url, ca_file=tls_files.ca_cert, token=TokenSource("test-token"))
+        with Polling(kubelet, creds) as polling:
+            (first,) = polling.until(1, Listed)[:1]
+    rejected = [m for m in polling.messages if isinstance(m, Rejected)]
+    assert rejected[0] == Rejected(KUBELET, PODS, 3)
+    assert isinstance(first, Listed) and len(first.values) == 21
+
+
+def test_an_exception_in_a_poll_is_logged_once_reported_and_survived(
+    tls_files: TlsFiles, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A bug (a RuntimeError three times): logged once with its traceback, the source down
+    with it, then polling as before."""
+    failures = 3
+    original = kubelet.pods_of
+
+    def broken(body: object, naming: Naming) -> object:
+        nonlocal failures
+        if failures:
+            failures -= 1
+            raise RuntimeError("boom")
+        return original(body, naming)
+
+    monkeypatch.setattr(kubelet, "pods_of", broken)
+    body = captured("kubelet-podlist-nri-minikube-1.35.json")
+    with FakeKubelet(body=body, tls=tls_files) as server:
+        creds = Credentials(server.url, ca_file=tls_files.ca_cert, token=TokenSource("test-token"))
+        with Polling(server, creds) as polling:
+            polling.until(1, Listed)
+    states = [m.error for m in polling.messages if isinstance(m, SourceState)]
+    crash = (
+        "unexpected failure (RuntimeError: boom), starting over: a kmeshd bug; please report"
+        " it with the traceback logged"
+    )
+    assert states[:4] == [crash, crash, crash, ""]
+    logged = [r for r in caplog.records if "unexpected failure" in r.getMessage()]
+    assert len(logged) == 1 and logged[0].exc_info is not None

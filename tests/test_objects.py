@@ -14,9 +14,11 @@ from kmeshd.identity.objects import (
     Malformed,
     Naming,
     canonical,
+    namespaced_key,
     parse_endpoint_slice,
     parse_pod,
     parse_service,
+    pod_key,
     workload_name,
 )
 from tests.k8s_server import TESTDATA
@@ -282,3 +284,177 @@ def test_headless_service_has_no_vip() -> None:
         "spec": {"clusterIP": "None", "clusterIPs": ["None"], "ports": [{"port": 5432}]},
     }
     assert parse_service(obj, NAMING).addresses == ()
+
+
+def service_obj(**spec: Any) -> dict[str, Any]:
+    return {"metadata": {"name": "web", "namespace": "shop"}, "spec": spec}
+
+
+def slice_obj(**fields: Any) -> dict[str, Any]:
+    meta = {"name": "web-x", "namespace": "shop", "labels": {"kubernetes.io/service-name": "web"}}
+    return {"metadata": meta, **fields}
+
+
+@pytest.mark.parametrize(
+    ("change", "problem"),
+    [
+        # what the cache would pack into another address's key
+        (
+            lambda o: o["status"].update(podIPs=[{"ip": 167837957}]),
+            "status.podIPs[0].ip: expected an IP address string, got int",
+        ),
+        (
+            lambda o: o["status"].update(podIPs=[True]),
+            "status.podIPs[0].ip: expected an IP address string, got bool",
+        ),
+        (
+            lambda o: o["status"].update(podIP=167837957),
+            "status.podIP: expected str, got int",
+        ),
+        # strings no label value or log line can carry
+        (
+            lambda o: o["metadata"].update(labels={"app": "web\ud800"}),
+            r"metadata.labels['app']: '\ud800' is not valid UTF-8 (a lone surrogate)",
+        ),
+        (
+            lambda o: o["metadata"].update(labels={"\udfff": "x"}),
+            r"metadata.labels: '\udfff' is not valid UTF-8 (a lone surrogate)",
+        ),
+        (
+            lambda o: o["metadata"].update(labels={"app": 7}),
+            "metadata.labels['app']: expected str, got int",
+        ),
+        (
+            lambda o: o["metadata"].update(namespace="shop\ud800"),
+            r"metadata.namespace: '\ud800' is not valid UTF-8 (a lone surrogate)",
+        ),
+        (
+            lambda o: o["spec"].update(serviceAccountName="\udc80"),
+            r"spec.serviceAccountName: '\udc80' is not valid UTF-8 (a lone surrogate)",
+        ),
+        (
+            lambda o: o["metadata"]["ownerReferences"][0].update(name="rs-\ud800"),
+            r"name: '\ud800' is not valid UTF-8 (a lone surrogate)",
+        ),
+        (
+            lambda o: o["metadata"].update(ownerReferences=[[]]),
+            "metadata.ownerReferences[0]: expected an object, got list",
+        ),
+        (
+            lambda o: o["metadata"].update(creationTimestamp="0001-01-01T00:00:00"),
+            "metadata.creationTimestamp: '0001-01-01T00:00:00' is not a time",
+        ),
+    ],
+)
+def test_a_pod_whose_values_no_identity_may_hold_is_malformed(change: Any, problem: str) -> None:
+    obj = pod(labels=HASH)
+    change(obj)
+    with pytest.raises(Malformed) as err:
+        parse_pod(obj, NAMING)
+    assert str(err.value) == problem
+
+
+@pytest.mark.parametrize(
+    ("obj", "problem"),
+    [
+        (service_obj(ports=[{"port": 65616}]), "spec.ports[0].port: 65616 is not a port (1-65535)"),
+        (service_obj(ports=[{"port": 0}]), "spec.ports[0].port: 0 is not a port (1-65535)"),
+        (
+            service_obj(ports=[{"port": True}]),
+            "spec.ports[0].port: expected a port number, got bool",
+        ),
+        (
+            service_obj(ports=[{"port": 80.0}]),
+            "spec.ports[0].port: expected a port number, got float",
+        ),
+        (service_obj(ports=[{}]), "spec.ports[0].port: expected a port number, got NoneType"),
+        (
+            service_obj(ports=[{"port": 80, "targetPort": 70000}]),
+            "spec.ports[0].targetPort: 70000 is not a port (1-65535)",
+        ),
+        (
+            service_obj(ports=[{"port": 80, "targetPort": []}]),
+            "spec.ports[0].targetPort: expected a port number, got list",
+        ),
+        (service_obj(ports=["80"]), "spec.ports[0]: expected an object, got str"),
+        (
+            service_obj(ports=[{"port": 80, "protocol": 6}]),
+            "protocol: expected str, got int",
+        ),
+        (
+            service_obj(clusterIPs=[167772161]),
+            "spec.clusterIPs[0]: expected an IP address string, got int",
+        ),
+        (
+            service_obj(clusterIPs=[False]),
+            "spec.clusterIPs[0]: expected an IP address string, got bool",
+        ),
+        (
+            service_obj(clusterIP="10.96.0.300"),
+            "spec.clusterIP[0]: '10.96.0.300' is not an IP address",
+        ),
+        ({"metadata": [], "spec": {}}, "metadata: expected an object, got list"),
+        (
+            {"metadata": {"name": "w\ud800", "namespace": "shop"}},
+            r"metadata.name: '\ud800' is not valid UTF-8 (a lone surrogate)",
+        ),
+    ],
+)
+def test_a_service_whose_values_no_identity_may_hold_is_malformed(obj: Any, problem: str) -> None:
+    with pytest.raises(Malformed) as err:
+        parse_service(obj, NAMING)
+    assert str(err.value) == problem
+
+
+@pytest.mark.parametrize(
+    ("obj", "problem"),
+    [
+        (slice_obj(ports=[{"port": 65616}]), "ports[0].port: 65616 is not a port (1-65535)"),
+        (slice_obj(ports=[{"port": -1}]), "ports[0].port: -1 is not a port (1-65535)"),
+        (slice_obj(ports=[{"port": False}]), "ports[0].port: expected a port number, got bool"),
+        (slice_obj(ports=[7]), "ports[0]: expected an object, got int"),
+        (
+            slice_obj(endpoints=[{"addresses": [167772161]}]),
+            "endpoints[0].addresses[0]: expected an IP address string, got int",
+        ),
+        (
+            slice_obj(endpoints=[{"addresses": [True]}]),
+            "endpoints[0].addresses[0]: expected an IP address string, got bool",
+        ),
+        (slice_obj(endpoints=[{"addresses": "10.1.0.5"}]), "addresses: expected list, got str"),
+        ({"metadata": "x"}, "metadata: expected an object, got str"),
+    ],
+)
+def test_an_endpoint_slice_whose_values_no_identity_may_hold_is_malformed(
+    obj: Any, problem: str
+) -> None:
+    with pytest.raises(Malformed) as err:
+        parse_endpoint_slice(obj)
+    assert str(err.value) == problem
+
+
+def test_a_slice_port_of_null_means_every_port_and_names_none() -> None:
+    obj = slice_obj(endpoints=[{"addresses": ["10.1.0.5"]}], ports=[{"port": None}, {"port": 80}])
+    assert parse_endpoint_slice(obj).ports == (80,)
+
+
+@pytest.mark.parametrize(
+    ("key", "obj", "expected"),
+    [
+        (pod_key, {"metadata": {"uid": "u-1"}}, "u-1"),
+        (namespaced_key, {"metadata": {"namespace": "shop", "name": "web"}}, ("shop", "web")),
+        (pod_key, {"metadata": []}, "metadata: expected an object, got list"),
+        (pod_key, {"metadata": {"uid": 5}}, "metadata.uid: expected str, got int"),
+        (pod_key, [], "not an object"),
+        (namespaced_key, {"metadata": {"name": "web"}}, "metadata.namespace: missing"),
+        (namespaced_key, {"metadata": "x"}, "metadata: expected an object, got str"),
+    ],
+)
+def test_the_key_of_a_deleted_object(key: Any, obj: Any, expected: Any) -> None:
+    """A DELETED event needs only the key, but a valid one."""
+    if (isinstance(expected, str) and ":" in expected) or expected == "not an object":
+        with pytest.raises(Malformed) as err:
+            key(obj)
+        assert str(err.value) == expected
+    else:
+        assert key(obj) == expected

@@ -13,6 +13,7 @@ import pytest
 
 from kmeshd.config import Config, IdentityConfig, KubernetesConfig
 from kmeshd.errors import ConfigError
+from kmeshd.export.metrics import Health, health_text
 from kmeshd.identity.sources import KubernetesSource, open_source
 from tests.k8s_server import (
     ApiServer,
@@ -242,3 +243,63 @@ def test_bad_credentials_are_a_config_error_naming_the_file(tmp_path: Path) -> N
         f"{tmp_path}/missing: cannot read: No such file or directory"
         f" (named by kubernetes.kubeconfig in {tmp_path}/kmeshd.toml)"
     ]
+
+
+def test_rejected_objects_are_counted_per_source_and_resource(setup: Setup) -> None:
+    """0 for every synced resource from the start; a pod that is not valid counts at the
+    apiserver (listed) and at the kubelet (polled), and reaches the metric."""
+    source = setup.source()
+    try:
+        source.wait_synced(10, lambda: None)
+        assert source.rejected() == {
+            ("apiserver", "pods"): 0,
+            ("apiserver", "services"): 0,
+            ("apiserver", "endpointslices"): 0,
+            ("kubelet", "pods"): 0,
+        }
+        bad = setup.cluster.get("pods", "ns-1", "svc-1-1")
+        assert bad is not None
+        bad["metadata"]["name"] = "bad"
+        bad["spec"]["serviceAccountName"] = "\ud800"
+        setup.cluster.put("pods", bad)
+        until(source, lambda: source.rejected()[("kubelet", "pods")] >= 1)
+        until(source, lambda: source.rejected()[("apiserver", "pods")] == 1)
+        up = source.up()
+        assert up == {"apiserver": True, "kubelet": True}
+        text = health_text(Health(objects_rejected=getattr(up, "rejected", {})))
+        assert (
+            'kmeshd_identity_objects_rejected_total{resource="pods",source="apiserver"} 1.0' in text
+        )
+        assert (
+            'kmeshd_identity_objects_rejected_total{resource="services",source="apiserver"} 0.0'
+            in text
+        )
+        assert source.cache.counts()["pods"] == 60
+    finally:
+        source.close()
+
+
+def test_a_token_no_header_can_carry_is_each_threads_error_not_their_end(
+    setup: Setup,
+) -> None:
+    """A newline inside the token: every apiserver resource reports it, and once the token
+    is good again (a rotation) everything syncs."""
+    source = setup.source()
+    try:
+        source.wait_synced(10, lambda: None)
+        assert source._api.creds.token is not None
+        source._api.creds.token._token = "test\ntoken"
+        setup.api.watch_lifetime(0.1)
+        until(source, lambda: not source.up()["apiserver"])
+        apiserver = [k for k in source.states if k[0] == "apiserver"]
+        until(source, lambda: all("bearer token" in (source.states[k] or "") for k in apiserver))
+        setup.api.watch_lifetime(None)
+        source._api.creds.token._token = "test-token"
+
+        def synced() -> bool:
+            setup.cluster.bookmark()  # a watch is in sync once an event came through
+            return source.up()["apiserver"]
+
+        until(source, synced, timeout=40)
+    finally:
+        source.close()

@@ -35,6 +35,8 @@ class Health:
     textfile_failures: int | None = None  # failed textfile writes; None: no textfile
     state_failures: int | None = None  # failed saves of metrics.state_file; None: no file
     sources: Mapping[str, bool] = field(default_factory=dict)
+    # (source, resource) -> objects an identity source skipped as not valid
+    objects_rejected: Mapping[tuple[str, str], int] = field(default_factory=dict)
     last_publish: float = 0.0
     publish_seconds: float = 0.0
     textfile_write_seconds: float | None = None  # the last write; None: no textfile
@@ -144,6 +146,14 @@ def _health(h: Health) -> Iterator[Metric]:
         "source",
         {k: int(v) for k, v in h.sources.items()},
     )
+    rejected = CounterMetricFamily(
+        "kmeshd_identity_objects_rejected_total",
+        "Kubernetes objects an identity source skipped as not valid (each time received)",
+        labels=["source", "resource"],
+    )
+    for (source, resource), count in sorted(h.objects_rejected.items()):
+        rejected.add_metric([source, resource], count)
+    yield rejected
     yield GaugeMetricFamily(
         "kmeshd_last_publish_timestamp_seconds",
         "When metrics were last published (Unix time)",

@@ -136,16 +136,24 @@ def _pod_ips(p: Pod) -> tuple[int, ...]:
 
 def _at(key: int, port: int) -> int:
     """An address key and a port as one int: no tuple per endpoint (150,000 of them in a
-    large cluster), and a faster dict lookup."""
+    large cluster), and a faster dict lookup. Only for a port of 16 bits: port 65616 at one
+    address would be port 80 at the next. Lookups pass the kernel's u16 ports; claims go
+    through _port() first."""
     return key << 16 | port
 
 
+def _port(port: int) -> bool:
+    """Whether a port can be claimed. The parsers reject any other, and this makes sure
+    that no object that bypassed them makes one address's port alias another's."""
+    return 0 < port <= 0xFFFF
+
+
 def _vip_ports(s: Service) -> tuple[int, ...]:
-    return tuple(_at(ip_key(ip), p.port) for ip in s.addresses for p in s.ports)
+    return tuple(_at(ip_key(ip), p.port) for ip in s.addresses for p in s.ports if _port(p.port))
 
 
 def _endpoints(s: Endpoints) -> tuple[int, ...]:
-    return tuple(_at(ip, port) for ip in s.addresses for port in s.ports)
+    return tuple(_at(ip, port) for ip in s.addresses for port in s.ports if _port(port))
 
 
 class _Store(Generic[K, C, E]):
@@ -282,6 +290,9 @@ class IdentityCache:
             lambda s: (s.namespace, s.name), _endpoints, _slice_rank, lambda s: s.service
         )
         self._known: tuple[int, frozenset[IPAddress]] | None = None
+        # (source, resource) -> objects skipped as not valid: kept here so that a reload,
+        # which keeps the cache, keeps the counts (kmeshd_identity_objects_rejected_total)
+        self.rejected: dict[tuple[str, str], int] = {}
         self.version = 0  # moves with every change (IdentityView.version)
         self._stores: dict[str, _Store[Any, Any, Any]] = {
             PODS: self._pods,

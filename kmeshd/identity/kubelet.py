@@ -12,14 +12,13 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from collections.abc import Mapping
 from typing import Any
 
 from kmeshd.backoff import Backoff
 from kmeshd.identity.cache import KUBELET, PODS
-from kmeshd.identity.client import ApiError, Client
+from kmeshd.identity.client import ApiError, Client, printable
 from kmeshd.identity.objects import Malformed, Naming, Pod, parse_pod
-from kmeshd.identity.updates import Listed, SourceState, Update
+from kmeshd.identity.updates import Crashes, Listed, Rejected, SourceState, Update
 from kmeshd.ratelimit import LOG_EVERY_S, Throttle
 
 log = logging.getLogger("kmeshd")
@@ -29,11 +28,16 @@ def pods_of(body: Any, naming: Naming) -> tuple[list[Pod], list[str]]:
     """A PodList body -> its pods and a problem per item skipped. Kubelets starting up
     send `"items": null`, and some have sent null or empty items: those are no pods, not
     errors."""
-    if not isinstance(body, Mapping) or body.get("kind", "PodList") != "PodList":
-        raise ApiError(f"not a PodList: {str(body)[:200]}")
+    if not isinstance(body, dict):
+        raise ApiError(f"the kubelet's answer is not a PodList: a {type(body).__name__}")
+    kind = body.get("kind", "PodList")
+    if kind != "PodList":
+        # repr only of a str: a value nested 990 deep has no repr within the recursion limit
+        shown = printable(repr(kind[:40])) if isinstance(kind, str) else f"a {type(kind).__name__}"
+        raise ApiError(f"the kubelet's answer is not a PodList: kind {shown}")
     items = body.get("items") or []
     if not isinstance(items, list):
-        raise ApiError("items: expected a list")
+        raise ApiError(f"the kubelet's PodList: items: expected a list, got {type(items).__name__}")
     pods: list[Pod] = []
     problems: list[str] = []
     for i, obj in enumerate(items):
@@ -62,16 +66,25 @@ class Poller:
         self.out, self.stop = out, stop
         self.backoff = backoff or Backoff(cap=interval)
         self._malformed = Throttle(LOG_EVERY_S)
+        self._crash = Crashes("kubelet")
 
     def poll(self) -> None:
         """One poll; raises ApiError."""
         pods, problems = pods_of(self.client.get_json("/pods"), self.naming)
-        if problems and self._malformed.ready():
-            log.warning("kubelet: skipped %d pods: %s", len(problems), "; ".join(problems[:3]))
+        if problems:
+            self.out.put(Rejected(KUBELET, PODS, len(problems)))
+            if self._malformed.ready():
+                log.warning(
+                    "kubelet: skipped %d pods: %s (kmeshd_identity_objects_rejected_total)",
+                    len(problems),
+                    printable("; ".join(problems[:3])),
+                )
         self.out.put(Listed(KUBELET, PODS, tuple(pods)))
         self.out.put(SourceState(KUBELET, PODS, ""))
 
     def run(self) -> None:
+        """Until `stop`. Whatever else breaks a poll (a bug, an input nothing foresaw) is
+        logged and reported as the source's error, and polling goes on after a backoff."""
         while not self.stop.is_set():
             try:
                 self.poll()
@@ -79,7 +92,12 @@ class Poller:
                 delay = self.interval
             except ApiError as exc:
                 self.out.put(SourceState(KUBELET, PODS, str(exc)))
-                delay = exc.retry_after if exc.retry_after is not None else self.backoff.next()
+                delay = self.backoff.next()
+                if exc.retry_after is not None:
+                    delay = max(delay, exc.retry_after)
+            except Exception as exc:
+                self.out.put(SourceState(KUBELET, PODS, self._crash.seen(exc)))
+                delay = self.backoff.next()
             self.stop.wait(delay)
 
 

@@ -7,6 +7,10 @@ objects is dropped here, so the cache holds a few hundred bytes per pod, not the
 
 Objects come from outside: a field of the wrong type or a missing one makes the object
 malformed (`Malformed`, with the field), never a crash and never a half-filled identity.
+So does a value no identity may hold: a port outside 1-65535 (the cache packs an address
+and a port in one int: port 65616 would name another address's port 80), an address that
+is not a string (ipaddress takes ints too), a string that is not valid UTF-8 (JSON's
+"\ud800" decodes to a lone surrogate, which no metric label or log line can carry).
 Decoded JSON objects are dicts, and are checked as such: an isinstance() against the
 Mapping ABC costs several times as much, at every field of every watch event.
 """
@@ -72,8 +76,23 @@ class Endpoints:
 # -- field access ---------------------------------------------------------------------------
 
 
+def _type(value: Any) -> str:
+    return "bool" if isinstance(value, bool) else type(value).__name__
+
+
+def _text(value: str, path: str) -> str:
+    """`value`, if it can become a label value and a log line: valid UTF-8."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        bad = value[exc.start : exc.end]
+        raise Malformed(f"{path}: {bad!a} is not valid UTF-8 (a lone surrogate)") from None
+    return value
+
+
 def _field(obj: Mapping[str, Any], path: str, kind: type, default: Any = None) -> Any:
-    """obj["a"]["b"] for path "a.b", checked against `kind`; `default` when absent or null."""
+    """obj["a"]["b"] for path "a.b", checked against `kind` (a str: valid UTF-8 too);
+    `default` when absent or null."""
     value: Any = obj
     parts = path.split(".")
     for i, part in enumerate(parts):
@@ -84,8 +103,8 @@ def _field(obj: Mapping[str, Any], path: str, kind: type, default: Any = None) -
         if value is None:
             return default
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise Malformed(f"{path}: expected {kind.__name__}, got {type(value).__name__}")
-    return value
+        raise Malformed(f"{path}: expected {kind.__name__}, got {_type(value)}")
+    return _text(value, path) if isinstance(value, str) else value
 
 
 def _required(obj: Mapping[str, Any], path: str) -> str:
@@ -96,15 +115,33 @@ def _required(obj: Mapping[str, Any], path: str) -> str:
 
 
 def _labels(obj: Mapping[str, Any]) -> Mapping[str, str]:
-    labels = _field(obj, "metadata.labels", dict, {})
-    return {k: v for k, v in labels.items() if isinstance(v, str)}
+    """Label values become metric labels: every one must be a string, and valid UTF-8."""
+    labels: dict[str, Any] = _field(obj, "metadata.labels", dict, {})
+    for key, value in labels.items():
+        _text(key, "metadata.labels")
+        if not isinstance(value, str):
+            raise Malformed(f"metadata.labels[{key!r}]: expected str, got {_type(value)}")
+        _text(value, f"metadata.labels[{key!r}]")
+    return labels
 
 
 def _ip(text: Any, path: str) -> IPAddress:
+    """An address from its text. Only from text: ipaddress also makes one of an int (and
+    of True), which no API object holds where an address belongs."""
+    if not isinstance(text, str):
+        raise Malformed(f"{path}: expected an IP address string, got {_type(text)}")
     try:
         return plain_ip(ipaddress.ip_address(text))
     except ValueError:
         raise Malformed(f"{path}: {text!r} is not an IP address") from None
+
+
+def _port(value: Any, path: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise Malformed(f"{path}: expected a port number, got {_type(value)}")
+    if not 1 <= value <= 65535:
+        raise Malformed(f"{path}: {value} is not a port (1-65535)")
+    return value
 
 
 def _timestamp(text: str | None) -> float:
@@ -112,7 +149,7 @@ def _timestamp(text: str | None) -> float:
         return 0.0
     try:
         return datetime.datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
-    except ValueError:
+    except (ValueError, OverflowError):
         raise Malformed(f"metadata.creationTimestamp: {text!r} is not a time") from None
 
 
@@ -120,10 +157,15 @@ def _timestamp(text: str | None) -> float:
 
 
 def _controller(obj: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """The controller's reference, its name checked: it may become the workload label."""
     refs = _field(obj, "metadata.ownerReferences", list, [])
-    for ref in refs:
+    for i, ref in enumerate(refs):
         if isinstance(ref, dict) and ref.get("controller") is True:
+            _field(ref, "name", str)
+            _field(ref, "kind", str)
             return ref
+        if not isinstance(ref, dict):
+            raise Malformed(f"metadata.ownerReferences[{i}]: expected an object, got {_type(ref)}")
     return None
 
 
@@ -216,16 +258,21 @@ def parse_pod(obj: Any, naming: Naming) -> Pod:
 # -- services and endpoint slices -----------------------------------------------------------
 
 
-def _tcp(entry: Mapping[str, Any]) -> bool:
-    return bool(entry.get("protocol", "TCP") == "TCP")
+def _tcp(entry: Any, path: str) -> bool:
+    if not isinstance(entry, dict):
+        raise Malformed(f"{path}: expected an object, got {_type(entry)}")
+    return bool(_field(entry, "protocol", str, "TCP") == "TCP")
 
 
-def _target_port(value: Any, port: int) -> int:
+def _target_port(value: Any, port: int, path: str) -> int:
     """The numeric target port; 0 for a named one (only the EndpointSlices resolve those,
     and lookups by target port go through them)."""
     if value is None:
         return port
-    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+    if isinstance(value, str):
+        _text(value, path)
+        return 0
+    return _port(value, path)
 
 
 def parse_service(obj: Any, naming: Naming) -> Service:
@@ -235,17 +282,17 @@ def parse_service(obj: Any, naming: Naming) -> Service:
         raise Malformed("not an object")
     name = _required(obj, "metadata.name")
     namespace = _required(obj, "metadata.namespace")
-    ips = _field(obj, "spec.clusterIPs", list, []) or [_field(obj, "spec.clusterIP", str, "")]
-    vips = tuple(
-        _ip(ip, f"spec.clusterIPs[{i}]") for i, ip in enumerate(ips) if ip and ip != "None"
-    )
+    path = "spec.clusterIPs"
+    ips = _field(obj, path, list, [])
+    if not ips:
+        path, ips = "spec.clusterIP", [_field(obj, "spec.clusterIP", str, "")]
+    vips = tuple(_ip(ip, f"{path}[{i}]") for i, ip in enumerate(ips) if ip != "" and ip != "None")
     ports = []
     for i, entry in enumerate(_field(obj, "spec.ports", list, [])):
-        if isinstance(entry, dict) and _tcp(entry):
-            port = _field(entry, "port", int)
-            if port is None:
-                raise Malformed(f"spec.ports[{i}].port: missing")
-            ports.append(ServicePort(port, _target_port(entry.get("targetPort"), port)))
+        if _tcp(entry, f"spec.ports[{i}]"):
+            port = _port(entry.get("port"), f"spec.ports[{i}].port")
+            target = _target_port(entry.get("targetPort"), port, f"spec.ports[{i}].targetPort")
+            ports.append(ServicePort(port, target))
     return Service(
         name=name,
         namespace=sys.intern(namespace),
@@ -266,10 +313,11 @@ def parse_endpoint_slice(obj: Any) -> Endpoints:
             raise Malformed(f"endpoints[{i}]: expected an object")
         for j, text in enumerate(_field(endpoint, "addresses", list, [])):
             addresses.append(ip_key(_ip(text, f"endpoints[{i}].addresses[{j}]")))
+    # A null port means "all ports", which names no port: left out.
     ports = [
-        _field(entry, "port", int)
-        for entry in _field(obj, "ports", list, [])
-        if isinstance(entry, dict) and _tcp(entry)
+        _port(entry["port"], f"ports[{i}].port")
+        for i, entry in enumerate(_field(obj, "ports", list, []))
+        if _tcp(entry, f"ports[{i}]") and entry.get("port") is not None
     ]
     namespace = sys.intern(_required(obj, "metadata.namespace"))
     return Endpoints(
@@ -277,5 +325,22 @@ def parse_endpoint_slice(obj: Any) -> Endpoints:
         name=_required(obj, "metadata.name"),
         service=(namespace, _labels(obj).get("kubernetes.io/service-name", "")),
         addresses=tuple(dict.fromkeys(addresses)),
-        ports=tuple(sorted({p for p in ports if p is not None})),
+        ports=tuple(sorted(set(ports))),
     )
+
+
+# -- keys of deleted objects ----------------------------------------------------------------
+
+
+def pod_key(obj: Any) -> str:
+    """The key a deleted pod is known by in the cache: its uid."""
+    if not isinstance(obj, dict):
+        raise Malformed("not an object")
+    return _required(obj, "metadata.uid")
+
+
+def namespaced_key(obj: Any) -> tuple[str, str]:
+    """The key a deleted Service or EndpointSlice is known by: (namespace, name)."""
+    if not isinstance(obj, dict):
+        raise Malformed("not an object")
+    return (_required(obj, "metadata.namespace"), _required(obj, "metadata.name"))

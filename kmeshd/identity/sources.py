@@ -24,7 +24,7 @@ from kmeshd.identity.cache import APISERVER, KUBELET, PODS, IdentityCache
 from kmeshd.identity.client import Client
 from kmeshd.identity.inventory import load_inventory
 from kmeshd.identity.kubeconfig import apiserver_credentials
-from kmeshd.identity.model import Identities, IdentityView
+from kmeshd.identity.model import Identities, IdentityView, SourcesUp
 from kmeshd.identity.objects import Naming
 from kmeshd.identity.updates import SourceState, Update, apply
 
@@ -56,6 +56,10 @@ class StaticSource:
 
     def up(self) -> dict[str, bool]:
         return {"inventory": True}
+
+    def rejected(self) -> dict[tuple[str, str], int]:
+        """The inventory is checked whole, at load: nothing is skipped at run time."""
+        return {}
 
     def status(self) -> str:
         return "identities from the inventory"
@@ -153,12 +157,18 @@ class KubernetesSource:
             time.sleep(0.05)
         self.refresh(time.monotonic())
 
-    def up(self) -> dict[str, bool]:
-        """source -> whether the last sync of each of its resources worked."""
+    def up(self) -> SourcesUp:
+        """source -> whether the last sync of each of its resources worked; with the
+        counts of rejected objects, which the publish exports next to it."""
         result: dict[str, bool] = {}
         for (source, _resource), error in self.states.items():
             result[source] = result.get(source, True) and error == ""
-        return result
+        return SourcesUp(result, self.rejected())
+
+    def rejected(self) -> dict[tuple[str, str], int]:
+        """(source, resource) -> objects skipped as not valid so far (kept across a
+        reload); 0 for each resource a configured source syncs, so alerts can use it."""
+        return {key: self.cache.rejected.get(key, 0) for key in self.states}
 
     def status(self) -> str:
         """For STATUS= and the start-up log: what is in, what is missing and why."""
