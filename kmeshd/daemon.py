@@ -247,7 +247,7 @@ class Daemon:
 
     def publish(self) -> None:
         assert self.publisher is not None, "startup() first"
-        self.publisher.publish(self.source.view(), self.source.up())
+        self.publisher.publish(self.source.view(), self.source.up(), self.source.rejected())
         self._tell_sources()
 
     def _tell_sources(self) -> None:

@@ -18,10 +18,9 @@ from kmeshd.aggregate import Ledger
 from kmeshd.export.http import MetricsServer
 from kmeshd.export.metrics import Health, SinkHealth
 from kmeshd.export.textfile import Textfile
-from kmeshd.identity.model import SourcesUp
 from kmeshd.kernel.layout import Stat
 from kmeshd.known import KnownAddresses
-from kmeshd.supervise import LOOP_STEPS, Guard
+from kmeshd.supervise import LOOP_STEPS, RESTARTS, Guard
 
 
 class KernelMaps(NamedTuple):
@@ -42,6 +41,7 @@ def daemon_health(
     maps: KernelMaps,
     unseen_closes: int,
     sources: Mapping[str, bool],
+    rejected: Mapping[tuple[str, str], int] | None = None,
     last_publish: float,
     publish_seconds: float,
     state_failures: int | None = None,
@@ -50,7 +50,6 @@ def daemon_health(
 ) -> Health:
     """`stats`: the probe's counters."""
     errors = guard.errors if guard is not None else Counter[str]()
-    threads = {"metrics-http": server.restarts} if server is not None else {}
     sinks = [SinkHealth(s.name, s.up, feed.sinks.dropped(s)) for s in feed.sinks.sinks]
     if textfile is not None:
         sinks.append(SinkHealth("textfile", textfile.up, None))
@@ -74,7 +73,7 @@ def daemon_health(
         textfile_failures=textfile.failures if textfile is not None else None,
         state_failures=state_failures,
         sources=sources,
-        objects_rejected=sources.rejected if isinstance(sources, SourcesUp) else {},
+        objects_rejected=rejected or {},
         last_publish=last_publish,
         publish_seconds=publish_seconds,
         textfile_write_seconds=textfile.write_seconds if textfile is not None else None,
@@ -86,7 +85,7 @@ def daemon_health(
         flow_generations=maps.generations,
         publish_errors=errors["publish"],
         loop_errors={step: errors[step] for step in LOOP_STEPS},
-        thread_restarts=threads,
+        thread_restarts=dict(RESTARTS),
         records_failed=feed.failed,
         http_refused=server.refused if server is not None else None,
     )

@@ -102,9 +102,15 @@ class Publisher:
         self.seconds = 0.0  # how long it took
         self.body = Body()  # what it rendered
 
-    def publish(self, view: IdentityView, sources_up: Mapping[str, bool]) -> None:
+    def publish(
+        self,
+        view: IdentityView,
+        sources_up: Mapping[str, bool],
+        rejected: Mapping[tuple[str, str], int] | None = None,
+    ) -> None:
         """Fold what the kernel counted since the last publish under `view`'s identities,
-        and hand the rendering to /metrics and the textfile."""
+        and hand the rendering to /metrics and the textfile. `sources_up` and `rejected`
+        (objects the identity sources skipped, by source and resource) are exported."""
         started = now = self._clock.monotonic()
         probe, ledger = self._probe, self.ledger
         probe.sweep(self._sweep_failed)
@@ -131,7 +137,7 @@ class Publisher:
         self._watch_overflow()
         self.last = self._clock.time()
         maps = KernelMaps(entries - len(old), probe.flows_capacity, self.generations)
-        self._render(stats, maps, sources_up)
+        self._render(stats, maps, sources_up, rejected or {})
         self.seconds = self._clock.monotonic() - started
 
     def restore(self) -> None:
@@ -195,7 +201,11 @@ class Publisher:
         release_freed_memory()
 
     def _render(
-        self, stats: dict[Stat, int], maps: KernelMaps, sources: Mapping[str, bool]
+        self,
+        stats: dict[Stat, int],
+        maps: KernelMaps,
+        sources: Mapping[str, bool],
+        rejected: Mapping[tuple[str, str], int],
     ) -> None:
         health = daemon_health(
             stats,
@@ -206,6 +216,7 @@ class Publisher:
             maps=maps,
             unseen_closes=self.unseen_closes,
             sources=sources,
+            rejected=rejected,
             last_publish=self.last,
             publish_seconds=self.seconds,
             state_failures=self.save_failures if self.state is not None else None,

@@ -28,6 +28,9 @@ log = logging.getLogger("kmeshd")
 T = TypeVar("T")
 
 LOOP_STEPS = ("drain", "identities", "reload")  # the main loop's steps, publish aside
+# thread name -> restarts, for the whole process (kmeshd_thread_restarts_total): a thread
+# replaced at a reload keeps its count, so the counter never goes back.
+RESTARTS: collections.Counter[str] = collections.Counter()
 HEALTHY_S = 60.0  # a thread that ran this long before failing starts its backoff afresh
 
 
@@ -53,6 +56,7 @@ class Supervised:
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
     def start(self) -> Supervised:
+        RESTARTS[self.name] += 0  # exported from the start, at 0
         self._thread.start()
         return self
 
@@ -76,6 +80,7 @@ class Supervised:
 
     def _failed(self, exc: Exception | None) -> None:
         self.restarts += 1
+        RESTARTS[self.name] += 1
         if not self._complaints.ready():
             return
         what = "stopped" if exc is None else f"failed: {exc!r}"

@@ -233,3 +233,13 @@ def test_the_series_of_a_deleted_pod_leave_after_its_grace_and_series_ttl() -> N
     assert 'source_workload="sleep"' not in text
     assert one(text, "kmesh_tcp_workload_received_bytes_total", source_workload="sleep2") == 10
     assert one(text, "kmeshd_series_expired_total") == 2
+
+
+def test_the_sources_rejected_objects_are_exported_as_counted() -> None:
+    probe, clock = FakeProbe(), FakeClock()
+    pub = publisher(probe, clock)
+    pub.publish(IDS, {"apiserver": True}, {("apiserver", "pods"): 2, ("kubelet", "pods"): 0})
+    text = scraped(pub)
+    name = "kmeshd_identity_objects_rejected_total"
+    assert one(text, name, source="apiserver", resource="pods") == 2
+    assert one(text, name, source="kubelet", resource="pods") == 0

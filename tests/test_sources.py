@@ -266,7 +266,7 @@ def test_rejected_objects_are_counted_per_source_and_resource(setup: Setup) -> N
         until(source, lambda: source.rejected()[("apiserver", "pods")] == 1)
         up = source.up()
         assert up == {"apiserver": True, "kubelet": True}
-        text = health_text(Health(objects_rejected=getattr(up, "rejected", {})))
+        text = health_text(Health(objects_rejected=source.rejected()))
         assert (
             'kmeshd_identity_objects_rejected_total{resource="pods",source="apiserver"} 1.0' in text
         )

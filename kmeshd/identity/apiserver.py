@@ -57,6 +57,7 @@ from kmeshd.identity.updates import (
     Update,
 )
 from kmeshd.ratelimit import LOG_EVERY_S, Throttle
+from kmeshd.supervise import Supervised
 
 log = logging.getLogger("kmeshd")
 
@@ -413,5 +414,6 @@ def start_watchers(
     """One watcher thread per resource."""
     watchers = [Watcher(client, r, naming, out, stop) for r in RESOURCES]
     for w in watchers:
-        threading.Thread(target=w.run, name=f"apiserver-{w.resource.name}", daemon=True).start()
+        # run() survives its own failures; Supervised is the net under that net.
+        Supervised(f"apiserver-{w.resource.name}", w.run, stop).start()
     return watchers

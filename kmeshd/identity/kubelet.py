@@ -20,6 +20,7 @@ from kmeshd.identity.client import ApiError, Client, printable
 from kmeshd.identity.objects import Malformed, Naming, Pod, parse_pod
 from kmeshd.identity.updates import Crashes, Listed, Rejected, SourceState, Update
 from kmeshd.ratelimit import LOG_EVERY_S, Throttle
+from kmeshd.supervise import Supervised
 
 log = logging.getLogger("kmeshd")
 
@@ -105,5 +106,5 @@ def start_poller(
     client: Client, naming: Naming, interval: float, out: queue.Queue[Update], stop: threading.Event
 ) -> Poller:
     poller = Poller(client, naming, interval, out, stop)
-    threading.Thread(target=poller.run, name="kubelet", daemon=True).start()
+    Supervised("kubelet", poller.run, stop).start()  # run() survives its own failures
     return poller

@@ -8,7 +8,6 @@ never v4-mapped, so a lookup of what the kernel reports is one dict access.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -111,17 +110,6 @@ class IdentityView(Protocol):
 
     def knows(self, name: Name) -> bool:
         """Whether an identity of this name is known (alive, or dead within its grace)."""
-
-
-class SourcesUp(dict[str, bool]):
-    """source -> whether its last sync worked, as the daemon hands it to each publish; and
-    `rejected`: (source, resource) -> objects it skipped as not valid, so far."""
-
-    def __init__(
-        self, up: Mapping[str, bool], rejected: Mapping[tuple[str, str], int] | None = None
-    ) -> None:
-        super().__init__(up)
-        self.rejected = dict(rejected or {})
 
 
 Name = tuple[str, ...]

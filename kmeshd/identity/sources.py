@@ -24,7 +24,7 @@ from kmeshd.identity.cache import APISERVER, KUBELET, PODS, IdentityCache
 from kmeshd.identity.client import Client
 from kmeshd.identity.inventory import load_inventory
 from kmeshd.identity.kubeconfig import apiserver_credentials
-from kmeshd.identity.model import Identities, IdentityView, SourcesUp
+from kmeshd.identity.model import Identities, IdentityView
 from kmeshd.identity.objects import Naming
 from kmeshd.identity.updates import SourceState, Update, apply
 
@@ -157,13 +157,12 @@ class KubernetesSource:
             time.sleep(0.05)
         self.refresh(time.monotonic())
 
-    def up(self) -> SourcesUp:
-        """source -> whether the last sync of each of its resources worked; with the
-        counts of rejected objects, which the publish exports next to it."""
+    def up(self) -> dict[str, bool]:
+        """source -> whether the last sync of each of its resources worked."""
         result: dict[str, bool] = {}
         for (source, _resource), error in self.states.items():
             result[source] = result.get(source, True) and error == ""
-        return SourcesUp(result, self.rejected())
+        return result
 
     def rejected(self) -> dict[tuple[str, str], int]:
         """(source, resource) -> objects skipped as not valid so far (kept across a
