@@ -55,7 +55,7 @@ pytest:
 
 # Property-based tests at length: FUZZ_EXAMPLES inputs per target, random each run (the
 # check profile is fixed and small). `--hypothesis-show-statistics` gives what each tried.
-FUZZ_EXAMPLES ?= 20000
+FUZZ_EXAMPLES ?= 5000
 fuzz: venv
 	KMESHD_FUZZ=$(FUZZ_EXAMPLES) $(VENV)/bin/python -m pytest -q -p no:cacheprovider \
 		--hypothesis-show-statistics tests/test_fuzz_*.py $(PYTEST_ARGS)
