@@ -88,11 +88,11 @@ man/%: man/%.scd man/tidy.py
 # the unit, tmpfiles and logrotate files of systemd/ beside it.
 deb: $(DEB)
 
-DEB_SOURCES := pyproject.toml README.md $(shell find kmeshd bpf etc -type f -not -path '*/__pycache__/*') \
+DEB_SOURCES := pyproject.toml README.md $(shell find kmeshd bpf etc packaging/share -type f -not -path '*/__pycache__/*') \
 	$(wildcard packaging/debian/* packaging/debian/*/*) $(wildcard systemd/*) $(MAN_PAGES)
 $(DEB): $(DEB_SOURCES) | host-deps
 	rm -rf build/deb && mkdir -p build/deb/kmeshd
-	tar -c --exclude=__pycache__ pyproject.toml README.md kmeshd bpf etc $(MAN_PAGES) \
+	tar -c --exclude=__pycache__ pyproject.toml README.md kmeshd bpf etc packaging/share $(MAN_PAGES) \
 		| tar -x -C build/deb/kmeshd
 	cp -a packaging/debian build/deb/kmeshd/debian
 	cp systemd/kmeshd.service systemd/kmeshd.tmpfiles systemd/kmeshd.logrotate \

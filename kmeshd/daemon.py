@@ -144,6 +144,7 @@ class Daemon:
             cfg.bpf.flow_expiry,
             state,
             self.guard,
+            cfg.metrics.interval,
         )
         self.publisher.restore()
         if self._stop:  # a stop signal came while bcc compiled: shutdown() takes over
@@ -202,6 +203,7 @@ class Daemon:
         ledger.policy = m.connection_security_policy
         ledger.max_series, ledger.series_ttl = m.max_series, m.series_ttl
         self.publisher.flow_expiry = cfg.bpf.flow_expiry
+        self.publisher.interval = m.interval
 
     def _listening(self) -> str:
         return f"/metrics on {self.config.metrics.listen}" if self.http else "no /metrics listener"

@@ -76,6 +76,7 @@ class Publisher:
         flow_expiry: float,
         state: Path | None = None,
         guard: Guard | None = None,
+        interval: float = 0.0,
     ) -> None:
         self.ledger = ledger
         self.guard = guard or Guard(clock.monotonic)  # the main loop's failures, exported
@@ -83,6 +84,7 @@ class Publisher:
         self.server = server
         self.textfile = textfile
         self.flow_expiry = flow_expiry
+        self.interval = interval  # metrics.interval, exported for the no-publish alert
         self._probe = probe
         self._exposition = Exposition(ledger.slots)
         self._feed = feed
@@ -219,6 +221,7 @@ class Publisher:
             rejected=rejected,
             last_publish=self.last,
             publish_seconds=self.seconds,
+            publish_interval=self.interval,
             state_failures=self.save_failures if self.state is not None else None,
             guard=self.guard,
             server=self.server,

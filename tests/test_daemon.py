@@ -364,3 +364,18 @@ def test_a_reload_that_raises_still_says_ready_and_is_counted(
         "READY=1\nSTATUS=running; identities from the inventory;"
         " reload failed: running the previous config"
     )
+
+
+def test_the_publish_interval_is_exported_and_follows_a_reload(host: Host) -> None:
+    """kmeshd_publish_interval_seconds is metrics.interval, as the KmeshdNotPublishing
+    alert needs it, and a reload's new interval replaces it."""
+    daemon = host.daemon()
+    daemon.startup()
+    daemon.publish()
+    before = value(parse_metrics(host.scrape()), "kmeshd_publish_interval_seconds")
+    host.write_config(interval="2.5s")
+    daemon.reload()
+    daemon.publish()
+    after = value(parse_metrics(host.scrape()), "kmeshd_publish_interval_seconds")
+    daemon.shutdown()
+    assert (before, after) == (1.0, 2.5)

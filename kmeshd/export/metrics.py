@@ -39,6 +39,7 @@ class Health:
     objects_rejected: Mapping[tuple[str, str], int] = field(default_factory=dict)
     last_publish: float = 0.0
     publish_seconds: float = 0.0
+    publish_interval: float = 0.0  # metrics.interval: what an alert on the last publish needs
     textfile_write_seconds: float | None = None  # the last write; None: no textfile
     series: Mapping[str, int] = field(default_factory=dict)  # level -> label sets now
     series_overflow: Mapping[str, int] = field(default_factory=dict)  # level -> folded
@@ -158,6 +159,11 @@ def _health(h: Health) -> Iterator[Metric]:
         "kmeshd_last_publish_timestamp_seconds",
         "When metrics were last published (Unix time)",
         value=h.last_publish,
+    )
+    yield GaugeMetricFamily(
+        "kmeshd_publish_interval_seconds",
+        "How often metrics are published (metrics.interval)",
+        value=h.publish_interval,
     )
     yield GaugeMetricFamily(
         "kmeshd_publish_duration_seconds",
