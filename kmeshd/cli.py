@@ -118,6 +118,7 @@ def read_config(path: Path | None) -> Config:
 def check_config(path: Path | None) -> int:
     """Every problem of the config and of the inventory (or credentials) it names, at once;
     the identity source is checked only where the config's own keys for it are valid."""
+    from kmeshd.export.webaccess import open_access
     from kmeshd.identity.sources import check_source
 
     config, problems = load_config_leniently(path or DEFAULT_CONFIG_PATH, explicit=path is not None)
@@ -126,6 +127,10 @@ def check_config(path: Path | None) -> int:
             check_source(config)
         except ConfigError as exc:
             problems.lines.extend(exc.problems)
+    try:
+        open_access(config)  # metrics.web_config and the certificates it names
+    except ConfigError as exc:
+        problems.lines.extend(exc.problems)
     problems.raise_if_any()
     print(f"{config.path}: ok")
     return EX_OK
