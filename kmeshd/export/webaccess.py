@@ -184,10 +184,11 @@ def _no_password() -> str:
 def _chain_problem(tls: TlsServerConfig, path: Path, e: ssl.SSLError) -> str:
     if e.reason == "KEY_VALUES_MISMATCH":
         return f"{_where(path, tls.key, 'key')}: does not match the certificate (cert_file)"
-    cert_text = _peek(tls.cert)
-    if "-----BEGIN CERTIFICATE-----" not in cert_text:
+    if "-----BEGIN CERTIFICATE-----" not in _peek(tls.cert):
         return f"{_where(path, tls.cert, 'cert')}: holds no PEM certificate"
-    return f"{_where(path, tls.key, 'key')}: not a usable PEM private key ({e.reason or e})"
+    if "PRIVATE KEY-----" not in _peek(tls.key):
+        return f"{_where(path, tls.key, 'key')}: holds no PEM private key"
+    return f"{_where(path, tls.key, 'key')}: cannot load the certificate and key: {e}"
 
 
 def _peek(pem: Pem) -> str:

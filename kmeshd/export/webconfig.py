@@ -151,10 +151,10 @@ def read_web_config(path: Path) -> str:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK)
     except OSError as e:
         raise ConfigError([f"{path}: cannot read: {e.strerror} (metrics.web_config)"]) from e
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ConfigError([f"{path}: not a regular file (metrics.web_config names a file)"])
     with os.fdopen(fd, "rb") as f:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise ConfigError([f"{path}: not a regular file (metrics.web_config names a file)"])
         data = f.read(MAX_BYTES + 1)
     if len(data) > MAX_BYTES:
         raise ConfigError([f"{path}: larger than {MAX_BYTES} bytes: not a web config file"])
@@ -229,7 +229,7 @@ def _tls(doc: Table, base: Path) -> TlsServerConfig | None:
         _no_tls(t, auth, client_ca, sans)
         return None
     for name, value in (("cert", cert), ("key", key)):
-        if not value:
+        if not value and not t.has(f"{name}_file"):  # a wrong type is a problem already
             t.problem(f"{name}_file", f"missing: tls_server_config needs {name}_file")
     low, high = _version(t, "min_version", "TLS12"), _version(t, "max_version", "TLS13")
     if VERSIONS.index(low) > VERSIONS.index(high):
@@ -337,7 +337,7 @@ def _ciphers(t: Table) -> tuple[str, ...]:
                 chosen.append(CIPHER_SUITES[name])
         elif name in INSECURE_SUITES:
             t.problems.add(
-                key, f"{quote(name)} is insecure: choose a suite without RC4, 3DES or CBC-SHA256"
+                key, f"{quote(name)} is insecure: choose an AES-GCM or CHACHA20 suite"
             )
         elif name not in TLS13_SUITES:
             example = "TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256"
