@@ -56,3 +56,14 @@ def test_a_default_directory_is_created_readable_by_others(tmp_path: Path) -> No
         os.umask(old)
     for directory in (textfile.parent, textfile.parent.parent):
         assert (directory.stat().st_mode & 0o777) == 0o755
+
+
+def test_the_access_logs_default_directory_is_created_0750(tmp_path: Path) -> None:
+    """Group adm's and root's only: records name addresses and workloads."""
+    log = tmp_path / "log" / "kmeshd" / "accesslog.json"
+    old = os.umask(0o077)
+    try:
+        prepare_directory(log, False, Path("/etc/kmeshd/kmeshd.toml"), "accesslog.file", 0o750)
+    finally:
+        os.umask(old)
+    assert [d.stat().st_mode & 0o777 for d in (log.parent, log.parent.parent)] == [0o750, 0o755]
