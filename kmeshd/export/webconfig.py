@@ -336,9 +336,7 @@ def _ciphers(t: Table) -> tuple[str, ...]:
             if CIPHER_SUITES[name] not in chosen:
                 chosen.append(CIPHER_SUITES[name])
         elif name in INSECURE_SUITES:
-            t.problems.add(
-                key, f"{quote(name)} is insecure: choose an AES-GCM or CHACHA20 suite"
-            )
+            t.problems.add(key, f"{quote(name)} is insecure: choose an AES-GCM or CHACHA20 suite")
         elif name not in TLS13_SUITES:
             example = "TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256"
             t.problems.add(key, f"{quote(name)} is not a cipher suite (use Go's names: {example})")
