@@ -15,6 +15,7 @@ hostile input: a regular file, at most MAX_BYTES, YAML errors as one line naming
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import re
 import stat
@@ -167,17 +168,25 @@ def read_web_config(path: Path) -> str:
 
 def parse_web_config(text: str, path: Path) -> WebConfig:
     """The validated web config in `text` (the file at `path`, which relative paths in it
-    are relative to, as in exporter-toolkit); ConfigError with every problem found."""
+    are relative to, as in exporter-toolkit); ConfigError with every problem found, each
+    one line."""
+    try:
+        return _parse(text, path)
+    except ConfigError as e:
+        # A key may hold any character, a newline too: the journal gets one line each.
+        raise ConfigError([_one_line(problem) for problem in e.problems]) from e
+
+
+def _parse(text: str, path: Path) -> WebConfig:
     problems = Problems(path)
     doc = Table(_parse_yaml(text, path), "", problems, _TOP_KEYS, describe_yaml)
-    config = WebConfig(
-        path,
-        _tls(doc, path.parent),
-        _users(doc),
-        _headers(doc),
-    )
+    config = WebConfig(path, _tls(doc, path.parent), _users(doc), _headers(doc))
     problems.raise_if_any()
     return config
+
+
+def _one_line(text: str) -> str:
+    return "".join(c if c.isprintable() else json.dumps(c)[1:-1] for c in text)
 
 
 _TOP_KEYS = ("basic_auth_users", "http_server_config", "rate_limit", "tls_server_config")
