@@ -150,6 +150,11 @@ def test_secured_means_a_scraper_must_prove_who_it_is(text: str, secured: bool) 
             "tls: unknown table (known: basic_auth_users, http_server_config,"
             " rate_limit, tls_server_config)",
         ),
+        (  # a key with a newline: the problem stays one line
+            '"a\\nb": 1\n',
+            "a\\nb: unknown key (known: basic_auth_users, http_server_config, rate_limit,"
+            " tls_server_config)",
+        ),
         (
             "rate_limit:\n  interval: 1s\n",
             "rate_limit: is not supported: remove it (kmeshd serves 64 scrapes at most)",
