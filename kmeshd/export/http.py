@@ -166,7 +166,13 @@ class _Server(ThreadingHTTPServer):
             super().finish_request(request, client_address)
             return
         request.settimeout(_Handler.timeout)
-        conn = access.context.wrap_socket(request, server_side=True, do_handshake_on_connect=False)
+        try:
+            conn = access.context.wrap_socket(
+                request, server_side=True, do_handshake_on_connect=False
+            )
+        except OSError:  # gone already
+            self.rejected += 1
+            return
         try:
             if self._handshake(conn, access):
                 super().finish_request(conn, client_address)
@@ -192,8 +198,8 @@ class _Server(ThreadingHTTPServer):
     def handle_error(self, request: Any, client_address: Any) -> None:
         """A request that raised: logged (throttled) with its traceback, not printed."""
         exc = sys.exc_info()[1]
-        if isinstance(exc, ConnectionError | TimeoutError):
-            return  # the client went away or stalled: its business
+        if isinstance(exc, ConnectionError | TimeoutError | ssl.SSLError):
+            return  # the client went away, stalled or broke its TLS: its business
         self.failed += 1
         if self._complaints.ready():
             log.error("a /metrics request from %s failed: %r", client_address, exc, exc_info=exc)
