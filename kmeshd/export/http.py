@@ -161,7 +161,7 @@ class _Server(ThreadingHTTPServer):
 
     def finish_request(self, request: Any, client_address: Any) -> None:
         """In the connection's own thread: the TLS handshake, if any, then the request."""
-        access = self.access  # one Access for the whole connection, even across a reload
+        access = self.access  # taken once: a reload mid-handshake mixes no two contexts
         if access.context is None:
             super().finish_request(request, client_address)
             return
