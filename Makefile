@@ -15,7 +15,7 @@ KVER := $(shell uname -r)
 
 # Debian packages: runtime (the versions the .deb depends on) and what the tests drive for real.
 DEBS_RUNTIME := python3-bpfcc python3-prometheus-client python3-sdnotify python3-pythonjsonlogger \
-	python3-requests python3-yaml python3-venv linux-headers-amd64
+	python3-requests python3-yaml python3-bcrypt python3-venv linux-headers-amd64
 DEBS_TEST := bpftool iproute2 iptables prometheus prometheus-node-exporter systemd gcc make openssl \
 	procps scdoc mandoc man-db python3-hypothesis
 # What `make deb` needs, and the booted-systemd test around the package.

@@ -155,6 +155,7 @@ def host_problems(config: Config, bad_keys: list[str]) -> tuple[list[str], list[
     the kernel, found without changing anything: the files it writes can be written, the
     cgroup is one, the pin directory is on a bpf filesystem. Keys in `bad_keys` already
     have a problem: their stand-in defaults are not checked."""
+    from kmeshd.export.webaccess import open_access
     from kmeshd.files import writable_problem
     from kmeshd.kernel import cgroup, pins
 
@@ -172,6 +173,11 @@ def host_problems(config: Config, bad_keys: list[str]) -> tuple[list[str], list[
             problems.extend(exc.problems)
         except UnavailableError as exc:
             host.append(str(exc))
+    if "metrics.web_config" not in bad_keys:
+        try:
+            open_access(config)  # metrics.web_config and the certificates it names
+        except ConfigError as exc:
+            problems.extend(exc.problems)
     pin_dir = Path(config.bpf.pin_dir)
     if "bpf.pin_dir" not in bad_keys and not pins.is_bpffs(pin_dir):
         host.append(

@@ -78,6 +78,7 @@ class MetricsConfig:
     max_series: int = 20000  # label sets per level; past it, the overflow label set
     histograms: tuple[str, ...] = ()  # of HISTOGRAMS: each costs 20 lines per label set
     state_file: str = "/var/lib/kmeshd/counters.json.gz"  # counters for the next start; ""
+    web_config: str = ""  # TLS and basic auth for /metrics (export.webconfig); "" = neither
     textfile_explicit: bool = False  # set in the file: its directory must exist
     state_file_explicit: bool = False
 
@@ -286,6 +287,7 @@ def _metrics(t: Table, d: MetricsConfig) -> MetricsConfig:
         max_series=_count_within(t, "max_series", d.max_series, MAX_SERIES_RANGE),
         histograms=_histograms(t, d.histograms),
         state_file=t.parsed("state_file", d.state_file, _PATH_OR_OFF),
+        web_config=t.parsed("web_config", d.web_config, _PATH_OR_OFF),
         textfile_explicit=t.has("textfile"),
         state_file_explicit=t.has("state_file"),
     )

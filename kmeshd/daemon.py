@@ -36,6 +36,7 @@ from kmeshd.config import Config
 from kmeshd.errors import ConfigError
 from kmeshd.export.http import MetricsServer, open_listener
 from kmeshd.export.textfile import Textfile
+from kmeshd.export.webaccess import warn_if_exposed
 from kmeshd.files import prepare_directory
 from kmeshd.identity.model import Identities
 from kmeshd.identity.sources import SYNC_TIMEOUT_S, IdentitySource, StaticSource
@@ -303,6 +304,9 @@ class Daemon:
         if new.source is not None:
             self.source.close()
             self._use_source(new.source)
+        if self.http is not None:
+            self.http.use(new.access)
+            warn_if_exposed(self.http.address, new.access, new.config.metrics.listen)
         self.feed.limit(new.config.accesslog.max_rate)
         self._tune_probe(new.config)
         self._tune_publisher(new.config)

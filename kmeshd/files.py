@@ -187,16 +187,19 @@ def writable_problem(path: Path, explicit: bool, key: str) -> str | None:
     return None
 
 
-def prepare_directory(path: Path, explicit: bool, config_path: Path, key: str) -> None:
+def prepare_directory(
+    path: Path, explicit: bool, config_path: Path, key: str, mode: int = 0o755
+) -> None:
     """Create the directory of `path` when it is missing and the config left `key` at its
-    default; an explicit one must exist and be writable (ConfigError naming `key`)."""
+    default, with `mode` (its parents 0755); an explicit one must exist and be writable
+    (ConfigError naming `key`)."""
     if not path.parent.exists() and not explicit:
         missing = [d for d in (path.parent, *path.parent.parents) if not d.exists()]
         for directory in reversed(missing):
             directory.mkdir(exist_ok=True)
-            # 0755 whatever the umask (the unit sets 0077): node-exporter, another user,
-            # must reach the textfile.
-            directory.chmod(0o755)
+            # Whatever the umask (the unit sets 0077): 0755 lets node-exporter, another
+            # user, reach the textfile; the access log's 0750 keeps others out.
+            directory.chmod(mode if directory == path.parent else 0o755)
     problem = check_directory(path)
     if problem:
         raise ConfigError([f"{config_path}: {key}: {problem} (create it or change {key})"])

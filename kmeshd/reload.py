@@ -8,7 +8,8 @@ What it returns, a `Reload`, is then applied by the daemon, which cannot fail.
     applied at once      identity source and inventory, access-log sinks, accesslog.max_rate
                          and periodic, metrics.interval, connection_security_policy,
                          series_ttl and max_series, bpf.flow_expiry, bpf.live_updates
-                         turned off
+                         turned off, metrics.web_config (and the certificates, keys
+                         and users it names, read again whether or not it changed)
     after a restart      metrics.listen, metrics.histograms, bpf.cgroup, bpf.pin_dir,
                          bpf.max_flows, bpf.live_updates turned on by a daemon started
                          without it
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 from kmeshd.accesslog.sinks import Sink, open_sinks
 from kmeshd.config import Config, load_config
 from kmeshd.errors import ConfigError
+from kmeshd.export.webaccess import Access, open_access
 from kmeshd.identity.sources import IdentitySource, KubernetesSource
 
 SourceOpener = Callable[[Config, IdentitySource | None], IdentitySource]
@@ -55,11 +57,13 @@ class Reload:
     restart_keys: list[str]
     source: IdentitySource | None  # None: keep the running one (its settings did not change)
     sinks: list[Sink] | None  # None: keep the running sinks (reopened, for logrotate)
+    access: Access  # who may scrape /metrics: always read again (rotated certificates)
 
 
 def prepare(running: Config, source: IdentitySource, open_source: SourceOpener) -> Reload:
     """The running config's file, read again and opened; ConfigError changes nothing."""
     new = load_config(running.path, explicit=True)
+    access = open_access(new)  # first: it opens nothing that would need closing
     # The inventory is read again; Kubernetes sources are restarted only when their
     # settings changed, keeping the identities already known.
     keep = isinstance(source, KubernetesSource) and not identities_changed(running, new)
@@ -70,4 +74,4 @@ def prepare(running: Config, source: IdentitySource, open_source: SourceOpener) 
         if new_source is not None:
             new_source.close()
         raise
-    return Reload(new, needs_restart(running, new), new_source, sinks)
+    return Reload(new, needs_restart(running, new), new_source, sinks, access)

@@ -60,6 +60,28 @@ def test_check_config_reports_every_problem(tmp_path: Path) -> None:
     assert lines[1].startswith(f'{path}: metrics.interval: "5 s" is not a duration')
 
 
+def test_check_config_reports_web_config_problems(tmp_path: Path) -> None:
+    """metrics.web_config's file, and the certificate it names, are checked: exit 78."""
+    web = tmp_path / "web.yml"
+    web.write_text(
+        f"tls_server_config:\n  cert_file: {tmp_path}/none.crt\n  key_file: k.key\n"
+        "  min_version: TLS11\n"
+    )
+    path = config(tmp_path, f'[metrics]\nweb_config = "{web}"\n')
+    result = kmeshd("check-config", "--config", str(path))
+    assert result.returncode == 78
+    assert result.stderr.splitlines() == [
+        f'{web}: tls_server_config.min_version: "TLS11" is refused: this host\'s OpenSSL'
+        ' policy allows TLS 1.2 and 1.3 only (use "TLS12" or "TLS13")'
+    ]
+    web.write_text(web.read_text().replace("  min_version: TLS11\n", ""))
+    result = kmeshd("check-config", "--config", str(path))
+    assert (result.returncode, result.stderr) == (
+        78,
+        f"{web}: tls_server_config.cert_file: {tmp_path}/none.crt: does not exist\n",
+    )
+
+
 def bad_inventory(tmp_path: Path) -> Path:
     """Replace config()'s inventory with one whose address is no IP address."""
     inventory = tmp_path / "inventory.toml"

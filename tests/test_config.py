@@ -63,6 +63,7 @@ def test_empty_file_is_all_defaults() -> None:
         ("metrics.interval", 5.0),
         ("metrics.connection_security_policy", "unknown"),
         ("metrics.textfile_explicit", False),
+        ("metrics.web_config", ""),
         ("accesslog.file", "/var/log/kmeshd/accesslog.json"),
         ("accesslog.journald", True),
         ("accesslog.max_rate", 1000),
@@ -112,6 +113,11 @@ def test_default(key: str, expected: object) -> None:
             '[metrics]\nconnection_security_policy = "mutual_tls"',
             "metrics.connection_security_policy",
             "mutual_tls",
+        ),
+        (
+            '[metrics]\nweb_config = "/etc/kmeshd/web.yml"',
+            "metrics.web_config",
+            "/etc/kmeshd/web.yml",
         ),
         ('[accesslog]\nfile = "-"', "accesslog.file", "-"),
         ('[accesslog]\nfile = ""', "accesslog.file", ""),
@@ -240,7 +246,7 @@ F = f"{P}: "
 NOT_DURATION = "is not a duration (use a number with a unit: 250ms, 5s, 1m)"
 KNOWN_METRICS = (
     "(known: connection_security_policy, histograms, interval, listen, max_series,"
-    " series_ttl, state_file, textfile)"
+    " series_ttl, state_file, textfile, web_config)"
 )
 KNOWN_TABLES = "(known: accesslog, bpf, identity, kubernetes, metrics)"
 
@@ -268,6 +274,10 @@ KNOWN_TABLES = "(known: accesslog, bpf, identity, kubernetes, metrics)"
         (
             '[metrics]\nlisten = "15020"',
             'metrics.listen: "15020" has no port (use host:port, such as 127.0.0.1:15020)',
+        ),
+        (
+            '[metrics]\nweb_config = "web.yml"',
+            'metrics.web_config: "web.yml" is not an absolute path (or "" to disable)',
         ),
         (
             '[metrics]\ntextfile = "k.prom"',

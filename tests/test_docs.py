@@ -111,7 +111,7 @@ def test_every_config_key_is_documented() -> None:
         if f"*{key.split('.')[1]}* (" not in sections.get(key.split(".")[0], "")
     ]
     assert missing == []
-    assert len(config_keys()) == 28
+    assert len(config_keys()) == 29
 
 
 def documented(key: str) -> tuple[str, str]:

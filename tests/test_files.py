@@ -126,3 +126,13 @@ def test_writable_problem_writes_nothing(
     expected = problem.format(t=tmp_path) if problem else None
     assert writable_problem(tmp_path / setup, explicit, "k.x") == expected
     assert sorted(os.listdir(tmp_path)) == before
+
+def test_the_access_logs_default_directory_is_created_0750(tmp_path: Path) -> None:
+    """Group adm's and root's only: records name addresses and workloads."""
+    log = tmp_path / "log" / "kmeshd" / "accesslog.json"
+    old = os.umask(0o077)
+    try:
+        prepare_directory(log, False, Path("/etc/kmeshd/kmeshd.toml"), "accesslog.file", 0o750)
+    finally:
+        os.umask(old)
+    assert [d.stat().st_mode & 0o777 for d in (log.parent, log.parent.parent)] == [0o750, 0o755]

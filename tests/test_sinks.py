@@ -128,6 +128,22 @@ def test_a_new_file_is_created_0640(tmp_path: Path) -> None:
     assert stat.S_IMODE(path.stat().st_mode) == 0o640
 
 
+def test_a_new_file_is_0640_under_the_units_umask_and_an_old_one_keeps_its_mode(
+    tmp_path: Path,
+) -> None:
+    """The unit's UMask=0077 would make it 0600, which group adm could not read."""
+    path, old = tmp_path / "access.json", tmp_path / "old.json"
+    old.touch(mode=0o600)
+    mask = os.umask(0o077)
+    try:
+        FileSink(str(path)).close()
+        FileSink(str(old)).close()
+    finally:
+        os.umask(mask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640
+    assert stat.S_IMODE(old.stat().st_mode) == 0o600
+
+
 def test_reopen_after_logrotate_moved_the_file(tmp_path: Path) -> None:
     """After a rename and reopen(), new records go to a new file at the path."""
     path = tmp_path / "access.json"

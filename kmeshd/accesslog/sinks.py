@@ -117,7 +117,15 @@ class _LineWriter:
 
 
 def _open_0640(path: str, flags: int) -> int:
-    return os.open(path, flags | os.O_CLOEXEC, 0o640)
+    """Open, creating the file 0640 whatever the umask (the unit's is 0077): root writes,
+    group adm (Debian's log readers: the unit's Group=) reads, nobody else, for records
+    name addresses and workloads. An existing file keeps the mode it has."""
+    try:
+        fd = os.open(path, flags | os.O_CLOEXEC | os.O_EXCL, 0o640)
+    except FileExistsError:
+        return os.open(path, (flags & ~os.O_CREAT) | os.O_CLOEXEC)
+    os.fchmod(fd, 0o640)
+    return fd
 
 
 class FileSink:
@@ -445,7 +453,8 @@ def open_sinks(config: Config) -> list[Sink]:
     if config.accesslog.file:
         if config.accesslog.file != "-":
             path = Path(config.accesslog.file)
-            prepare_directory(path, config.accesslog.file_explicit, config.path, "accesslog.file")
+            explicit = config.accesslog.file_explicit
+            prepare_directory(path, explicit, config.path, "accesslog.file", mode=0o750)
         try:
             file_sink = FileSink(config.accesslog.file)
         except OSError as exc:

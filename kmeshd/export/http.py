@@ -7,6 +7,12 @@ as they are sent. Either way the process's own families (process_*, python_*, wh
 textfile leaves to node-exporter) follow, rendered at the scrape. A scrape never waits on
 a publish, nor a publish on a scrape. Binding happens in `open_listener`, so "address in
 use" is reported at start-up.
+
+metrics.web_config adds TLS, client certificates and basic auth (export.webaccess). The
+listening socket stays plain: each connection's TLS handshake happens in its own thread,
+under the client timeout, so a client that never finishes one holds one slot for
+CLIENT_TIMEOUT_S and stops no other scrape. What a connection must pass (an `Access`) is
+swapped whole on reload, without closing the listener.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import errno
 import gzip
 import logging
 import socket
+import ssl
 import sys
 import threading
 import zlib
@@ -32,6 +39,8 @@ from prometheus_client import (
 
 from kmeshd.config import Config, parse_listen
 from kmeshd.errors import ConfigError, UnavailableError
+from kmeshd.export.webaccess import Access, open_access, warn_if_exposed
+from kmeshd.export.webconfig import san_matches
 from kmeshd.ratelimit import LOG_EVERY_S, Throttle
 from kmeshd.supervise import Supervised
 
@@ -68,6 +77,11 @@ class _Handler(BaseHTTPRequestHandler):
     timeout = CLIENT_TIMEOUT_S
 
     def do_GET(self) -> None:
+        auth = self.server.access.auth
+        if auth is not None and not auth.allows(self.headers.get("Authorization")):
+            self.server.unauthorized += 1
+            self._unauthorized()
+            return
         body = self.server.body
         own = generate_latest(self.server.process)
         zipped = "gzip" in self.headers.get("Accept-Encoding", "")
@@ -90,6 +104,20 @@ class _Handler(BaseHTTPRequestHandler):
             data = inflate.unconsumed_tail
         self.wfile.write(own)
 
+    def _unauthorized(self) -> None:
+        text = b"Unauthorized\n"
+        self.send_response(401)
+        self.send_header("WWW-Authenticate", 'Basic realm="kmeshd"')
+        self.send_header("Content-Type", "text/plain; charset=utf-8")
+        self.send_header("Content-Length", str(len(text)))
+        self.end_headers()
+        self.wfile.write(text)
+
+    def end_headers(self) -> None:
+        for name, value in self.server.access.headers:  # http_server_config.headers
+            self.send_header(name, value)
+        super().end_headers()
+
     def log_message(self, format: str, *args: object) -> None:
         pass  # scrapes are not news
 
@@ -103,12 +131,15 @@ class _Server(ThreadingHTTPServer):
     request_queue_size = MAX_CLIENTS  # the listen backlog: a burst of scrapes waits in it
     body = Body()
     process = CollectorRegistry()
+    access = Access()
 
     def server_activate(self) -> None:
         super().server_activate()
         self.slots = threading.BoundedSemaphore(MAX_CLIENTS)
         self.refused = 0  # connections closed because MAX_CLIENTS were being served
         self.failed = 0  # requests that raised (a client gone mid-answer is not counted)
+        self.rejected = 0  # TLS handshakes that failed, client certificates not allowed
+        self.unauthorized = 0  # requests answered 401
         self._complaints = Throttle(LOG_EVERY_S)
 
     def process_request(self, request: Any, client_address: Any) -> None:
@@ -128,11 +159,47 @@ class _Server(ThreadingHTTPServer):
         finally:
             self.slots.release()
 
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        """In the connection's own thread: the TLS handshake, if any, then the request."""
+        access = self.access  # taken once: a reload mid-handshake mixes no two contexts
+        if access.context is None:
+            super().finish_request(request, client_address)
+            return
+        request.settimeout(_Handler.timeout)
+        try:
+            conn = access.context.wrap_socket(
+                request, server_side=True, do_handshake_on_connect=False
+            )
+        except OSError:  # gone already
+            self.rejected += 1
+            return
+        try:
+            if self._handshake(conn, access):
+                super().finish_request(conn, client_address)
+        finally:
+            self.shutdown_request(conn)  # the plain socket is detached: close this one
+
+    def _handshake(self, conn: ssl.SSLSocket, access: Access) -> bool:
+        """Whether the handshake succeeded and the client's certificate is allowed; a
+        failure is the client's business (no log: anyone can make one)."""
+        try:
+            conn.do_handshake()
+        except (OSError, ValueError):  # ssl.SSLError, a reset, a timeout
+            self.rejected += 1
+            return False
+        if access.allowed_sans:
+            cert = conn.getpeercert() or {}
+            sans = cert.get("subjectAltName", ())
+            if not san_matches(access.allowed_sans, sans):  # type: ignore[arg-type]
+                self.rejected += 1
+                return False
+        return True
+
     def handle_error(self, request: Any, client_address: Any) -> None:
         """A request that raised: logged (throttled) with its traceback, not printed."""
         exc = sys.exc_info()[1]
-        if isinstance(exc, ConnectionError | TimeoutError):
-            return  # the client went away or stalled: its business
+        if isinstance(exc, ConnectionError | TimeoutError | ssl.SSLError):
+            return  # the client went away, stalled or broke its TLS: its business
         self.failed += 1
         if self._complaints.ready():
             log.error("a /metrics request from %s failed: %r", client_address, exc, exc_info=exc)
@@ -145,12 +212,14 @@ class _Server6(_Server):
 class MetricsServer:
     """Serves the last Body handed to `publish` on host:port until close()."""
 
-    def __init__(self, host: str, port: int) -> None:
+    def __init__(self, host: str, port: int, access: Access | None = None) -> None:
         family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
         server_class = _Server6 if family == socket.AF_INET6 else _Server
         self._server = server_class((host, port), _Handler)
         self._server.process = process_registry()
+        self._server.access = access or Access()
         self.port = self._server.server_port
+        self.address = str(self._server.server_address[0])
         self._stop = threading.Event()
         self._thread = Supervised("metrics-http", self._serve, self._stop).start()
 
@@ -166,6 +235,15 @@ class MetricsServer:
     def refused(self) -> int:
         return self._server.refused
 
+    @property
+    def access(self) -> Access:
+        return self._server.access
+
+    def use(self, access: Access) -> None:
+        """Let connections in as `access` says from now on (reload); those in progress
+        finish under the one they started with."""
+        self._server.access = access
+
     def publish(self, body: Body) -> None:
         """Serve `body` from now on (scrapes in progress finish with the one they had)."""
         self._server.body = body
@@ -178,13 +256,17 @@ class MetricsServer:
 
 
 def open_listener(config: Config) -> MetricsServer | None:
-    """The listener `metrics.listen` asks for, bound; None when it is "". An address in use
-    is UnavailableError (exit 69), any other refusal a ConfigError naming the key."""
+    """The listener `metrics.listen` asks for, bound, with the TLS and auth of
+    metrics.web_config; None when it is "". An address in use is UnavailableError (exit 69),
+    any other refusal (a bad web config included) a ConfigError naming the key."""
     if not config.metrics.listen:
         return None
     host, port = parse_listen(config.metrics.listen)
+    access = open_access(config)
     try:
-        return MetricsServer(host, port)
+        server = MetricsServer(host, port, access)
+        warn_if_exposed(server.address, access, config.metrics.listen)
+        return server
     except OSError as exc:
         where = f"metrics.listen {config.metrics.listen}"
         if exc.errno == errno.EADDRINUSE:
