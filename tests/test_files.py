@@ -127,6 +127,7 @@ def test_writable_problem_writes_nothing(
     assert writable_problem(tmp_path / setup, explicit, "k.x") == expected
     assert sorted(os.listdir(tmp_path)) == before
 
+
 def test_the_access_logs_default_directory_is_created_0750(tmp_path: Path) -> None:
     """Group adm's and root's only: records name addresses and workloads."""
     log = tmp_path / "log" / "kmeshd" / "accesslog.json"

@@ -476,6 +476,31 @@ def test_package_contents(container: Container) -> None:
     assert textfile_dir.stat().st_mode & 0o777 == 0o755
 
 
+def test_dashboards_and_rules_are_installed_as_shipped(container: Container) -> None:
+    """/usr/share/kmeshd holds the Prometheus rules, their tests and the dashboards, byte
+    for byte as in the repository."""
+    share = REPO / "packaging" / "share"
+    shipped = sorted(p.relative_to(share) for p in share.rglob("*.y*ml"))
+    shipped += sorted(p.relative_to(share) for p in share.rglob("*.json"))
+    assert len(shipped) == 7
+    for path in shipped:
+        installed = container.root / "usr/share/kmeshd" / path
+        assert installed.read_bytes() == (share / path).read_bytes(), path
+
+
+def test_the_access_log_is_root_and_adms_and_the_textfile_everyones(
+    container: Container,
+) -> None:
+    """Records name addresses and workloads: the log and its directory are group adm's
+    (0640, 0750), as Debian keeps logs; node-exporter reads the textfile (0644)."""
+    log = container.root / "var/log/kmeshd/accesslog.json"
+    adm = int(container.sh("getent group adm | cut -d: -f3").stdout)
+    for path, mode in ((log.parent, 0o750), (log, 0o640)):
+        st = path.stat()
+        assert (st.st_mode & 0o777, st.st_uid, st.st_gid) == (mode, 0, adm), path
+    assert (container.root / TEXTFILE).stat().st_mode & 0o777 == 0o644
+
+
 def test_removing_the_package_stops_kmeshd(container: Container) -> None:
     """`apt-get remove`: the daemon stops and detaches; the config stays (conffiles)."""
     container.sh("systemctl start kmeshd", timeout=READY_WITHIN_S + 30)
