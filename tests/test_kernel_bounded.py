@@ -83,41 +83,60 @@ def test_a_flow_written_while_its_generation_is_retired_loses_nothing(
     tmp_path: Path, pin_dir: Path
 ) -> None:
     """Connections on one flow (one client address) without pause, while generations are
-    retired every second: the counts of both reporters are exact, none lost or doubled."""
+    retired every second: the counts of both reporters are exact, none lost or doubled.
+
+    ~85,000 connections in 6 s reuse the client's 28,000 ephemeral ports while the
+    server's side of their last use is in TIME_WAIT; about once in 100,000 the kernel
+    refuses such a SYN and an exchange breaks midway, after which the test no longer knows
+    what the kernel saw. Such a run is repeated once, from another client address; a
+    second broken run fails."""
     port = free_port()
-    client = "127.0.0.6"
+    clients = [("client", "127.0.0.6"), ("client-again", "127.0.0.7")]
     daemon = DaemonProcess(
         tmp_path,
-        with_clients(("client", client)),
+        with_clients(*clients),
         pin_dir,
         interval="100ms",
         bpf='flow_expiry = "1s"',
         metrics="",
     )
     daemon.start()
-    made = [0] * 4
-    stop = threading.Event()
-
-    def churn(i: int) -> None:
-        while not stop.is_set():
-            connect(client, SERVER, port)
-            made[i] += 1
-
     try:
-        with server(SERVER, port):
-            workers = [threading.Thread(target=churn, args=(i,)) for i in range(4)]
-            for worker in workers:
-                worker.start()
-            time.sleep(6)
-            stop.set()
-            for worker in workers:
-                worker.join(10)
-        total = sum(made)
-        s = daemon.wait_for(exactly(total, source_workload="client"), timeout=10, what="all")
+        for name, address in clients:
+            made, broken = churn(address, port, seconds=6)
+            if broken == 0:
+                s = daemon.wait_for(exactly(made, source_workload=name), timeout=10, what="all")
+                break
+        else:
+            pytest.fail(f"{broken} exchanges broke in both runs")
         assert value(s, "kmeshd_bpf_flow_generations_total") >= 4
-        assert total > 1000
+        assert made > 1000
     finally:
         daemon.close()
+
+
+def churn(client: str, port: int, seconds: float) -> tuple[int, int]:
+    """Exchanges from `client` in 4 threads without pause for `seconds`: (whole, broken)."""
+    made, broken = [0] * 4, [0] * 4
+    stop = threading.Event()
+
+    def work(i: int) -> None:
+        while not stop.is_set():
+            try:
+                connect(client, SERVER, port)
+                made[i] += 1
+            except OSError:
+                broken[i] += 1
+
+    with server(SERVER, port):
+        workers = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+        for worker in workers:
+            worker.start()
+        time.sleep(seconds)
+        stop.set()
+        for worker in workers:
+            worker.join(10)
+    return sum(made), sum(broken)
 
 
 def test_a_workload_removed_from_the_inventory_leaves_after_series_ttl(
