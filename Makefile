@@ -95,7 +95,7 @@ $(DEB): $(DEB_SOURCES) | host-deps
 	tar -c --exclude=__pycache__ pyproject.toml README.md kmeshd bpf etc packaging/share $(MAN_PAGES) \
 		| tar -x -C build/deb/kmeshd
 	cp -a packaging/debian build/deb/kmeshd/debian
-	cp systemd/kmeshd.service systemd/kmeshd.tmpfiles systemd/kmeshd.logrotate \
+	cp systemd/kmeshd.service systemd/kmeshd.tmpfiles systemd/kmeshd.logrotate systemd/kmeshd.sysusers \
 		build/deb/kmeshd/debian/
 	# Debian's own python3 (a pyenv one first on PATH has neither debhelper's modules nor bcc).
 	cd build/deb/kmeshd && PATH=/usr/sbin:/usr/bin:/sbin:/bin \

@@ -8,9 +8,9 @@
  *             access log only. A record the ring cannot take is counted, never silent.
  *
  * The kernel headers bcc compiles against need not match the running kernel (README, "How
- * it works"), so the sock_ops program reads struct bpf_sock_ops context fields and
- * tracepoint arguments, whose layouts are stable, and one struct sock field (sk_flags, at
- * close) at the offset kmeshd takes from the running kernel's BTF (kmeshd/kernel/btf.py);
+ * it works"), so the sock_ops program reads struct bpf_sock_ops context fields, whose
+ * layout is stable, and two struct sock fields (sk_flags and sk_err, at close) at the
+ * offsets kmeshd takes from the running kernel's BTF (kmeshd/kernel/btf.py);
  * the iterator reads a few struct tcp_sock fields the same way. Offsets arrive as *_OFF
  * defines, map sizes as *_MAX, the pin directory as PIN_DIR (kmeshd/kernel/build.py).
  *
@@ -21,6 +21,7 @@
 #include <uapi/linux/bpf.h>
 #include <linux/bpf.h>
 #include <linux/socket.h>
+#include <uapi/asm-generic/errno.h>
 #include "tcp_probe.h"
 
 /* ---- Maps ---------------------------------------------------------------------------- */
@@ -62,8 +63,9 @@ BPF_TABLE_PINNED("hash", struct flow_key, __u64, unseen_closes, FLOWS_MAX,
 /* One struct conn_record per closed socket and failed connect. */
 BPF_RINGBUF_OUTPUT(records, RINGBUF_PAGES);
 
-/* Indexed by SETTING_*: set by user space from the running daemon's config, so not
- * pinned. */
+/* Indexed by SETTING_*: set by user space from the running daemon's config. Made anew at
+ * each load (and pinned by `kmeshd load`, like the maps below it), so a new program starts
+ * from defaults. */
 BPF_ARRAY(settings, __u64, SETTING_COUNT);
 
 /* Updated by user space only to wait for programs: an update of a map-in-map returns when
@@ -71,6 +73,10 @@ BPF_ARRAY(settings, __u64, SETTING_COUNT);
  * generation switch and an update here, no program still writes the old generation. */
 BPF_ARRAY(grace_inner, __u32, 1);
 BPF_ARRAY_OF_MAPS(grace, "grace_inner", 1);
+
+/* No program uses it: `kmeshd load` copies into it the flow keys the pinned flows map holds
+ * before the new program attaches, for the daemon to read once (kmeshd/kernel/load.py). */
+BPF_F_TABLE("hash", struct flow_key, __u8, kept, FLOWS_MAX, BPF_F_NO_PREALLOC);
 
 /* A zeroed flow_counters to create flows from: too large for the BPF stack. */
 BPF_ARRAY(zero_flow, struct flow_counters, 1);
@@ -320,19 +326,23 @@ static __always_inline void app_bytes(struct sock_state *st, __u64 acked, __u64 
     p->received = rcvd;
 }
 
+/* The socket as the kernel's struct tcp_sock, for a field at an offset from its BTF (read
+ * with a direct load, which the verifier checks against the kernel's BTF: sock_ops may not
+ * call bpf_probe_read(), which older bcc versions turn bpf_probe_read_kernel() into). */
+static __always_inline void *tcp_sock_of(struct bpf_sock_ops *ctx)
+{
+    struct bpf_sock *sk = ctx->sk;
+    return sk ? bpf_skc_to_tcp_sock(sk) : NULL;
+}
+
 /* Whether the peer's FIN was taken: tcp_fin() sets SOCK_DONE in sk_flags as it takes the
  * FIN in order, which is when bytes_received counts it. A FIN that reaches only the
  * TIME_WAIT socket left behind after we closed is not counted, nor flagged. */
 static __always_inline int peer_fin_taken(struct bpf_sock_ops *ctx)
 {
-    struct bpf_sock *sk = ctx->sk;
-    if (!sk)
-        return 0;
-    void *tp = bpf_skc_to_tcp_sock(sk);
+    void *tp = tcp_sock_of(ctx);
     if (!tp)
         return 0;
-    /* A direct load, which the verifier checks against the kernel's BTF: sock_ops may not
-     * call bpf_probe_read(), which older bcc versions turn bpf_probe_read_kernel() into. */
     __u64 flags = *(volatile __u64 *)(tp + SOCK_FLAGS_OFF);
     return (flags >> SOCK_DONE_BIT) & 1;
 }
@@ -366,29 +376,44 @@ static __always_inline __u32 lost_segments(struct bpf_sock_ops *ctx, __u32 retra
     return tp ? lost_of(retrans, tp->dsack_dups) : 0;
 }
 
+/* Move a socket's reported total up to `now`; returns by how much, 0 when it is not
+ * ahead. The sweep reads sockets without their lock (see the sweep below), so it and the
+ * close may meet here: a compare-and-swap lets exactly one of them add each part, and
+ * with two writers the second try always settles it. */
+static __always_inline __u64 advance(__u64 *reported, __u64 now)
+{
+#pragma unroll
+    for (int i = 0; i < 3; i++) {
+        __u64 old = *(volatile __u64 *)reported;
+        if (now <= old)
+            return 0;
+        if (__sync_val_compare_and_swap(reported, old, now) == old)
+            return now - old;
+    }
+    return 0;
+}
+
 /* Add to the flow what this socket sent, received, retransmitted and lost since the last
- * time: counters only ever grow, and the sum over a connection's life is its exact total.
- * Callers hold the socket's lock (sock_ops runs under it; so does the iterator), so two
- * never interleave on one socket. */
+ * time: counters only ever grow, and the sum over a connection's life is its exact total. */
 static __always_inline void add_progress(struct sock_state *st, struct flow_counters *c,
                                          const struct progress *p)
 {
-    __u64 new_sent = minus(p->sent, st->reported_sent);
-    __u64 new_received = minus(p->received, st->reported_received);
-    st->reported_sent += new_sent;
-    st->reported_received += new_received;
+    __u64 new_sent = advance(&st->reported_sent, p->sent);
+    __u64 new_received = advance(&st->reported_received, p->received);
     /* Istio's terms: the destination (server) received the client's sent bytes. */
     int client = st->key.direction == DIR_OUTBOUND;
-    __sync_fetch_and_add(&c->received_bytes, client ? new_sent : new_received);
-    __sync_fetch_and_add(&c->sent_bytes, client ? new_received : new_sent);
-    if (p->retrans > st->reported_retrans) {
-        __sync_fetch_and_add(&c->retransmits, p->retrans - st->reported_retrans);
-        st->reported_retrans = p->retrans;
-    }
-    if (p->lost > st->reported_lost) {
-        __sync_fetch_and_add(&c->lost, p->lost - st->reported_lost);
-        st->reported_lost = p->lost;
-    }
+    __u64 to_server = client ? new_sent : new_received;
+    __u64 to_client = client ? new_received : new_sent;
+    if (to_server)
+        __sync_fetch_and_add(&c->received_bytes, to_server);
+    if (to_client)
+        __sync_fetch_and_add(&c->sent_bytes, to_client);
+    __u64 retrans = advance(&st->reported_retrans, p->retrans);
+    if (retrans)
+        __sync_fetch_and_add(&c->retransmits, retrans);
+    __u64 lost = advance(&st->reported_lost, p->lost);
+    if (lost)
+        __sync_fetch_and_add(&c->lost, lost);
 }
 
 /* ---- Access-log records -------------------------------------------------------------- */
@@ -519,6 +544,21 @@ static __always_inline void on_close(struct bpf_sock_ops *ctx, struct sock_state
     socks.delete(&cookie);
 }
 
+/* Whether a RST closes the socket now: tcp_reset() sets sk_err to ECONNREFUSED (in
+ * SYN_SENT), EPIPE (in CLOSE_WAIT) or ECONNRESET, then closes it; every other close leaves
+ * none of those in sk_err as it happens (an application's reset sets ECONNRESET only after
+ * the close). sock_ops has no callback that says why a socket closed, and this needs no
+ * tracepoint: no program of kmeshd's outlives a clean stop. The exception: an ICMP port
+ * unreachable answering a SYN also sets ECONNREFUSED, and counts as refused too. */
+static __always_inline int closed_by_reset(struct bpf_sock_ops *ctx)
+{
+    void *tp = tcp_sock_of(ctx);
+    if (!tp)
+        return 0;
+    int err = *(volatile int *)(tp + SOCK_ERR_OFF);
+    return err == ECONNRESET || err == ECONNREFUSED || err == EPIPE;
+}
+
 static __always_inline void on_state(struct bpf_sock_ops *ctx)
 {
     /* Only the close changes anything here: return before the socket's state is looked up. */
@@ -526,8 +566,11 @@ static __always_inline void on_state(struct bpf_sock_ops *ctx)
         return;
     __u64 cookie = bpf_get_socket_cookie(ctx);
     struct sock_state *st = socks.lookup(&cookie);
-    if (st)
-        on_close(ctx, st, ctx->args[0], cookie);
+    if (!st)
+        return;
+    if (closed_by_reset(ctx))
+        st->flags |= SF_RESET;
+    on_close(ctx, st, ctx->args[0], cookie);
 }
 
 /* ---- The programs -------------------------------------------------------------------- */
@@ -560,34 +603,38 @@ int kmeshd_sockops(struct bpf_sock_ops *ctx)
     return 1;
 }
 
-/* The kernel calls this before it closes a socket on a received RST; sock_ops has no
- * callback that says why a socket closed, so mark the socket's state. */
-TRACEPOINT_PROBE(tcp, tcp_receive_reset)
-{
-    __u64 cookie = args->sock_cookie;
-    struct sock_state *st = socks.lookup(&cookie);
-    if (st)
-        st->flags |= SF_RESET;
-    return 0;
-}
-
 #ifdef TCP_BYTES_ACKED_OFF
 /* ---- The socket sweep (bpf.live_updates) --------------------------------------------- */
 
-/* Before each publish, user space runs this iterator over the TCP sockets of each network
- * namespace (kmeshd/kernel/probe.py): every tracked connection that is open adds what it
- * moved since the last time to its flow, as its close would. So open connections show
- * their bytes at each publish, however long they last and however quiet they have gone,
- * at no cost per packet. The kernel holds each socket's lock while this runs, as it does
- * for sock_ops, so the two never interleave on one socket.
+/* Before each publish, user space runs this iterator once (kmeshd/kernel/probe.py): every
+ * tracked connection that is open adds what it moved since the last time to its flow, as
+ * its close would. So open connections show their bytes at each publish, however long
+ * they last and however quiet they have gone, at no cost per packet.
  *
- * The iterator's context: the kernel defines struct bpf_iter__tcp in tcp_ipv4.c, not in a
- * header, so it is declared here (the verifier checks each access against the kernel's
- * own type). */
-struct bpf_iter__tcp {
+ * It walks every open file of every process (bpf_iter__task_file), which reaches each
+ * socket whatever its network namespace, without entering any: the daemon needs no
+ * CAP_SYS_ADMIN for it (a TCP iterator sees only the namespace it is started in). Sockets
+ * no process holds a file of (waiting in an accept queue, or held by io_uring or the
+ * kernel) are not reached: their bytes come at the next sweep that does, or at the close,
+ * and user space counts them (kmeshd_sweep_sockets_unreached).
+ *
+ * The iterator does not hold the socket's lock, so it reads the socket the way a seqlock
+ * reader would: the kernel counts each segment in segs_in (under the socket's lock) before
+ * it processes it, and only segments move bytes_acked, bytes_received and the peer's FIN;
+ * a reading taken while the lock was free and segs_in stood still is one the kernel could
+ * have given under the lock. A socket busy all three tries is left to the next sweep and
+ * counted (STAT_SWEEP_BUSY). Loads are ordered on x86; reads go through
+ * bpf_probe_read_kernel, so a socket that goes away meanwhile reads as zeros, never a
+ * fault. Field offsets come from the running kernel's BTF.
+ *
+ * The iterator's context: the kernel defines struct bpf_iter__task_file in task_iter.c,
+ * not in a header, so it is declared here (the verifier checks each access against the
+ * kernel's own type). */
+struct bpf_iter__task_file {
     struct bpf_iter_meta *meta;
-    struct sock_common *sk_common;
-    uid_t uid;
+    struct task_struct *task;
+    __u32 fd;
+    struct file *file;
 };
 
 static __always_inline __u64 tcp_u64(void *tp, int offset)
@@ -613,6 +660,38 @@ static __always_inline void sweep_numbers(void *tp, struct tcp_numbers *n)
     n->segs_out = tcp_u32(tp, TCP_SEGS_OUT_OFF);
 }
 
+/* What the sweep reads of a socket, taken together (see above). */
+struct reading {
+    __u64 acked;
+    __u64 received;
+    __u32 retrans;
+    __u32 dsack_dups;
+    __u8 state;
+};
+
+static __always_inline int socket_in_use(void *tp)
+{
+    return tcp_u32(tp, TCP_SLOCK_OFF) || tcp_u32(tp, TCP_OWNED_OFF);
+}
+
+static __always_inline int read_quiet(void *tp, struct reading *r)
+{
+#pragma unroll
+    for (int i = 0; i < 3; i++) {
+        __u32 segs = tcp_u32(tp, TCP_SEGS_IN_OFF);
+        if (socket_in_use(tp))
+            continue;
+        bpf_probe_read_kernel(&r->state, sizeof(r->state), tp + TCP_STATE_OFF);
+        r->acked = tcp_u64(tp, TCP_BYTES_ACKED_OFF);
+        r->received = tcp_u64(tp, TCP_BYTES_RECEIVED_OFF);
+        r->retrans = tcp_u32(tp, TCP_TOTAL_RETRANS_OFF);
+        r->dsack_dups = tcp_u32(tp, TCP_DSACK_DUPS_OFF);
+        if (tcp_u32(tp, TCP_SEGS_IN_OFF) == segs)
+            return 1;
+    }
+    return 0;
+}
+
 /* accesslog.periodic: a record of an open connection's totals, at most once a period. */
 static __always_inline void maybe_record_progress(void *tp, struct sock_state *st,
                                                   const struct progress *p)
@@ -629,35 +708,56 @@ static __always_inline void maybe_record_progress(void *tp, struct sock_state *s
     emit(st, KIND_PROGRESS, REASON_NONE, 0, now, p, &n);
 }
 
-int bpf_iter__tcp(struct bpf_iter__tcp *ctx)
+/* The tracked socket behind an open file, or NULL. */
+static __always_inline void *tracked_socket(struct file *file, struct sock_state **st)
 {
-    struct sock_common *skc = ctx->sk_common;
-    if (!skc)
-        return 0;
-    void *tp = bpf_skc_to_tcp_sock(skc); /* NULL for TIME_WAIT and request sockets */
+    struct socket *sock = bpf_sock_from_file(file);
+    if (!sock)
+        return NULL;
+    void *tp = NULL;
+    bpf_probe_read_kernel(&tp, sizeof(tp), (void *)sock + SOCKET_SK_OFF);
     if (!tp)
+        return NULL;
+    /* Set by the sock_ops program's first bpf_get_socket_cookie(): a tracked socket has
+     * one, and cookies are never reused. */
+    __u64 cookie = tcp_u64(tp, TCP_COOKIE_OFF);
+    if (!cookie)
+        return NULL;
+    *st = socks.lookup(&cookie);
+    return *st ? tp : NULL;
+}
+
+int bpf_iter__task_file(struct bpf_iter__task_file *ctx)
+{
+    struct file *file = ctx->file;
+    if (!file)
         return 0;
+    struct sock_state *st = NULL;
+    void *tp = tracked_socket(file, &st);
+    if (!tp || !st || !(st->flags & SF_ESTABLISHED))
+        return 0;
+    __u32 pass = (__u32)setting(SETTING_SWEEP_PASS);
+    if (st->swept == pass) /* one more file of a socket read this pass already */
+        return 0;
+    struct reading r = {};
+    if (!read_quiet(tp, &r)) {
+        count(STAT_SWEEP_BUSY);
+        return 0;
+    }
+    st->swept = pass;
     /* Only ESTABLISHED and CLOSE_WAIT: there the FINs counted in bytes_acked and
      * bytes_received are known for certain (none, or the peer's); the rest of a closing
      * connection's bytes come with its close. */
-    __u8 state = 0;
-    bpf_probe_read_kernel(&state, sizeof(state), tp + TCP_STATE_OFF);
-    if (state != BPF_TCP_ESTABLISHED && state != BPF_TCP_CLOSE_WAIT)
+    if (r.state != BPF_TCP_ESTABLISHED && r.state != BPF_TCP_CLOSE_WAIT)
         return 0;
-    __u64 cookie = bpf_get_socket_cookie(tp);
-    struct sock_state *st = socks.lookup(&cookie);
-    if (!st || !(st->flags & SF_ESTABLISHED))
-        return 0;
-    struct progress p = {.retrans = tcp_u32(tp, TCP_TOTAL_RETRANS_OFF),
-                         .lost = st->reported_lost};
+    struct progress p = {.retrans = r.retrans, .lost = st->reported_lost};
     /* In CLOSE_WAIT the peer's FIN was taken; we have sent none. */
-    app_bytes(st, tcp_u64(tp, TCP_BYTES_ACKED_OFF), tcp_u64(tp, TCP_BYTES_RECEIVED_OFF), 0,
-              state == BPF_TCP_CLOSE_WAIT, &p);
-    if (p.sent == st->reported_sent && p.received == st->reported_received &&
-        p.retrans == st->reported_retrans)
+    app_bytes(st, r.acked, r.received, 0, r.state == BPF_TCP_CLOSE_WAIT, &p);
+    if (p.sent <= st->reported_sent && p.received <= st->reported_received &&
+        p.retrans <= st->reported_retrans)
         return 0;
     if (p.retrans > st->reported_retrans)
-        p.lost = lost_of(p.retrans, tcp_u32(tp, TCP_DSACK_DUPS_OFF));
+        p.lost = lost_of(p.retrans, r.dsack_dups);
     struct flow_counters *c = flow_of(&st->key);
     if (c)
         add_progress(st, c, &p);

@@ -10,7 +10,7 @@
 #ifndef KMESHD_TCP_PROBE_H
 #define KMESHD_TCP_PROBE_H
 
-#define KMESHD_LAYOUT 7
+#define KMESHD_LAYOUT 8
 
 /* ---- The stats and settings arrays --------------------------------------------------- */
 
@@ -22,14 +22,16 @@
 #define STAT_RINGBUF_LOST 4   /* access-log records the ring buffer could not take */
 #define STAT_FLOWS_FULL 5     /* flow updates refused: the flows map was full */
 #define STAT_SOCKS_FULL 6     /* sockets not tracked: the socks map was full */
-#define STAT_COUNT 7
+#define STAT_SWEEP_BUSY 7     /* sweep visits that found the socket in use: at the next one */
+#define STAT_COUNT 8
 
 /* Indexes of the settings array, written by user space from the running daemon's config. */
 #define SETTING_RECORDS 0  /* 1 while an access log wants records; off, a close costs no
                             * ring-buffer work at all */
 #define SETTING_PERIODIC 1 /* ns between two records of one open connection; 0: none */
 #define SETTING_GENERATION 2 /* the generation flows are counted in now (struct flow_key) */
-#define SETTING_COUNT 3
+#define SETTING_SWEEP_PASS 3 /* which sweep pass runs now (numbered by user space) */
+#define SETTING_COUNT 4
 
 /* ---- Flows: the key and counters of the flows map ------------------------------------ */
 
@@ -99,13 +101,15 @@ struct sock_state {
     __u64 reported_sent;    /* application bytes this socket sent, already in flows */
     __u64 reported_received;
     __u64 last_record_ns;   /* establishment, then each periodic record */
-    __u32 reported_retrans;
-    __u32 reported_lost;
-};                                     /* 88 bytes */
+    __u64 reported_retrans; /* 64 bits for the compare-and-swap (see advance) */
+    __u64 reported_lost;
+    __u32 swept;            /* the last sweep pass that read it (SETTING_SWEEP_PASS) */
+    __u32 _pad;
+};                                     /* 104 bytes */
 
 #define SF_ESTABLISHED 1 /* the handshake completed */
 #define SF_RTO_EXPIRED 2 /* the retransmission timer gave up */
-#define SF_RESET 4       /* a RST arrived (set by the tcp_receive_reset tracepoint) */
+#define SF_RESET 4       /* a RST closed it (sk_err at the close, see closed_by_reset) */
 
 /* ---- Records: the ring buffer's entries, the access log ------------------------------ */
 
@@ -145,7 +149,7 @@ struct conn_record {
 _Static_assert(sizeof(struct flow_key) == 36, "flow_key size");
 _Static_assert(sizeof(struct histogram) == 152, "histogram size");
 _Static_assert(sizeof(struct flow_counters) == 688, "flow_counters size");
-_Static_assert(sizeof(struct sock_state) == 88, "sock_state size");
+_Static_assert(sizeof(struct sock_state) == 104, "sock_state size");
 _Static_assert(sizeof(struct conn_record) == 96, "conn_record size");
 
 #endif

@@ -1,4 +1,4 @@
-"""Command line: `kmeshd run | check-config | accesslog | sweep-sockets | --version`.
+"""Command line: `kmeshd run | check-config | load | accesslog | sweep-sockets | --version`.
 
 The ONLY place that maps errors to exit codes.
 """
@@ -55,8 +55,28 @@ def parser() -> argparse.ArgumentParser:
             default=None,
             help=f"config file (default {DEFAULT_CONFIG_PATH})",
         )
+    add_load(verbs)
     add_accesslog(verbs)
     return p
+
+
+def add_load(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    a = verbs.add_parser(
+        "load",
+        help="compile the probe, attach it and pin it for `run` (the unit's privileged"
+        " ExecStartPre=; needs root)",
+        description="Make every check `run` makes, then compile the probe, forget sockets"
+        " that closed while kmeshd was stopped, attach the probe and pin its maps and links"
+        " under bpf.pin_dir, where `run` opens them without the privileges this takes.",
+    )
+    a.add_argument(
+        "--config", type=Path, default=None, help=f"config file (default {DEFAULT_CONFIG_PATH})"
+    )
+    a.add_argument(
+        "--user",
+        metavar="USER",
+        help="hand the pins to USER, the user `kmeshd run` runs as (the unit's: kmeshd)",
+    )
 
 
 def add_accesslog(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -247,6 +267,41 @@ def sweep_sockets(path: Path | None) -> int:
     return EX_OK
 
 
+def owner_of(user: str | None) -> tuple[int, int] | None:
+    """The uid and primary gid of `user` (None: keep root's)."""
+    import pwd
+
+    if user is None:
+        return None
+    try:
+        entry = pwd.getpwnam(user)
+    except KeyError:
+        raise UnavailableError(
+            f"there is no user {user!r}: create it (the package does, with systemd-sysusers)"
+            " or name another with --user"
+        ) from None
+    return entry.pw_uid, entry.pw_gid
+
+
+def load_probe(path: Path | None, user: str | None) -> int:
+    from kmeshd.kernel.load import load
+    from kmeshd.kernel.probe import HostKernel
+
+    config = read_config(path)
+    owner = owner_of(user)
+    source = preflight(config, [])
+    if source is not None:
+        source.close()
+    cgroup_dir = HostKernel().cgroup(config)
+    bpf = config.bpf
+    pins, swept = load(
+        Path(bpf.pin_dir), cgroup_dir, sweep=bpf.live_updates, max_flows=bpf.max_flows, owner=owner
+    )
+    forgot = "" if swept is None else f"; forgot {swept} sockets that closed while it was not"
+    print(f"probe attached to {cgroup_dir} and pinned in {pins}{forgot}")
+    return EX_OK
+
+
 def run(path: Path | None) -> int:
     from kmeshd.daemon import Daemon
     from kmeshd.identity.sources import open_source
@@ -282,6 +337,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return accesslog(args)
         if args.verb == "sweep-sockets":
             return sweep_sockets(args.config)
+        if args.verb == "load":
+            return load_probe(args.config, args.user)
         return run(args.config)
     except ConfigError as exc:
         for problem in exc.problems:

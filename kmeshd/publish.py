@@ -17,7 +17,7 @@ from __future__ import annotations
 import itertools
 import logging
 import zlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Protocol
 
@@ -34,7 +34,6 @@ from kmeshd.health import KernelMaps, daemon_health
 from kmeshd.identity.model import IdentityView
 from kmeshd.kernel.layout import Entries, Stat
 from kmeshd.kernel.memory import release_freed_memory
-from kmeshd.kernel.sockdiag import SockDiagError
 from kmeshd.known import KnownAddresses
 from kmeshd.ratelimit import LOG_EVERY_S, Throttle
 from kmeshd.supervise import Guard
@@ -51,7 +50,9 @@ class FlowReader(Protocol):
     flows_capacity: int
     origin: str
 
-    def sweep(self, on_error: Callable[[SockDiagError], None]) -> int: ...
+    unreached: int
+
+    def sweep(self) -> None: ...
     def flow_entries(self) -> Iterator[Entries]: ...
     def keys_at_start(self) -> set[bytes]: ...
     def open_connections(self) -> dict[bytes, int]: ...
@@ -90,7 +91,6 @@ class Publisher:
         self._feed = feed
         self._known = known
         self._clock = clock
-        self._sweep_complaints = Throttle(LOG_EVERY_S, clock.monotonic)
         self._full_complaints = Throttle(LOG_EVERY_S, clock.monotonic)
         self._overflow_complaints = Throttle(LOG_EVERY_S, clock.monotonic)
         self._overflowed = 0
@@ -115,7 +115,7 @@ class Publisher:
         (objects the identity sources skipped, by source and resource) are exported."""
         started = now = self._clock.monotonic()
         probe, ledger = self._probe, self.ledger
-        probe.sweep(self._sweep_failed)
+        probe.sweep()
         retiring = now - self._generation_at >= self.flow_expiry
         if retiring:  # from here on the old generation's entries no longer change
             probe.new_generation()
@@ -217,6 +217,7 @@ class Publisher:
             ledger=self.ledger,
             maps=maps,
             unseen_closes=self.unseen_closes,
+            sweep_unreached=self._probe.unreached,
             sources=sources,
             rejected=rejected,
             last_publish=self.last,
@@ -265,8 +266,3 @@ class Publisher:
                 ", ".join(f"{lv} {n}" for lv, n in self.ledger.overflowed.items()),
             )
         self._overflowed = folded
-
-    def _sweep_failed(self, exc: SockDiagError) -> None:
-        """A namespace the sweep could not enter: its connections' bytes come at close."""
-        if self._sweep_complaints.ready():
-            log.warning("socket sweep: %s; its open connections count at close only", exc)

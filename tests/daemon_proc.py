@@ -117,6 +117,7 @@ pin_dir = "{pin_dir}"
         notify_path = self.workdir / f"notify-{time.monotonic_ns()}"
         notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         notify.bind(str(notify_path))
+        notify_path.chmod(0o777)  # a daemon run as another user (setpriv) answers too
         notify.settimeout(0.5)
         full_env = {**os.environ, **(env or {}), "NOTIFY_SOCKET": str(notify_path)}
         with self.stderr_path.open("a") as err:

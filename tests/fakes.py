@@ -22,7 +22,6 @@ from kmeshd.kernel.layout import (
     Kind,
     Stat,
 )
-from kmeshd.kernel.sockdiag import SockDiagError
 
 ip = ipaddress.ip_address
 
@@ -81,6 +80,7 @@ class FakeProbe:
         self.settings: dict[str, object] = {}
         self.callback: Callable[[bytes], bool] | None = None
         self.sweeps = 0
+        self.unreached = 0
         self.closed: bool | None = None  # None: open; else whether it detached
         self.stuck: threading.Event | None = None
         self.in_sweep = threading.Event()
@@ -98,12 +98,11 @@ class FakeProbe:
             if not self.callback(self.records.pop(0)):
                 break
 
-    def sweep(self, on_error: Callable[[SockDiagError], None]) -> int:
+    def sweep(self) -> None:
         self.in_sweep.set()
         if self.stuck is not None:
             assert self.stuck.wait(30)
         self.sweeps += 1
-        return 1
 
     def flow_entries(self) -> Iterator[Entries]:
         """The map in batches of `batch` entries, as the kernel hands them over."""

@@ -167,7 +167,7 @@ def _wait_running(container: Container, log: Path, timeout: float) -> None:
 def booted(root: Path, bpffs: Path, log: Path, timeout: float = 60) -> Iterator[Container]:
     """Boot the rootfs; yield once its systemd reached `running`; halt it after."""
     bpffs.mkdir(parents=True, exist_ok=True)
-    run("mount", "-t", "bpf", "bpf", str(bpffs))
+    run("mount", "-t", "bpf", "-o", "mode=0700", "bpf", str(bpffs))  # as systemd mounts it
     release = os.uname().release
     command = [
         "systemd-nspawn",

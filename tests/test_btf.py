@@ -283,18 +283,25 @@ def test_enum_members_that_are_not_there_are_named(enum: str, member: str, probl
 
 @pytest.mark.skipif(not btf.VMLINUX.exists(), reason="this kernel publishes no BTF")
 def test_the_running_kernel_has_what_the_close_reads() -> None:
-    """The path through tcp_sock lands on sock_common's skc_flags (struct sock_common starts
-    every TCP socket), and SOCK_DONE is the bit it has been since Linux 2.6."""
+    """The path through tcp_sock lands on sock_common's skc_flags and struct sock's sk_err
+    (struct sock starts every TCP socket), and SOCK_DONE is the bit it has been since Linux
+    2.6."""
     kernel = btf.load()
     skc_flags = kernel.field("sock_common", "skc_flags")
-    assert skc_flags.size == 8
-    assert build.close_defines(kernel) == {"SOCK_FLAGS_OFF": skc_flags.offset, "SOCK_DONE_BIT": 1}
+    sk_err = kernel.field("sock", "sk_err")
+    assert (skc_flags.size, sk_err.size) == (8, 4)
+    assert build.close_defines(kernel) == {
+        "SOCK_FLAGS_OFF": skc_flags.offset,
+        "SOCK_ERR_OFF": sk_err.offset,
+        "SOCK_DONE_BIT": 1,
+    }
 
 
 @pytest.mark.skipif(not btf.VMLINUX.exists(), reason="this kernel publishes no BTF")
 def test_the_running_kernel_has_every_field_the_sweep_reads() -> None:
     kernel = btf.load()
     offsets = build.sweep_offsets(kernel)
+    assert offsets.pop("SOCKET_SK_OFF") == kernel.field("socket", "sk").offset
     assert set(offsets) == set(build.SWEEP_FIELDS)
     # skc_state has sat at byte 18 of struct sock_common, the start of tcp_sock, for years.
     assert offsets["TCP_STATE_OFF"] == 18
@@ -318,6 +325,7 @@ def tiny_probe(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(build, "CLOSE_FIELDS", {"FLAGS_OFF": ("flags", 8)})
     monkeypatch.setattr(build, "ENUM_VALUES", {"DONE_BIT": ("sock_flags", "SOCK_DONE")})
     monkeypatch.setattr(build, "SWEEP_FIELDS", {"ACKED_OFF": ("acked", 8)})
+    monkeypatch.setattr(build, "SOCKET_FIELDS", {})
 
 
 @pytest.mark.usefixtures("tiny_probe")

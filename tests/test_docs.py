@@ -137,7 +137,7 @@ def test_each_documented_default_is_the_default(key: str, tmp_path: Path) -> Non
 def test_every_command_and_accesslog_option_is_documented() -> None:
     text = (MAN / "kmeshd.8.scd").read_text()
     verbs = next(a for a in parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
-    assert set(verbs) == {"run", "check-config", "accesslog", "sweep-sockets"}
+    assert set(verbs) == {"run", "check-config", "load", "accesslog", "sweep-sockets"}
     for verb in verbs:
         assert f"*{verb}*" in text, verb
     for action in verbs["accesslog"]._actions:

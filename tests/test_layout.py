@@ -121,7 +121,7 @@ def test_histogram_bounds_match(c_side: dict[str, Any], name: str, bounds: tuple
     ("old", "new"),
     [
         ("#define SETTING_PERIODIC 1", "#define SETTING_PERIODIC 3"),
-        ("#define STAT_COUNT 7\n", "#define STAT_COUNT 7\n#define STAT_EXTRA 8\n"),
+        ("#define STAT_COUNT 8\n", "#define STAT_COUNT 8\n#define STAT_EXTRA 9\n"),
         ("    __u16 client_port;", "    __u8 client_port;\n    __u8 spare;"),
     ],
 )

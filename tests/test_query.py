@@ -174,6 +174,37 @@ def test_only_kmeshd_writes_access_records(fields_: dict[str, object], expected:
     assert written_by_kmeshd({**journal_fields(SEED), **fields_}) is expected
 
 
+@pytest.mark.parametrize(
+    ("fields_", "expected"),
+    [
+        ({"_UID": "998", "_SYSTEMD_UNIT": "kmeshd.service", "_COMM": "kmeshd"}, True),
+        ({"_UID": "0", "_SYSTEMD_UNIT": "kmeshd.service"}, True),
+        ({"_UID": "998", "_COMM": "logger"}, False),  # user kmeshd, but another program
+        ({"_UID": "997", "_SYSTEMD_UNIT": "kmeshd.service"}, False),
+    ],
+)
+def test_the_kmeshd_user_writes_too(fields_: dict[str, object], expected: bool) -> None:
+    """The unit runs the daemon as user kmeshd: its uid is trusted beside root's."""
+    uids = frozenset({"0", "998"})
+    assert written_by_kmeshd({**journal_fields(SEED), **fields_}, uids) is expected
+
+
+def test_kmeshd_uids_are_roots_and_the_kmeshd_users(monkeypatch: pytest.MonkeyPatch) -> None:
+    import pwd
+
+    from kmeshd.accesslog import query
+
+    def getpwnam(name: str) -> pwd.struct_passwd:
+        if name != "kmeshd":
+            raise KeyError(name)
+        return pwd.struct_passwd(("kmeshd", "x", 998, 998, "", "/", "/usr/sbin/nologin"))
+
+    monkeypatch.setattr(pwd, "getpwnam", getpwnam)
+    assert query.kmeshd_uids() == {"0", "998"}
+    monkeypatch.setattr(query, "KMESHD_USER", "nobody-here")
+    assert query.kmeshd_uids() == {"0"}
+
+
 def entry_with(**changes: object) -> dict[str, object]:
     """SEED's entry as journalctl prints it, fields changed (None: removed)."""
     entry = as_journalctl_prints(SEED)

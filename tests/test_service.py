@@ -20,6 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from kmeshd import __version__
 from kmeshd.kernel import cgroup
+from kmeshd.kernel.layout import LAYOUT
 from tests.nspawn import Container, booted, cached_rootfs, install, run
 
 pytestmark = pytest.mark.service
@@ -235,11 +236,36 @@ def test_start_is_ready_within_bound(container: Container) -> None:
     assert took < READY_WITHIN_S, f"READY after {took:.1f} s"
     assert sock_ops_attached(container) == 1
     print(f"systemctl start kmeshd: READY after {took:.2f} s")
-    # The privileged ExecStartPost swept the socket state (the daemon may not).
-    post = container.show("kmeshd", "ExecStartPost")["ExecStartPost"]
-    assert "argv[]=/usr/bin/kmeshd sweep-sockets" in post and "code=exited ; status=0 }" in post
+    # The privileged ExecStartPre loaded the probe and swept the socket state (the daemon
+    # may do neither).
+    pre = container.show("kmeshd", "ExecStartPre")["ExecStartPre"]
+    assert "argv[]=/usr/bin/kmeshd load --user kmeshd" in pre and "code=exited ; status=0 }" in pre
     journal = container.sh("journalctl -u kmeshd --no-pager -o cat -n 20").stdout
-    assert "/sys/fs/bpf/kmeshd: forgot 0 sockets that closed while kmeshd was stopped" in journal
+    assert (
+        f"and pinned in /sys/fs/bpf/kmeshd/v{LAYOUT}; forgot 0 sockets that closed while it was not"
+    ) in journal
+
+
+CAP_BPF = 39
+
+
+def test_the_daemon_runs_as_kmeshd_with_cap_bpf_alone(container: Container) -> None:
+    """The long-running process: user kmeshd, group adm, and of every capability set only
+    CAP_BPF (no CAP_SYS_ADMIN, no CAP_NET_ADMIN, no CAP_PERFMON); it never imports bcc."""
+    pid = main_pid(container)
+    status = dict(
+        line.split(":\t", 1)
+        for line in (container.root / f"proc/{pid}/status").read_text().splitlines()
+        if ":\t" in line
+    )
+    uid = int(container.sh("id -u kmeshd").stdout)
+    adm = int(container.sh("getent group adm | cut -d: -f3").stdout)
+    assert [int(x) for x in status["Uid"].split()] == [uid] * 4
+    assert [int(x) for x in status["Gid"].split()] == [adm] * 4
+    for kind in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
+        assert int(status[kind], 16) == 1 << CAP_BPF, kind
+    maps = (container.root / f"proc/{pid}/maps").read_text()
+    assert "libbcc" not in maps and "libLLVM" not in maps and "libclang" not in maps
 
 
 def test_offline_exposure_within_goal() -> None:
@@ -249,18 +275,18 @@ def test_offline_exposure_within_goal() -> None:
     unit = REPO / "systemd" / "kmeshd.service"
     out = run("systemd-analyze", "security", "--offline=yes", "--no-pager", str(unit)).stdout
     exposure = float(out.strip().splitlines()[-1].split(":")[1].split()[0])
-    assert exposure <= 3.0, out
+    assert exposure <= 2.2, out
 
 
 def test_unit_verifies_and_is_confined(container: Container) -> None:
-    """systemd-analyze finds nothing to fix, and rates the running unit's exposure <= 3.0."""
+    """systemd-analyze finds nothing to fix, and rates the running unit's exposure <= 2.2."""
     verify = container.sh("systemd-analyze verify --man=no kmeshd.service", check=False)
     assert (verify.returncode, verify.stdout + verify.stderr) == (0, "")
     security = container.sh("systemd-analyze security --no-pager kmeshd.service").stdout
     overall = security.strip().splitlines()[-1]
     exposure = float(overall.split(":")[1].split()[0])
     print(f"systemd-analyze security kmeshd: {exposure}")
-    assert exposure <= 3.0, security
+    assert exposure <= 2.2, security
     # kmeshd's own rate limit counts what it drops; journald's would not.
     assert container.show("kmeshd", "LogRateLimitIntervalUSec") == {"LogRateLimitIntervalUSec": "0"}
 
@@ -488,16 +514,17 @@ def test_dashboards_and_rules_are_installed_as_shipped(container: Container) -> 
         assert installed.read_bytes() == (share / path).read_bytes(), path
 
 
-def test_the_access_log_is_root_and_adms_and_the_textfile_everyones(
+def test_the_access_log_is_kmeshds_and_adms_and_the_textfile_everyones(
     container: Container,
 ) -> None:
     """Records name addresses and workloads: the log and its directory are group adm's
     (0640, 0750), as Debian keeps logs; node-exporter reads the textfile (0644)."""
     log = container.root / "var/log/kmeshd/accesslog.json"
     adm = int(container.sh("getent group adm | cut -d: -f3").stdout)
+    kmeshd = int(container.sh("id -u kmeshd").stdout)
     for path, mode in ((log.parent, 0o750), (log, 0o640)):
         st = path.stat()
-        assert (st.st_mode & 0o777, st.st_uid, st.st_gid) == (mode, 0, adm), path
+        assert (st.st_mode & 0o777, st.st_uid, st.st_gid) == (mode, kmeshd, adm), path
     assert (container.root / TEXTFILE).stat().st_mode & 0o777 == 0o644
 
 

@@ -37,7 +37,7 @@ def flow_key(port: int) -> bytes:
 
 def sock_state(port: int, established: bool) -> bytes:
     flags = SockFlag.ESTABLISHED if established else 0
-    return SOCK_STATE.codec.pack(flow_key(port), flags, *[0] * 8)
+    return SOCK_STATE.codec.pack(flow_key(port), flags, *[0] * 10)
 
 
 def fake_socks(states: dict[int, bytes]) -> FakeMap:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import pwd
 import re
 import shutil
 import subprocess
@@ -58,6 +59,17 @@ REQUIRED_KEYS = JSON_KEYS[: JSON_KEYS.index("duration") + 1]
 # Who writes access records (see written_by_kmeshd): root, as the unit, or as the program.
 KMESHD_UNIT = "kmeshd.service"
 KMESHD_COMM = "kmeshd"  # /usr/bin/kmeshd is a script: the kernel names the process after it
+ROOT = frozenset({"0"})
+KMESHD_USER = "kmeshd"  # the unit's User=: the daemon writes as it, `kmeshd run` by hand as root
+
+
+def kmeshd_uids() -> frozenset[str]:
+    """The uids kmeshd writes as: root's, and its own user's where there is one."""
+    try:
+        return frozenset({"0", str(pwd.getpwnam(KMESHD_USER).pw_uid)})
+    except KeyError:
+        return frozenset({"0"})
+
 
 COUNT_MAX = 2**64 - 1  # every count is a kernel u64
 _COUNT = re.compile(r"[0-9]{1,20}")  # not \d: that takes every script's digits
@@ -189,12 +201,13 @@ def _runs_kmeshd_module(cmdline: str | None) -> bool:
     )
 
 
-def written_by_kmeshd(entry: Mapping[str, object]) -> bool:
+def written_by_kmeshd(entry: Mapping[str, object], uids: frozenset[str] = ROOT) -> bool:
     """Whether kmeshd wrote `entry`, by the fields journald sets itself and no client can:
-    root (_UID=0), and either kmeshd's unit, or the kmeshd program run outside it (the
-    script, _COMM=kmeshd, or `python3 -m kmeshd...` in _CMDLINE). Root could pass for
-    kmeshd anyway; the second half keeps other root programs' entries out."""
-    if _trusted(entry, "_UID") != "0":
+    one of `uids` (root's, and user kmeshd's: kmeshd_uids()), and either kmeshd's unit,
+    or the kmeshd program run outside it (the script, _COMM=kmeshd, or `python3 -m
+    kmeshd...` in _CMDLINE). Root could pass for kmeshd anyway; the second half keeps
+    other root programs' entries out."""
+    if _trusted(entry, "_UID") not in uids:
         return False
     return (
         _trusted(entry, "_SYSTEMD_UNIT") == KMESHD_UNIT
@@ -346,15 +359,18 @@ class Skipped:
         return lines
 
 
-def one(line: str, f: Filters, output: str, skipped: Skipped) -> str | None:
+def one(
+    line: str, f: Filters, output: str, skipped: Skipped, uids: frozenset[str] = ROOT
+) -> str | None:
     """One line of journalctl's -> what `kmeshd accesslog` prints for it, or None (a blank
-    line, an entry filtered out, or one counted in `skipped`). Never raises."""
+    line, an entry filtered out, or one counted in `skipped`); `uids`: see
+    written_by_kmeshd. Never raises."""
     if not line.strip():
         return None
     entry = None
     try:
         entry = parse(line)
-        if not written_by_kmeshd(entry):
+        if not written_by_kmeshd(entry, uids):
             skipped.other_writer(entry)
             return None
         record = decode(entry)
@@ -368,10 +384,12 @@ def one(line: str, f: Filters, output: str, skipped: Skipped) -> str | None:
     return record.line
 
 
-def render(lines: Iterable[str], f: Filters, output: str, skipped: Skipped) -> Iterator[str]:
+def render(
+    lines: Iterable[str], f: Filters, output: str, skipped: Skipped, uids: frozenset[str] = ROOT
+) -> Iterator[str]:
     """journalctl's JSON lines -> what `kmeshd accesslog` prints, one string per record."""
     for line in lines:
-        shown = one(line, f, output, skipped)
+        shown = one(line, f, output, skipped, uids)
         if shown is not None:
             yield shown
 
@@ -427,9 +445,10 @@ def show(f: Filters, output: str, out: TextIO, err: TextIO = sys.stderr) -> int:
     assert child.stdout is not None
     skipped = Skipped()
     reporter = Reporter(err, f.directory)
+    uids = kmeshd_uids()
     try:
         for line in child.stdout:
-            shown = one(line, f, output, skipped)
+            shown = one(line, f, output, skipped, uids)
             if shown is not None:
                 out.write(shown + "\n")
             if f.follow:  # someone is watching: each record, and what was skipped, as it comes

@@ -31,6 +31,8 @@ class Health:
     map_full: Mapping[str, int] = field(default_factory=dict)  # map -> refused entries
     unattributed: int = 0
     unseen_closes: int = 0  # closes the sweep found (no probe was attached)
+    sweep_unreached: int = 0  # open sockets the last socket sweep could not read
+    sweep_busy: int = 0  # sweep visits that found the socket in use
     sinks: tuple[SinkHealth, ...] = ()
     textfile_failures: int | None = None  # failed textfile writes; None: no textfile
     state_failures: int | None = None  # failed saves of metrics.state_file; None: no file
@@ -116,6 +118,18 @@ def _health(h: Health) -> Iterator[Metric]:
         "Connections that closed while no probe was attached (kmeshd stopped), found by the"
         " socket sweep: counted as closed, their bytes since the last live update unknown",
         value=h.unseen_closes,
+    )
+    yield GaugeMetricFamily(
+        "kmeshd_sweep_sockets_unreached",
+        "Open connections the last socket sweep (bpf.live_updates) could not read: no process"
+        " holds a file of them (an accept queue, io_uring, the kernel) or they stayed busy;"
+        " their bytes come at a later sweep or at the close",
+        value=h.sweep_unreached,
+    )
+    yield CounterMetricFamily(
+        "kmeshd_sweep_sockets_busy_total",
+        "Socket sweep visits that found the socket in use three times and left it to the next",
+        value=h.sweep_busy,
     )
     yield _counter(
         "kmeshd_accesslog_records_dropped_total",

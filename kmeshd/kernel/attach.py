@@ -5,7 +5,8 @@ The sock_ops program is attached through a pinned bpf_link, so a restarted daemo
 counting every connection twice, never a moment with none. A link-based cgroup attachment
 is always "multi", so other sock_ops users in this or any lower cgroup keep working.
 
-The socket sweep is a TCP iterator program, linked (not pinned) for the daemon's life.
+The socket sweep is an iterator program, linked and pinned: the daemon runs it by reading
+its pin (run_iterator).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ log = logging.getLogger(__name__)
 
 BPF_CGROUP_SOCK_OPS = 3  # enum bpf_attach_type
 PROGRAM = "kmeshd_sockops"
-SWEEP_PROGRAM = "bpf_iter__tcp"  # bcc attaches an iterator by its name: bpf_iter__<target>
+SWEEP_PROGRAM = "bpf_iter__task_file"  # bcc attaches an iterator by its name: bpf_iter__<target>
 
 
 def attach(libbpf: LibBpf, prog_fd: int, cgroup_dir: Path, pin: Path) -> int:
@@ -58,22 +59,20 @@ def attach_sweep(bcc: Any, bpf: Any) -> int:
         program = bpf.load_func(SWEEP_PROGRAM, bcc.BPF.TRACING)
         return LibBpf.check(lib.bcc_iter_attach(program.fd, None, 0), "bpf_link_create")
     except Exception as exc:
-        bpf.cleanup()
         raise UnavailableError(
             f"the kernel refused the socket sweep, a TCP iterator program (Linux 5.15 or"
             f" newer): {exc}: {NO_SWEEP}"
         ) from exc
 
 
-def run_iterator(link_fd: int) -> None:
-    """One pass of the iterator behind `link_fd` over the calling thread's network
-    namespace (an iterator takes the namespace it is created in). Ours writes nothing,
-    so the first read returns at the end."""
-    from bcc.libbcc import lib
-
-    fd = LibBpf.check(lib.bcc_iter_create(link_fd), "bpf_iter_create")
+def run_iterator(pin: Path) -> bytes:
+    """One pass of the iterator pinned at `pin` (opening a pinned iterator starts one, and
+    needs no capability, only the pin's file permissions); what it wrote."""
+    out = []
+    fd = os.open(pin, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        while os.read(fd, 4096):
-            pass
+        while chunk := os.read(fd, 65536):
+            out.append(chunk)
     finally:
         os.close(fd)
+    return b"".join(out)

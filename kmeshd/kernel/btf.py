@@ -2,11 +2,12 @@
 the running kernel's BTF.
 
 The probe (bpf/tcp_probe.c) reads a few fields of struct tcp_sock that no stable interface
-offers: the socket's flags at close, and what the socket sweep (`bpf_iter__tcp`) reads.
-The kernel headers bcc compiles against need not describe the running kernel (README,
-"Kernel headers that do not match the kernel"), so the offsets come from
-/sys/kernel/btf/vmlinux, the kernel's own description of its types, and reach the probe
-as -D defines: what libbpf's CO-RE relocations do, for the handful of fields we need.
+offers: the socket's flags and error at close, and what the socket sweep
+(`bpf_iter__task_file`) reads. The kernel headers bcc compiles against need not describe
+the running kernel (README, "Kernel headers that do not match the kernel"), so the
+offsets come from /sys/kernel/btf/vmlinux, the kernel's own description of its types,
+and reach the probe as -D defines: what libbpf's CO-RE relocations do, for the handful of
+fields we need.
 
 Only what that needs is decoded: the type records' shapes (to step over them), names,
 struct and union members, arrays, enums, and the qualifiers and typedefs between them.

@@ -26,6 +26,7 @@ RINGBUF_PAGES = 1024  # 4 MiB: about 40,000 records between two polls
 # into the probe, its member path, and the size the probe reads. At every close:
 CLOSE_FIELDS = {
     "SOCK_FLAGS_OFF": ("inet_conn.icsk_inet.sk.__sk_common.skc_flags", 8),  # sk_flags
+    "SOCK_ERR_OFF": ("inet_conn.icsk_inet.sk.sk_err", 4),  # what tcp_reset() sets
 }
 # Enum members the probe tests, each as its -D define: SOCK_DONE is the sk_flags bit that
 # tcp_fin() sets as it takes the peer's FIN.
@@ -41,7 +42,12 @@ SWEEP_FIELDS = {
     "TCP_MIN_RTT_OFF": ("rtt_min.s.v", 4),  # struct minmax: s[0] holds the minimum
     "TCP_SEGS_IN_OFF": ("segs_in", 4),
     "TCP_SEGS_OUT_OFF": ("segs_out", 4),
+    "TCP_COOKIE_OFF": ("inet_conn.icsk_inet.sk.__sk_common.skc_cookie", 8),
+    "TCP_SLOCK_OFF": ("inet_conn.icsk_inet.sk.sk_lock.slock", 4),
+    "TCP_OWNED_OFF": ("inet_conn.icsk_inet.sk.sk_lock.owned", 4),
 }
+# And of struct socket, where the sweep finds the socket behind an open file:
+SOCKET_FIELDS = {"SOCKET_SK_OFF": ("sk", 8)}
 NO_SWEEP = "set bpf.live_updates = false to count open connections' bytes at their close only"
 
 
@@ -86,20 +92,24 @@ def check_host(
         )
 
 
-def tcp_sock_offsets(kernel: btf.Btf, fields: dict[str, tuple[str, int]]) -> dict[str, int]:
+def tcp_sock_offsets(
+    kernel: btf.Btf, fields: dict[str, tuple[str, int]], struct: str = "tcp_sock"
+) -> dict[str, int]:
     """The defines' offsets in the running kernel; BtfError names a field that is missing
     or not the size the probe reads."""
     offsets = {}
     for define, (path, size) in fields.items():
-        found = kernel.field("tcp_sock", path)
+        found = kernel.field(struct, path)
         if found.size != size:
-            raise btf.BtfError(f"tcp_sock.{path} is {found.size} bytes, the probe reads {size}")
+            raise btf.BtfError(f"{struct}.{path} is {found.size} bytes, the probe reads {size}")
         offsets[define] = found.offset
     return offsets
 
 
 def sweep_offsets(kernel: btf.Btf) -> dict[str, int]:
-    return tcp_sock_offsets(kernel, SWEEP_FIELDS)
+    return tcp_sock_offsets(kernel, SWEEP_FIELDS) | tcp_sock_offsets(
+        kernel, SOCKET_FIELDS, "socket"
+    )
 
 
 def close_defines(kernel: btf.Btf) -> dict[str, int]:

@@ -22,7 +22,7 @@ import struct
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-LAYOUT = 7
+LAYOUT = 8
 
 
 class Direction(enum.IntEnum):
@@ -59,6 +59,7 @@ class Stat(enum.IntEnum):
     RINGBUF_LOST = 4
     FLOWS_FULL = 5
     SOCKS_FULL = 6
+    SWEEP_BUSY = 7
 
 
 class Setting(enum.IntEnum):
@@ -67,6 +68,7 @@ class Setting(enum.IntEnum):
     RECORDS = 0  # 1 while an access log wants records
     PERIODIC = 1  # ns between two records of one open connection; 0: none
     GENERATION = 2  # the generation flows are counted in now
+    SWEEP_PASS = 3  # which sweep pass runs now
 
 
 class SockFlag(enum.IntFlag):
@@ -197,8 +199,10 @@ SOCK_STATE = Mirror(
         ("reported_sent", "Q"),
         ("reported_received", "Q"),
         ("last_record_ns", "Q"),
-        ("reported_retrans", "I"),
-        ("reported_lost", "I"),
+        ("reported_retrans", "Q"),
+        ("reported_lost", "Q"),
+        ("swept", "I"),
+        ("_pad", "I"),
     ),
 )
 CONN_RECORD = Mirror(

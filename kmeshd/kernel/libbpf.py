@@ -11,7 +11,7 @@ import ctypes
 import ctypes.util
 import errno
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 BPF_NOEXIST = 1  # map update flag: only a key that is not there yet
 
@@ -34,6 +34,8 @@ class LibBpf:
         self.obj_get.argtypes = [ctypes.c_char_p]
         self.info_by_fd = lib.bpf_obj_get_info_by_fd
         self.info_by_fd.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint32)]
+        self.prog_get_fd_by_id = lib.bpf_prog_get_fd_by_id
+        self.prog_get_fd_by_id.argtypes = [ctypes.c_uint32]
         self.map_get_next_key = lib.bpf_map_get_next_key
         self.map_get_next_key.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
         self.map_delete_elem = lib.bpf_map_delete_elem
@@ -74,6 +76,10 @@ class LibBpf:
     def link_cgroup_id(self, link_fd: int) -> int:
         """struct bpf_link_info: cgroup.cgroup_id sits at offset 16."""
         return int.from_bytes(self._info(link_fd)[16:24], "little")
+
+    def link_prog_id(self, link_fd: int) -> int:
+        """struct bpf_link_info: prog_id sits at offset 8."""
+        return int.from_bytes(self._info(link_fd)[8:12], "little")
 
     def map_sizes(self, map_fd: int) -> tuple[int, int]:
         """struct bpf_map_info: key_size and value_size sit at offsets 8 and 12."""
@@ -117,6 +123,22 @@ class RawMap:
         if value is None or self._libbpf.map_delete_elem(self._fd, key):
             return None
         return value
+
+    def update(self, key: bytes, value: bytes) -> None:
+        self._libbpf.check(
+            self._libbpf.map_update_elem(self._fd, key, value, 0), "bpf_map_update_elem"
+        )
+
+    def delete(self, key: bytes) -> bool:
+        """False when the key was not there."""
+        return bool(self._libbpf.map_delete_elem(self._fd, key) == 0)
+
+    def per_cpu_sum(self, key: bytes, cpus: int) -> int:
+        """The sum over CPUs of a per-CPU map's u64 value."""
+        values = (ctypes.c_uint64 * cpus)()
+        if self._libbpf.map_lookup_elem(self._fd, key, values):
+            return 0
+        return sum(values)
 
     def insert(self, key: bytes, value: bytes) -> bool:
         """Add an entry that is not there yet (BPF_NOEXIST); False when the key exists."""
@@ -196,3 +218,52 @@ class BatchReader:
             elif self._libbpf.check(ret, "bpf_map_delete_batch") == 0 and not count.value:
                 break
         return deleted
+
+
+_SAMPLE_FN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)
+
+
+class RingBuffer:
+    """A BPF ring buffer by file descriptor, consumed through libbpf's ring_buffer API
+    (it maps the ring; reading it needs the map's fd, no capability)."""
+
+    def __init__(self, fd: int, callback: Callable[[bytes], bool]) -> None:
+        name = ctypes.util.find_library("bpf") or "libbpf.so.1"
+        lib = ctypes.CDLL(name, use_errno=True)
+        self._new, self._consume, self._free = (
+            lib.ring_buffer__new,
+            lib.ring_buffer__consume,
+            lib.ring_buffer__free,
+        )
+        self._new.restype = ctypes.c_void_p
+        self._new.argtypes = [ctypes.c_int, _SAMPLE_FN, ctypes.c_void_p, ctypes.c_void_p]
+        self._consume.argtypes = [ctypes.c_void_p]
+        self._free.argtypes = [ctypes.c_void_p]
+
+        def sample(_ctx: int, data: int, size: int) -> int:
+            return 0 if callback(ctypes.string_at(data, size)) else -1
+
+        self._sample = _SAMPLE_FN(sample)  # kept: libbpf holds the pointer
+        ring = self._new(fd, self._sample, None, None)
+        if not ring:
+            err = ctypes.get_errno()
+            raise OSError(err, f"ring_buffer__new: {os.strerror(err)}")
+        self._ring: int | None = ring
+
+    def consume(self) -> None:
+        """Hand every queued record to the callback, until it says stop; never waits."""
+        if self._ring is not None:
+            self._consume(self._ring)
+
+    def close(self) -> None:
+        if self._ring is not None:
+            self._free(self._ring)
+            self._ring = None
+
+
+def possible_cpus(path: str = "/sys/devices/system/cpu/possible") -> int:
+    """How many values a per-CPU map holds per key: "0-3" -> 4, "0,2-3" -> 4 (ids up to
+    the highest possible one)."""
+    with open(path) as f:
+        text = f.read().strip()
+    return max(int(part.split("-")[-1]) for part in text.split(",")) + 1

@@ -1,35 +1,35 @@
-"""The probe as the daemon holds it: a thin facade over the kernel package.
+"""The probe as the daemon holds it: what `kmeshd load` (kernel.load) pinned, opened by path.
 
-    Probe.start()   host checks, BTF defines, compile (build), closed-socket sweep (stale),
-                    attach (attach), all under <pin_dir>/v<LAYOUT> (pins)
+    Probe.open()    the pins under <pin_dir>/v<LAYOUT>, checked against the config
     drain()         ring-buffer records -> the callback (the access log)
-    sweep()         the TCP iterator in every network namespace: open connections' bytes
+    sweep()         the socket iterator: open connections' bytes into the flows
     flow_entries(), open_connections(), take_unseen_closes(), stats()
                     map contents for a publish, in batches
     new_generation(), forget_flows()      flow expiry (see struct flow_key in tcp_probe.h)
     set_known(), want_*()                 what the kernel tracks and sends
     close()         detach (clean stop) or let go (the pinned link keeps counting)
 
-Everything crosses as bytes; kmeshd.events decodes. The only importer of bcc is here and
-in build/attach, and nothing outside this package imports bcc or ctypes.
+Opening a pin (BPF_OBJ_GET) and using a map, a ring buffer or an iterator by its file
+descriptor need no capability beyond CAP_BPF (none at all from Linux 6.5), so the daemon
+runs without the ones loading takes. Everything crosses as bytes; kmeshd.events decodes.
+Nothing outside this package imports bcc or ctypes.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import logging
 import os
+import random
 import struct
+import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
 
 from kmeshd.config import Config
 from kmeshd.errors import UnavailableError
-from kmeshd.kernel import cgroup, sockdiag
-from kmeshd.kernel.attach import PROGRAM, attach, attach_sweep, run_iterator
-from kmeshd.kernel.build import check_host, compile_probe, import_bcc, kernel_defines
+from kmeshd.kernel import cgroup
+from kmeshd.kernel.attach import run_iterator
 from kmeshd.kernel.layout import (
     FLOW_KEY,
     SOCK_STATE,
@@ -39,15 +39,25 @@ from kmeshd.kernel.layout import (
     Stat,
     without_generation,
 )
-from kmeshd.kernel.libbpf import BatchReader, LibBpf, RawMap
-from kmeshd.kernel.pins import prepare_pin_dir
-from kmeshd.kernel.stale import may_enter_namespaces, sweep_closed_sockets
+from kmeshd.kernel.libbpf import BatchReader, LibBpf, RawMap, RingBuffer, possible_cpus
+from kmeshd.kernel.load import LINK_PIN, SWEEP_PIN, load, may_load
+from kmeshd.kernel.pins import layout_dir
 
 log = logging.getLogger(__name__)
 
-# Of a struct sock_state: its flow key and its flags, the rest skipped.
+# Of a struct sock_state: its flow key, flags, establishment and last sweep pass.
+_SOCKET_FLOW = struct.Struct(f"={FLOW_KEY.size}sH2x8xQ40xI4x")
+assert _SOCKET_FLOW.size == SOCK_STATE.size
 assert SOCK_STATE.places()["flags"] == (FLOW_KEY.size, 2)
-_SOCKET_FLOW = struct.Struct(f"={FLOW_KEY.size}sH{SOCK_STATE.size - FLOW_KEY.size - 2}x")
+assert SOCK_STATE.places()["established_ns"][0] == FLOW_KEY.size + 12
+assert SOCK_STATE.places()["swept"][0] == SOCK_STATE.size - 8
+_U32 = struct.Struct("=I")
+_U64 = struct.Struct("=Q")
+MAPS = (
+    "flows", "socks", "unseen_closes", "known_addrs", "stats", "settings", "grace",
+    "grace_inner", "records", "kept",
+)  # fmt: skip
+NOT_LOADED = "run kmeshd load as root first (the unit does, ExecStartPre=)"
 
 
 def flows_origin(libbpf: LibBpf, fd: int, pin: Path) -> str:
@@ -57,8 +67,8 @@ def flows_origin(libbpf: LibBpf, fd: int, pin: Path) -> str:
 
 
 def _keys(reader: BatchReader) -> set[bytes]:
-    """Every key of a flows map, as laid out in its batches."""
-    size = FLOW_KEY.size
+    """Every key of a map, as laid out in its batches."""
+    size = reader.key_size
     return {
         keys[at : at + size]
         for keys, _values, total in reader.batches()
@@ -67,88 +77,84 @@ def _keys(reader: BatchReader) -> set[bytes]:
 
 
 class Probe:
-    """A compiled, attached probe. Build it with `Probe.start(...)`."""
+    """An attached probe's pins, open. Build it with `Probe.open(...)`."""
 
-    def __init__(
-        self,
-        bpf: Any,
-        libbpf: LibBpf,
-        link_fd: int,
-        link_pin: Path,
-        sweep_link: int | None,
-        origin: str = "",
-    ) -> None:
-        self._bpf = bpf
-        self.origin = origin  # which flows map this is (see flows_origin)
-        self._sweep_link = sweep_link
+    def __init__(self, libbpf: LibBpf, pins: Path, fds: dict[str, int], link_fd: int) -> None:
+        self._libbpf, self._pins, self._fds = libbpf, pins, fds
+        self.origin = flows_origin(libbpf, fds["flows"], pins / "flows")  # see carryover
+        self._sweep_pin = pins / SWEEP_PIN if (pins / SWEEP_PIN).exists() else None
         self._sweeping = False
-        self._libbpf = libbpf
+        self._pass = random.getrandbits(32)  # a socket's last pass is never taken for ours
+        self._swept_at: int | None = None  # CLOCK_MONOTONIC ns when the last sweep began
+        self.unreached = 0  # open sockets the last sweep could not read (see sweep)
         self._link_fd = link_fd
-        self._link_pin = link_pin
-        self._flows = BatchReader(libbpf, bpf["flows"].map_fd)
+        self._flows = BatchReader(libbpf, fds["flows"])
         self.flows_capacity = self._flows.capacity
-        self._socks = BatchReader(libbpf, bpf["socks"].map_fd)
-        self._unseen = BatchReader(libbpf, bpf["unseen_closes"].map_fd)
-        self._grace = (bpf["grace"].map_fd, bpf["grace_inner"].map_fd)
-        self.generation = 0  # what the settings say (a new program's start at 0)
-        self._known = bpf["known_addrs"]
+        self._socks = BatchReader(libbpf, fds["socks"])
+        self._unseen = BatchReader(libbpf, fds["unseen_closes"])
+        self._known = RawMap(libbpf, fds["known_addrs"])
         self._known_have: set[bytes] | None = None  # what set_known put in the map
-        self._stats = bpf["stats"]
-        self._settings = bpf["settings"]
-        self._kept: set[bytes] = set()  # see keys_at_start
+        self._stats = RawMap(libbpf, fds["stats"])
+        self._cpus = possible_cpus()
+        self._settings = RawMap(libbpf, fds["settings"])
+        self._ring: RingBuffer | None = None
+        self.generation = 0  # what the settings say (a new program's start at 0)
+        self._kept: set[bytes] | None = None  # see keys_at_start
 
     @classmethod
-    def start(
-        cls,
-        pin_dir: Path,
-        cgroup_dir: Path,
-        phase: Callable[[str], None] = lambda _: None,
-        sweep: bool = True,
-        max_flows: int = 65536,
-    ) -> Probe:
-        """Compile, load and attach; `phase` hears what it is doing (for STATUS=). Without
-        `sweep`, open connections' bytes count at their close only."""
-        check_host(sweep=sweep)
-        bcc = import_bcc()
-        pins = prepare_pin_dir(pin_dir, max_flows)
-        defines = kernel_defines(sweep)
-        phase("compiling the BPF probe")
-        bpf = compile_probe(bcc, pins, defines, max_flows)
-        sweep_link = attach_sweep(bcc, bpf) if sweep else None
+    def open(cls, pin_dir: Path, cgroup_dir: Path, sweep: bool, max_flows: int) -> Probe:
+        """The pins `kmeshd load` made for this config; UnavailableError says what to run
+        when there are none, or they belong to another config."""
+        pins = layout_dir(pin_dir)
         libbpf = LibBpf()
-        _forget_closed_sockets(bpf, libbpf)
-        kept = _keys(BatchReader(libbpf, bpf["flows"].map_fd))
-        phase(f"attaching the probe to {cgroup_dir}")
-        prog = bpf.load_func(PROGRAM, bcc.BPF.SOCK_OPS)
+        fds: dict[str, int] = {}
         try:
-            link_fd = attach(libbpf, prog.fd, cgroup_dir, pins / "link")
-        except OSError as exc:
-            bpf.cleanup()
-            raise UnavailableError(f"cannot attach the probe to {cgroup_dir}: {exc}") from exc
-        origin = flows_origin(libbpf, bpf["flows"].map_fd, pins / "flows")
-        probe = cls(bpf, libbpf, link_fd, pins / "link", sweep_link, origin)
-        probe._kept = kept
+            for name in (*MAPS, LINK_PIN):
+                fds[name] = libbpf.open_pinned(pins / name)
+            link_fd = fds.pop(LINK_PIN)
+            if libbpf.link_cgroup_id(link_fd) != os.stat(cgroup_dir).st_ino:
+                raise UnavailableError(f"the probe in {pins} is not attached to {cgroup_dir}")
+        except (OSError, UnavailableError) as exc:
+            for fd in fds.values():
+                os.close(fd)
+            raise UnavailableError(f"no probe loaded for this config ({exc}): {NOT_LOADED}") from (
+                exc
+            )
+        probe = cls(libbpf, pins, fds, link_fd)
+        problem = probe._mismatch(sweep, max_flows)
+        if problem:
+            probe.close(detach=False)
+            raise UnavailableError(f"{problem}: {NOT_LOADED}")
         return probe
+
+    def _mismatch(self, sweep: bool, max_flows: int) -> str | None:
+        if self.flows_capacity != max_flows:
+            return f"the probe was loaded with bpf.max_flows = {self.flows_capacity}"
+        if sweep and self._sweep_pin is None:
+            return "the probe was loaded without its socket sweep (bpf.live_updates)"
+        return None
 
     def keys_at_start(self) -> set[bytes]:
         """The flow keys the pinned map held before this probe attached (once; then empty).
         Only an earlier daemon's program wrote those; what this one counts starts at
-        generation 0, which may be a key an earlier daemon deleted."""
-        kept, self._kept = self._kept, set()
-        return kept
+        generation 0, which may be a key an earlier daemon deleted. `kmeshd load` left
+        them in the `kept` map."""
+        if self._kept is not None:
+            return set()
+        kept = BatchReader(self._libbpf, self._fds["kept"])
+        self._kept = _keys(kept)
+        kept.delete(b"".join(self._kept))
+        return self._kept
 
     def on_record(self, callback: Callable[[bytes], bool]) -> None:
         """Call `callback(raw record)` for each ring-buffer record drain() consumes; when it
         returns False, drain() stops and the rest stay queued in the kernel."""
-
-        def _cb(_ctx: Any, data: Any, size: int) -> int:
-            return 0 if callback(ctypes.string_at(data, size)) else -1
-
-        self._bpf["records"].open_ring_buffer(_cb)
+        self._ring = RingBuffer(self._fds["records"], callback)
 
     def drain(self) -> None:
         """Hand every queued record to the callback (until it says stop); never waits."""
-        self._bpf.ring_buffer_consume()
+        if self._ring is not None:
+            self._ring.consume()
 
     def flow_entries(self) -> Iterator[Entries]:
         """The flows map, a batch at a time: struct flow_key and struct flow_counters."""
@@ -157,12 +163,18 @@ class Probe:
 
     def open_connections(self) -> dict[bytes, int]:
         """Established tracked sockets by flow key (generation 0): the connections open now.
-        Counted from the sockets themselves, so it needs no history of opens and closes."""
+        Counted from the sockets themselves, so it needs no history of opens and closes.
+        Sets `unreached`: those established before the last sweep that it did not read."""
         open_by_flow: dict[bytes, int] = {}
+        swept_at, this_pass = self._swept_at, self._pass
+        unreached = 0
         for _keys, values, _count in self._socks.batches():
-            for key, flags in _SOCKET_FLOW.iter_unpack(values):
+            for key, flags, established, swept in _SOCKET_FLOW.iter_unpack(values):
                 if flags & SockFlag.ESTABLISHED:
                     open_by_flow[key] = open_by_flow.get(key, 0) + 1
+                    if swept_at is not None and established < swept_at and swept != this_pass:
+                        unreached += 1
+        self.unreached = unreached
         return open_by_flow
 
     def take_unseen_closes(self) -> list[tuple[bytes, int]]:
@@ -182,10 +194,8 @@ class Probe:
         the kernel's synchronize_rcu). Returns the new generation."""
         self.generation = (self.generation + 1) % 256
         self._set(Setting.GENERATION, self.generation)
-        grace, inner = self._grace
-        key, fd = ctypes.c_uint32(0), ctypes.c_uint32(inner)
-        ret = self._libbpf.map_update_elem(grace, ctypes.byref(key), ctypes.byref(fd), 0)
-        self._libbpf.check(ret, "bpf_map_update_elem grace")
+        grace = RawMap(self._libbpf, self._fds["grace"])
+        grace.update(_U32.pack(0), _U32.pack(self._fds["grace_inner"]))
         return self.generation
 
     def forget_flows(self, keys: bytes) -> int:
@@ -194,7 +204,7 @@ class Probe:
 
     def stats(self) -> dict[Stat, int]:
         """The per-CPU counters, summed."""
-        return {s: sum(self._stats[ctypes.c_int(s)]) for s in Stat}
+        return {s: self._stats.per_cpu_sum(_U32.pack(s), self._cpus) for s in Stat}
 
     def want_records(self, on: bool) -> None:
         """Whether the kernel queues access-log records at all (off: no ring work)."""
@@ -202,81 +212,70 @@ class Probe:
 
     @property
     def can_sweep(self) -> bool:
-        """Whether the probe was started with its socket sweep."""
-        return self._sweep_link is not None
+        """Whether the probe was loaded with its socket sweep."""
+        return self._sweep_pin is not None
 
     def want_live_updates(self, on: bool) -> None:
         """Whether sweep() adds open connections' bytes to the flows (else: at close)."""
         self._sweeping = on and self.can_sweep
 
-    def sweep(self, on_error: Callable[[sockdiag.SockDiagError], None]) -> int:
+    def sweep(self) -> None:
         """Bring every open tracked connection's bytes, retransmits and losses into the
-        flows (and write due periodic records), in each network namespace this process may
-        enter; `on_error` hears of those it may not. Returns the namespaces swept."""
-        link = self._sweep_link
-        if not self._sweeping or link is None:
-            return 0
-        swept, _hidden = sockdiag.in_each_namespace(lambda: run_iterator(link), on_error)
-        return len(swept)
+        flows (and write due periodic records), in every network namespace at once: the
+        iterator reaches sockets through the files processes hold (see bpf/tcp_probe.c).
+        Those it cannot reach are counted in `unreached` by the next open_connections()."""
+        pin = self._sweep_pin
+        if not self._sweeping or pin is None:
+            self._swept_at = None
+            return
+        self._pass = (self._pass + 1) & 0xFFFFFFFF
+        self._set(Setting.SWEEP_PASS, self._pass)
+        self._swept_at = time.monotonic_ns()  # bpf_ktime_get_ns()'s clock
+        run_iterator(pin)
 
     def want_periodic_records(self, seconds: float) -> None:
         """A record of each open connection's totals every `seconds` it moves bytes; 0: none."""
         self._set(Setting.PERIODIC, round(seconds * 1e9))
 
     def _set(self, index: Setting, value: int) -> None:
-        self._settings[ctypes.c_int(index)] = ctypes.c_uint64(value)
+        self._settings.update(_U32.pack(index), _U64.pack(value))
 
     def set_known(self, keys: Iterable[bytes]) -> int:
         """Make the kernel's known-address set equal `keys` (addresses as the kernel keeps
         them, see kmeshd.events.encode_address); returns the entries refused."""
         want = set(keys)
         if self._known_have is None:  # once: the map may hold a previous instance's set
-            self._known_have = {bytes(k) for k in self._known}
+            self._known_have = set(self._known)
         have = self._known_have
-        key_type, leaf_type = self._known.Key, self._known.Leaf
         for raw in have - want:
-            with contextlib.suppress(KeyError):
-                del self._known[key_type.from_buffer_copy(raw)]
+            self._known.delete(raw)
             have.discard(raw)
         refused = 0
         for raw in want - have:
             try:
-                self._known[key_type.from_buffer_copy(raw)] = leaf_type(1)
+                self._known.update(raw, b"\x01")
                 have.add(raw)
-            except Exception:  # the map is full: count, keep the rest working
+            except OSError:  # the map is full: count, keep the rest working
                 refused += 1
         return refused
 
     def close(self, detach: bool = True) -> None:
-        """Detach (clean stop) or just let go (the pinned link keeps counting)."""
+        """Detach (clean stop) or just let go (the pinned link keeps counting). A detached
+        link's pin stays: the next `kmeshd load` replaces it."""
         if detach:
             self._libbpf.link_detach(self._link_fd)
-            self._link_pin.unlink(missing_ok=True)
+        if self._ring is not None:
+            self._ring.close()
         os.close(self._link_fd)
-        if self._sweep_link is not None:
-            os.close(self._sweep_link)
-        self._bpf.cleanup()
-
-
-def _forget_closed_sockets(bpf: Any, libbpf: LibBpf) -> None:
-    """Sweep out sockets that closed while no probe ran, if this process may look into
-    every network namespace; else `kmeshd sweep-sockets` does it."""
-    if not may_enter_namespaces():
-        log.info(
-            "sockets that closed while kmeshd was stopped are left to `kmeshd"
-            " sweep-sockets` (the unit runs it privileged): this process may not enter"
-            " other network namespaces (CAP_SYS_ADMIN, CAP_SYS_PTRACE)"
-        )
-        return
-    sweep_closed_sockets(
-        RawMap(libbpf, bpf["socks"].map_fd),
-        RawMap(libbpf, bpf["unseen_closes"].map_fd),
-        sockdiag.live_cookies,
-    )
+        for fd in self._fds.values():
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._fds = {}
 
 
 class HostKernel:
-    """This host's kernel, as the daemon starts its probe on it."""
+    """This host's kernel, as the daemon starts its probe on it: loaded in-process when
+    this process may (root in a shell, the tests), else what `kmeshd load` left."""
 
     def cgroup(self, config: Config) -> Path:
         return cgroup.directory(config.bpf.cgroup, f"{config.path}: bpf.cgroup")
@@ -284,4 +283,6 @@ class HostKernel:
     def start(self, config: Config, cgroup: Path, phase: Callable[[str], None]) -> Probe:
         pin_dir = Path(config.bpf.pin_dir)
         bpf = config.bpf
-        return Probe.start(pin_dir, cgroup, phase, bpf.live_updates, bpf.max_flows)
+        if may_load():
+            load(pin_dir, cgroup, phase, bpf.live_updates, bpf.max_flows)
+        return Probe.open(pin_dir, cgroup, bpf.live_updates, bpf.max_flows)

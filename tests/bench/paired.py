@@ -10,7 +10,7 @@ tenants one invocation's ratios move by several hundredths. With the access log 
 kmeshd's user space does nothing per connection (run.py: 0.000-0.001 s of CPU per 10,000
 connections; the sweep at each publish is sweep.py's figure): the cost to the churn is the
 kernel program's. So here one process loads the probe exactly as the daemon does
-(kmeshd.kernel.probe.Probe: the same source, maps and known addresses; no socket sweep), keeps
+(kmeshd.kernel.load and .probe: the same source, maps and known addresses; no socket sweep), keeps
 the load generator's server up, and alternates S-second churns with the program attached
 and detached, N pairs per scenario, the order flipping from pair to pair. Each pair gives
 a ratio (attached / detached); the figures are their median and quartiles.
@@ -31,13 +31,15 @@ from typing import Any
 
 from kmeshd.events import encode_address
 from kmeshd.kernel import cgroup
-from kmeshd.kernel.attach import PROGRAM, attach
+from kmeshd.kernel.attach import attach
+from kmeshd.kernel.load import load
 from kmeshd.kernel.pins import remove_pins
 from kmeshd.kernel.probe import Probe
 from tests.bench import loadgen
 from tests.bench.scenarios import Scenario, all_scenarios
 
 BPFFS = Path("/sys/fs/bpf")
+MAX_FLOWS = 65536  # load()'s default
 
 
 def parse_args() -> argparse.Namespace:
@@ -56,8 +58,12 @@ class Switch:
 
     def __init__(self, probe: Probe, cgroup_dir: Path) -> None:
         self._probe, self._cgroup_dir = probe, cgroup_dir
-        self._pin = probe._link_pin.with_name("bench-link")
-        self._link: int | None = None  # None: the link Probe.start made is the one attached
+        self._pin = probe._pins / "bench-link"
+        self._link: int | None = None  # None: the link `load` made is the one attached
+        libbpf = probe._libbpf  # the program behind that link (by id: root's privilege)
+        self._prog = libbpf.check(
+            libbpf.prog_get_fd_by_id(libbpf.link_prog_id(probe._link_fd)), "bpf_prog_get_fd_by_id"
+        )
 
     def detach(self) -> None:
         libbpf = self._probe._libbpf
@@ -70,8 +76,7 @@ class Switch:
         self._link = None
 
     def attach(self) -> None:
-        prog_fd = self._probe._bpf.load_func(PROGRAM, self._probe._bpf.SOCK_OPS).fd
-        self._link = attach(self._probe._libbpf, prog_fd, self._cgroup_dir, self._pin)
+        self._link = attach(self._probe._libbpf, self._prog, self._cgroup_dir, self._pin)
 
 
 @contextmanager
@@ -79,7 +84,8 @@ def switch_for(scenario: Scenario, workdir: Path) -> Iterator[Switch]:
     """The probe for `scenario`, attached; detached and its maps removed at the end."""
     pins = BPFFS / f"kmeshd-bench-paired-{workdir.name}"
     cgroup_dir = cgroup.directory("auto", "bench")
-    probe = Probe.start(pins, cgroup_dir, sweep=False)
+    load(pins, cgroup_dir, sweep=False)
+    probe = Probe.open(pins, cgroup_dir, sweep=False, max_flows=MAX_FLOWS)
     switch = Switch(probe, cgroup_dir)
     try:
         probe.set_known(

@@ -11,8 +11,8 @@ loopback scenario's namespace: start kmeshd (metrics.interval 1 s), open the con
 scrapes /metrics and with kernel.bpf_stats_enabled=1, take the daemon's CPU time and the
 iterator program's runs and run time as the kernel times them, per publish; then read the
 daemon's own kmeshd_publish_duration_seconds over P more publishes (the sweep runs first
-in each publish). The sweep enters every network namespace on the host; their number is
-reported beside the figures.
+in each publish). The sweep walks every open file on the host, whatever its network
+namespace (entering none); the host's namespaces are counted beside the figures.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from tests.bench.scenarios import inventory as inventory_of
 from tests.daemon_proc import DaemonProcess, Samples, value
 
 BPFFS = Path("/sys/fs/bpf")
-ITERATOR = ("tcp", "tracing")  # how bpftool lists the iterator program: name, type
+ITERATOR = ("task_file", "tracing")  # how bpftool lists the iterator program: name, type
 CONFIGS = ("kmeshd-core", "kmeshd")
 LAST_PUBLISH = "kmeshd_last_publish_timestamp_seconds"
 INTERVAL_S = 1
