@@ -202,7 +202,8 @@ def host_problems(config: Config, bad_keys: list[str]) -> tuple[list[str], list[
     if "bpf.pin_dir" not in bad_keys and not pins.is_bpffs(pin_dir):
         host.append(
             f"{pin_dir} is not on a BPF filesystem: mount one (mount -t bpf bpf /sys/fs/bpf)"
-            " or set bpf.pin_dir"
+            " or set bpf.pin_dir; under kmeshd.service the directory itself must exist"
+            " before the start (systemd-tmpfiles --create kmeshd.conf makes the default one)"
         )
     return problems, host
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.daemon_proc import DaemonProcess, Samples, value
-from tests.e2e import INVENTORY, W, attached_probes, closed, hold, release, serve
+from tests.e2e import INVENTORY, W, attached_probes, closed, exchange, hold, release, serve
 from tests.netns import Pod, is_root
 
 pytestmark = [
@@ -45,11 +45,8 @@ def workdir() -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
-@pytest.fixture
-def daemon(workdir: Path, pin_dir: Path) -> Iterator[DaemonProcess]:
-    d = DaemonProcess(workdir, INVENTORY, pin_dir, interval="300ms")
-    for path in (d.textfile.parent, d.accesslog.parent):
-        path.chmod(0o777)
+def load_and_start(d: DaemonProcess) -> None:
+    """As the unit starts kmeshd: `kmeshd load` as root, then the daemon unprivileged."""
     load = subprocess.run(
         [sys.executable, "-m", "kmeshd.cli", "load", "--config", str(d.config), "--user", "nobody"],
         capture_output=True,
@@ -59,6 +56,14 @@ def daemon(workdir: Path, pin_dir: Path) -> Iterator[DaemonProcess]:
     assert load.returncode == 0, load.stderr
     assert "probe attached to /sys/fs/cgroup" in load.stdout
     d.start(wrapper=UNPRIVILEGED)
+
+
+@pytest.fixture
+def daemon(workdir: Path, pin_dir: Path) -> Iterator[DaemonProcess]:
+    d = DaemonProcess(workdir, INVENTORY, pin_dir, interval="300ms")
+    for path in (d.textfile.parent, d.accesslog.parent):
+        path.chmod(0o777)
+    load_and_start(d)
     yield d
     d.close()
 
@@ -161,6 +166,26 @@ def test_a_socket_no_process_holds_is_counted_unreached_and_exact_at_close(
     s = daemon.wait_for(closed(1), what="both ends closed")
     assert both(s, "received_bytes_total") == [100, 100]
     assert value(s, "kmeshd_sweep_sockets_unreached") == 0
+
+
+def test_a_restart_as_the_unit_does_it_counts_every_connection_once(
+    daemon: DaemonProcess, pods: dict[str, Pod]
+) -> None:
+    """Stop, load again (which hands the pins over again) and start: the counters carry
+    over from the state file against the same kernel map, neither doubled nor lost."""
+    exchange(pods, [(292, 5, 0), (100, 7, 0)])
+    s = daemon.wait_for(closed(2), what="two connections")
+    assert both(s, "received_bytes_total") == [392, 392]
+    assert daemon.stop(signal.SIGTERM) == 0
+    load_and_start(daemon)
+    time.sleep(1)  # three publishes
+    s = daemon.samples()
+    assert both(s, "connections_opened_total") == [2, 2]
+    assert both(s, "received_bytes_total") == [392, 392]
+    exchange(pods, [(20, 1, 0)])
+    s = daemon.wait_for(closed(3), what="the third connection")
+    assert both(s, "connections_opened_total") == [3, 3]
+    assert both(s, "received_bytes_total") == [412, 412]
 
 
 def test_a_clean_stop_detaches_without_privileges(daemon: DaemonProcess) -> None:

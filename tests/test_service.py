@@ -255,7 +255,7 @@ def test_the_daemon_runs_as_kmeshd_with_cap_bpf_alone(container: Container) -> N
     pid = main_pid(container)
     status = dict(
         line.split(":\t", 1)
-        for line in (container.root / f"proc/{pid}/status").read_text().splitlines()
+        for line in container.sh(f"cat /proc/{pid}/status").stdout.splitlines()
         if ":\t" in line
     )
     uid = int(container.sh("id -u kmeshd").stdout)
@@ -264,7 +264,7 @@ def test_the_daemon_runs_as_kmeshd_with_cap_bpf_alone(container: Container) -> N
     assert [int(x) for x in status["Gid"].split()] == [adm] * 4
     for kind in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
         assert int(status[kind], 16) == 1 << CAP_BPF, kind
-    maps = (container.root / f"proc/{pid}/maps").read_text()
+    maps = container.sh(f"cat /proc/{pid}/maps").stdout
     assert "libbcc" not in maps and "libLLVM" not in maps and "libclang" not in maps
 
 
@@ -499,7 +499,33 @@ def test_package_contents(container: Container) -> None:
     for page in ("usr/share/man/man8/kmeshd.8.gz", "usr/share/man/man5/kmeshd.toml.5.gz"):
         assert (container.root / page).stat().st_size > 1000
     textfile_dir = container.root / "var/lib/prometheus/node-exporter"
-    assert textfile_dir.stat().st_mode & 0o777 == 0o755
+    st = textfile_dir.stat()
+    assert (st.st_uid, st.st_mode & 0o707) == (0, 0o705)  # root's; others read and search
+    kmeshd = int(container.sh("id -u kmeshd").stdout)
+    assert acl(textfile_dir) == {
+        ("user", None): 0o7,
+        ("user", kmeshd): 0o7,  # the tmpfiles rule's entry: kmeshd writes kmeshd.prom there
+        ("group", None): 0o5,
+        ("mask", None): 0o7,
+        ("other", None): 0o5,
+    }
+
+
+ACL_TAGS = {0x01: "user", 0x02: "user", 0x04: "group", 0x08: "group", 0x10: "mask", 0x20: "other"}
+NAMED = (0x02, 0x08)  # ACL_USER, ACL_GROUP: entries that carry an id
+
+
+def acl(path: Path) -> dict[tuple[str, int | None], int]:
+    """A POSIX access ACL as the kernel stores it (system.posix_acl_access: a version, then
+    (tag u16, permissions u16, id u32) entries), by (tag, id of a named entry)."""
+    raw = os.getxattr(path, "system.posix_acl_access")
+    assert int.from_bytes(raw[:4], "little") == 2
+    entries = {}
+    for at in range(4, len(raw), 8):
+        tag, perm = int.from_bytes(raw[at : at + 2], "little"), raw[at + 2]
+        ident = int.from_bytes(raw[at + 4 : at + 8], "little")
+        entries[(ACL_TAGS[tag], ident if tag in NAMED else None)] = perm
+    return entries
 
 
 def test_dashboards_and_rules_are_installed_as_shipped(container: Container) -> None:

@@ -108,9 +108,13 @@ def _pin_or_remove(libbpf: LibBpf, fd: int | None, path: Path) -> None:
 
 
 def hand_over(pins: Path, uid: int, gid: int) -> None:
-    """The daemon's user owns the pins: BPF_OBJ_GET checks a pin's file permissions."""
+    """The daemon's user owns the pins: BPF_OBJ_GET checks a pin's file permissions. Only
+    those it does not own yet: a chown changes a pin's ctime even when the owner stays, and
+    the flows pin's ctime is part of the name counters are saved under (flows_origin)."""
     for path in (pins.parent, pins, *pins.iterdir()):
-        os.chown(path, uid, gid)
+        st = path.stat()
+        if (st.st_uid, st.st_gid) != (uid, gid):
+            os.chown(path, uid, gid)
 
 
 def _keep_keys(bpf: Any, libbpf: LibBpf) -> None:
