@@ -70,12 +70,12 @@ bench: venv kernel-headers
 	$(VENV)/bin/python -m tests.bench.publish $(BENCH_PUBLISH_ARGS)
 	$(VENV)/bin/python -m tests.bench.soak $(BENCH_SOAK_ARGS)
 	$(VENV)/bin/python -m tests.bench.privilege $(BENCH_PRIVILEGE_ARGS)
+	$(VENV)/bin/python -m tests.bench.storage $(BENCH_STORAGE_ARGS)
 
 bench-scale: venv kernel-headers
 	$(VENV)/bin/python -m tests.bench.scale $(BENCH_SCALE_ARGS)
 	$(VENV)/bin/python -m tests.bench.publish $(BENCH_PUBLISH_ARGS)
 	$(VENV)/bin/python -m tests.bench.soak $(BENCH_SOAK_ARGS)
-	$(VENV)/bin/python -m tests.bench.privilege $(BENCH_PRIVILEGE_ARGS)
 
 bench-identity: venv kernel-headers
 	$(VENV)/bin/python -m tests.bench.identity $(BENCH_IDENTITY_ARGS)

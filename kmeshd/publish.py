@@ -95,6 +95,7 @@ class Publisher:
         self._overflow_complaints = Throttle(LOG_EVERY_S, clock.monotonic)
         self._overflowed = 0
         self._save_complaints = Throttle(LOG_EVERY_S, clock.monotonic)
+        self._unreached_notes = Throttle(LOG_EVERY_S, clock.monotonic)
         self.save_failures = 0
         self._generation_at = clock.monotonic()
         self._flows_full = 0
@@ -129,6 +130,7 @@ class Publisher:
         ledger.fold_closes(closes, view, now)
         self.unseen_closes += sum(n for _key, n in closes)
         ledger.count_open(probe.open_connections(), view, now)
+        self._note_unreached(probe.unreached)
         if retiring:
             self.save()  # before the kernel forgets them: a crash between loses nothing
             self._retire(old)
@@ -193,6 +195,17 @@ class Publisher:
                     self.state,
                     exc,
                 )
+
+    def _note_unreached(self, unreached: int) -> None:
+        """Open connections the socket sweep could not read: counted in a gauge, and said
+        (once a minute at most) so that a node where that is the rule is noticed."""
+        if unreached and self._unreached_notes.ready():
+            log.info(
+                "socket sweep: %d open connections not read (no process holds a file of"
+                " them: an accept queue, io_uring, the kernel; or in use at each try); their"
+                " bytes come at a later sweep or at close (kmeshd_sweep_sockets_unreached)",
+                unreached,
+            )
 
     def _retire(self, old: list[bytes]) -> None:
         """Delete the entries of earlier generations, folded for the last time just now."""

@@ -5,11 +5,13 @@ a scrape that never waits."""
 from __future__ import annotations
 
 import gzip
+import logging
 import os
 import threading
 import urllib.request
 from pathlib import Path
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from kmeshd.accesslog.records import RecordFeed
@@ -88,6 +90,34 @@ def test_a_publish_folds_flows_under_the_identities_known_now(tmp_path: Path) ->
     assert one(text, "kmeshd_identity_source_up", source="inventory") == 1
     assert one(text, "kmeshd_series", level="workload") == 2
     assert one(text, "kmeshd_bpf_map_entries", map="flows") == 2
+
+
+def test_sockets_the_sweep_could_not_read_are_exported_and_said_once_a_minute(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The probe's unreached sockets (after its open_connections) are a gauge, its busy
+    visits a counter; a publish with any says so, at most once a minute."""
+    probe, clock = FakeProbe(), FakeClock()
+    probe.unreached = 3
+    probe.stats_values[Stat.SWEEP_BUSY] = 7
+    pub = publisher(probe, clock)
+    with caplog.at_level(logging.INFO, logger="kmeshd.publish"):
+        for _ in range(3):
+            pub.publish(IDS, {"inventory": True})
+            clock.sleep(5)
+    text = scraped(pub)
+    assert one(text, "kmeshd_sweep_sockets_unreached") == 3
+    assert one(text, "kmeshd_sweep_sockets_busy_total") == 7
+    said = [r.getMessage() for r in caplog.records if "socket sweep" in r.getMessage()]
+    assert said == [
+        "socket sweep: 3 open connections not read (no process holds a file of them: an"
+        " accept queue, io_uring, the kernel; or in use at each try); their bytes come at a"
+        " later sweep or at close (kmeshd_sweep_sockets_unreached)"
+    ]
+    probe.unreached = 0
+    clock.sleep(60)
+    pub.publish(IDS, {"inventory": True})
+    assert one(scraped(pub), "kmeshd_sweep_sockets_unreached") == 0
 
 
 def test_counters_grow_by_what_changed_and_unseen_closes_count_as_closed() -> None:
