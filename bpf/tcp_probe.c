@@ -666,6 +666,7 @@ struct reading {
     __u64 received;
     __u32 retrans;
     __u32 dsack_dups;
+    __u32 segs_in;
     __u8 state;
 };
 
@@ -679,6 +680,7 @@ static __always_inline int read_quiet(void *tp, struct reading *r)
 #pragma unroll
     for (int i = 0; i < 3; i++) {
         __u32 segs = tcp_u32(tp, TCP_SEGS_IN_OFF);
+        r->segs_in = segs;
         if (socket_in_use(tp))
             continue;
         bpf_probe_read_kernel(&r->state, sizeof(r->state), tp + TCP_STATE_OFF);
@@ -739,12 +741,22 @@ int bpf_iter__task_file(struct bpf_iter__task_file *ctx)
     __u32 pass = (__u32)setting(SETTING_SWEEP_PASS);
     if (st->swept == pass) /* one more file of a socket read this pass already */
         return 0;
+    /* Idle since it was last read: every change the sweep reads comes with a segment in
+     * (bytes, the peer's FIN) or out (retransmits, our FIN), so nothing moved. The common
+     * case of a long-lived connection, at two reads. */
+    __u32 segs_out = tcp_u32(tp, TCP_SEGS_OUT_OFF);
+    if (tcp_u32(tp, TCP_SEGS_IN_OFF) + segs_out == st->swept_segs) {
+        st->swept = pass;
+        return 0;
+    }
     struct reading r = {};
     if (!read_quiet(tp, &r)) {
         count(STAT_SWEEP_BUSY);
         return 0;
     }
     st->swept = pass;
+    /* What the reading saw, or less: a segment after it makes the next sweep read again. */
+    st->swept_segs = r.segs_in + segs_out;
     /* Only ESTABLISHED and CLOSE_WAIT: there the FINs counted in bytes_acked and
      * bytes_received are known for certain (none, or the peer's); the rest of a closing
      * connection's bytes come with its close. */

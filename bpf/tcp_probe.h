@@ -31,7 +31,8 @@
 #define SETTING_PERIODIC 1 /* ns between two records of one open connection; 0: none */
 #define SETTING_GENERATION 2 /* the generation flows are counted in now (struct flow_key) */
 #define SETTING_SWEEP_PASS 3 /* which sweep pass runs now (numbered by user space) */
-#define SETTING_COUNT 4
+#define SETTING_OPENED 4     /* 1 once a daemon opened this load's pins (user space only) */
+#define SETTING_COUNT 5
 
 /* ---- Flows: the key and counters of the flows map ------------------------------------ */
 
@@ -104,7 +105,7 @@ struct sock_state {
     __u64 reported_retrans; /* 64 bits for the compare-and-swap (see advance) */
     __u64 reported_lost;
     __u32 swept;            /* the last sweep pass that read it (SETTING_SWEEP_PASS) */
-    __u32 _pad;
+    __u32 swept_segs;       /* segs_in + segs_out when it was last read: unchanged, idle */
 };                                     /* 104 bytes */
 
 #define SF_ESTABLISHED 1 /* the handshake completed */

@@ -331,3 +331,24 @@ def test_a_token_no_header_can_carry_stops_check_config_and_run(tmp_path: Path) 
     for verb in ("check-config", "run"):
         result = kmeshd(verb, "--config", str(path))
         assert (result.returncode, result.stderr.splitlines()[-1:]) == (78, [expected]), verb
+
+
+def test_load_for_a_user_that_does_not_exist_says_so_before_touching_the_kernel(
+    tmp_path: Path,
+) -> None:
+    """`kmeshd load --user` names the missing user and the fix, exit 69, nothing loaded."""
+    cfg = config(tmp_path, f'[bpf]\npin_dir = "{tmp_path / "pins"}"\n')
+    done = kmeshd("load", "--config", str(cfg), "--user", "no-such-kmeshd-user")
+    assert (done.returncode, done.stdout) == (69, "")
+    assert done.stderr == (
+        "kmeshd: there is no user 'no-such-kmeshd-user': create it (the package does, with"
+        " systemd-sysusers) or name another with --user\n"
+    )
+    assert not (tmp_path / "pins").exists()
+
+
+def test_load_with_a_bad_config_exits_78_like_check_config(tmp_path: Path) -> None:
+    cfg = config(tmp_path, "[metrics]\ninterval = 5\n")
+    done = kmeshd("load", "--config", str(cfg))
+    assert done.returncode == 78
+    assert "metrics.interval" in done.stderr

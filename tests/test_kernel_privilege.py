@@ -13,10 +13,16 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from ipaddress import ip_address
 from pathlib import Path
 
 import pytest
 
+from kmeshd.events import encode_address
+from kmeshd.kernel import cgroup
+from kmeshd.kernel.layout import FLOW_KEY
+from kmeshd.kernel.load import load
+from kmeshd.kernel.probe import Probe
 from tests.daemon_proc import DaemonProcess, Samples, value
 from tests.e2e import INVENTORY, W, attached_probes, closed, exchange, hold, release, serve
 from tests.netns import Pod, is_root
@@ -186,6 +192,34 @@ def test_a_restart_as_the_unit_does_it_counts_every_connection_once(
     s = daemon.wait_for(closed(3), what="the third connection")
     assert both(s, "connections_opened_total") == [3, 3]
     assert both(s, "received_bytes_total") == [412, 412]
+
+
+def test_pins_opened_again_without_a_load_go_on_from_the_last_daemon(
+    pin_dir: Path, pods: dict[str, Pod]
+) -> None:
+    """The probe as a daemon opens it: after a fresh load, generation 0 and the keys the
+    load kept; opened again with no load between (a daemon killed and started by hand),
+    the generation the last one set and every entry of the same program's map."""
+    cgroup_dir = cgroup.directory("auto", "test")
+    load(pin_dir, cgroup_dir, sweep=False)
+    probe = Probe.open(pin_dir, cgroup_dir, sweep=False, max_flows=65536)
+    assert (probe.generation, probe.keys_at_start()) == (0, set())
+    probe.set_known([encode_address(ip_address(pods["server"].ip4))])
+    exchange(pods, [(292, 5, 0)])
+    assert probe.new_generation() == 1
+    size = FLOW_KEY.size
+    keys = {
+        e.keys[at : at + size] for e in probe.flow_entries() for at in range(0, len(e.keys), size)
+    }
+    assert len(keys) == 2  # both reporters, generation 0
+    probe.close(detach=False)
+    again = Probe.open(pin_dir, cgroup_dir, sweep=False, max_flows=65536)
+    assert (again.generation, again.keys_at_start()) == (1, keys)
+    again.close(detach=False)
+    load(pin_dir, cgroup_dir, sweep=False)  # a new program: generation 0, the keys it kept
+    fresh = Probe.open(pin_dir, cgroup_dir, sweep=False, max_flows=65536)
+    assert (fresh.generation, fresh.keys_at_start()) == (0, keys)
+    fresh.close(detach=True)
 
 
 def test_a_clean_stop_detaches_without_privileges(daemon: DaemonProcess) -> None:

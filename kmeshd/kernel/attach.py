@@ -56,7 +56,7 @@ def attach_sweep(bcc: Any, bpf: Any) -> int:
     from bcc.libbcc import lib
 
     try:
-        program = bpf.load_func(SWEEP_PROGRAM, bcc.BPF.TRACING)
+        program = bpf.load_func(SWEEP_PROGRAM.encode(), bcc.BPF.TRACING)
         return LibBpf.check(lib.bcc_iter_attach(program.fd, None, 0), "bpf_link_create")
     except Exception as exc:
         raise UnavailableError(

@@ -69,6 +69,7 @@ class Setting(enum.IntEnum):
     PERIODIC = 1  # ns between two records of one open connection; 0: none
     GENERATION = 2  # the generation flows are counted in now
     SWEEP_PASS = 3  # which sweep pass runs now
+    OPENED = 4  # 1 once a daemon opened this load's pins
 
 
 class SockFlag(enum.IntFlag):
@@ -202,7 +203,7 @@ SOCK_STATE = Mirror(
         ("reported_retrans", "Q"),
         ("reported_lost", "Q"),
         ("swept", "I"),
-        ("_pad", "I"),
+        ("swept_segs", "I"),
     ),
 )
 CONN_RECORD = Mirror(

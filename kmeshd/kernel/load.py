@@ -76,10 +76,10 @@ def load(
         swept = _forget_closed_sockets(bpf, libbpf)
         _keep_keys(bpf, libbpf)
         for name in FRESH_MAPS:
-            _pin(libbpf, bpf[name].map_fd, pins / name)
+            _pin(libbpf, _map_fd(bpf, name), pins / name)
         _pin_or_remove(libbpf, sweep_link, pins / SWEEP_PIN)
         phase(f"attaching the probe to {cgroup_dir}")
-        prog = bpf.load_func(PROGRAM, bcc.BPF.SOCK_OPS)
+        prog = bpf.load_func(PROGRAM.encode(), bcc.BPF.SOCK_OPS)
         try:
             link_fd = attach(libbpf, prog.fd, cgroup_dir, pins / LINK_PIN)
         except OSError as exc:
@@ -90,6 +90,11 @@ def load(
     finally:
         bpf.cleanup()  # the pins hold the maps and links now
     return pins, swept
+
+
+def _map_fd(bpf: Any, name: str) -> int:
+    """The fd of a map bcc created (bcc names tables in bytes)."""
+    return int(bpf[name.encode()].map_fd)
 
 
 def _pin(libbpf: LibBpf, fd: int, path: Path) -> None:
@@ -120,7 +125,7 @@ def hand_over(pins: Path, uid: int, gid: int) -> None:
 def _keep_keys(bpf: Any, libbpf: LibBpf) -> None:
     """Copy the flow keys the pinned map holds before the new program attaches into
     `kept`: only an earlier program wrote those (see Probe.keys_at_start)."""
-    flows, kept = RawMap(libbpf, bpf["flows"].map_fd), RawMap(libbpf, bpf["kept"].map_fd)
+    flows, kept = RawMap(libbpf, _map_fd(bpf, "flows")), RawMap(libbpf, _map_fd(bpf, "kept"))
     one = b"\x01"
     for key in flows:
         kept.insert(key, one)
@@ -137,7 +142,7 @@ def _forget_closed_sockets(bpf: Any, libbpf: LibBpf) -> int | None:
         )
         return None
     return sweep_closed_sockets(
-        RawMap(libbpf, bpf["socks"].map_fd),
-        RawMap(libbpf, bpf["unseen_closes"].map_fd),
+        RawMap(libbpf, _map_fd(bpf, "socks")),
+        RawMap(libbpf, _map_fd(bpf, "unseen_closes")),
         sockdiag.live_cookies,
     )

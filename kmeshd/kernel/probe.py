@@ -98,7 +98,11 @@ class Probe:
         self._cpus = possible_cpus()
         self._settings = RawMap(libbpf, fds["settings"])
         self._ring: RingBuffer | None = None
-        self.generation = 0  # what the settings say (a new program's start at 0)
+        # What the settings say: a new load's program starts at 0, and goes on from where
+        # the last daemon left it when this one opens the same load's pins again.
+        self.generation = self._get(Setting.GENERATION)
+        self._reopened = self._get(Setting.OPENED) == 1  # no load since the last daemon
+        self._set(Setting.OPENED, 1)
         self._kept: set[bytes] | None = None  # see keys_at_start
 
     @classmethod
@@ -136,11 +140,15 @@ class Probe:
 
     def keys_at_start(self) -> set[bytes]:
         """The flow keys the pinned map held before this probe attached (once; then empty).
-        Only an earlier daemon's program wrote those; what this one counts starts at
+        Only an earlier daemon's program wrote those; what a new program counts starts at
         generation 0, which may be a key an earlier daemon deleted. `kmeshd load` left
-        them in the `kept` map."""
+        them in the `kept` map. Pins a daemon opened before, with no load since, hold the
+        same program's entries only: all of them."""
         if self._kept is not None:
             return set()
+        if self._reopened:
+            self._kept = _keys(self._flows)
+            return self._kept
         kept = BatchReader(self._libbpf, self._fds["kept"])
         self._kept = _keys(kept)
         kept.delete(b"".join(self._kept))
@@ -239,6 +247,10 @@ class Probe:
 
     def _set(self, index: Setting, value: int) -> None:
         self._settings.update(_U32.pack(index), _U64.pack(value))
+
+    def _get(self, index: Setting) -> int:
+        value = self._settings.lookup(_U32.pack(index))
+        return _U64.unpack(value)[0] if value is not None else 0
 
     def set_known(self, keys: Iterable[bytes]) -> int:
         """Make the kernel's known-address set equal `keys` (addresses as the kernel keeps

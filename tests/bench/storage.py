@@ -73,12 +73,12 @@ int kmeshd_bench_stor(struct bpf_sock_ops *ctx)
     switch (ctx->op) {
     case BPF_SOCK_OPS_TCP_CONNECT_CB:
     case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
-        if (bpf_sk_storage_get(&store, sk, NULL, BPF_SK_STORAGE_GET_F_CREATE))
+        if (store.sk_storage_get(sk, NULL, BPF_SK_STORAGE_GET_F_CREATE))
             watch_close(ctx);
         break;
     case BPF_SOCK_OPS_STATE_CB:
-        if (ctx->args[1] == BPF_TCP_CLOSE && bpf_sk_storage_get(&store, sk, NULL, 0))
-            bpf_sk_storage_delete(&store, sk);
+        if (ctx->args[1] == BPF_TCP_CLOSE && store.sk_storage_get(sk, NULL, 0))
+            store.sk_storage_delete(sk);
         break;
     }
     return 1;
