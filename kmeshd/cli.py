@@ -45,7 +45,7 @@ def parser() -> argparse.ArgumentParser:
         (
             "sweep-sockets",
             "forget the state of sockets that closed while kmeshd was stopped (needs"
-            " CAP_SYS_ADMIN and CAP_SYS_PTRACE; the unit runs it after each start)",
+            " CAP_SYS_ADMIN and CAP_SYS_PTRACE; `kmeshd load` does it before each start)",
         ),
     ):
         verb = verbs.add_parser(name, help=help_text)

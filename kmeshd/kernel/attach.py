@@ -52,7 +52,8 @@ def attach(libbpf: LibBpf, prog_fd: int, cgroup_dir: Path, pin: Path) -> int:
 
 
 def attach_sweep(bcc: Any, bpf: Any) -> int:
-    """Load the socket sweep and link it as a TCP iterator: the link's fd."""
+    """Load the socket sweep and link it as an iterator over every open file: the link's
+    fd."""
     from bcc.libbcc import lib
 
     try:
@@ -60,7 +61,7 @@ def attach_sweep(bcc: Any, bpf: Any) -> int:
         return LibBpf.check(lib.bcc_iter_attach(program.fd, None, 0), "bpf_link_create")
     except Exception as exc:
         raise UnavailableError(
-            f"the kernel refused the socket sweep, a TCP iterator program (Linux 5.15 or"
+            f"the kernel refused the socket sweep, a file iterator program (Linux 5.12 or"
             f" newer): {exc}: {NO_SWEEP}"
         ) from exc
 

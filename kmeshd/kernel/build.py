@@ -66,22 +66,17 @@ def bpf_source_dir() -> Path:
     )
 
 
-def check_host(
-    release: str | None = None, modules: Path = Path("/lib/modules"), sweep: bool = True
-) -> None:
-    """Fail fast, with the fix, on what bcc and the probe need: Linux 5.10 for the sock_ops
-    program (the ring buffer came in 5.8, BTF-typed socket pointers in networking programs
-    in 5.10), 5.15 for the socket sweep (TCP iterators that hold each socket's lock)."""
+def check_host(release: str | None = None, modules: Path = Path("/lib/modules")) -> None:
+    """Fail fast, with the fix, on what bcc and the probe need: Linux 5.12, for the sock_ops
+    program's compare-and-swap (BPF atomics came in 5.12; the ring buffer in 5.8,
+    BTF-typed socket pointers in networking programs in 5.10), which covers the socket
+    sweep's needs too (a file iterator since 5.8, bpf_sock_from_file since 5.11)."""
     release = release or os.uname().release
     major, minor = (int(x) for x in release.split(".")[:2])
-    if (major, minor) < (5, 10):
+    if (major, minor) < (5, 12):
         raise UnavailableError(
-            f"kernel {release} is too old: kmeshd needs Linux 5.10 or newer"
-            " (5.15 with bpf.live_updates, the default)"
-        )
-    if sweep and (major, minor) < (5, 15):
-        raise UnavailableError(
-            f"kernel {release} is too old for the socket sweep (Linux 5.15 or newer): {NO_SWEEP}"
+            f"kernel {release} is too old: kmeshd needs Linux 5.12 or newer (BPF atomic"
+            " compare-and-swap)"
         )
     build = modules / release / "build"
     if not (build / "include").is_dir():

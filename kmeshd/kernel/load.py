@@ -64,7 +64,7 @@ def load(
     that closed while no probe ran were forgotten (None: not looked for, see
     _forget_closed_sockets). `owner`: the uid and gid the pins are handed to, for a daemon
     that runs as a user of its own."""
-    check_host(sweep=sweep)
+    check_host()
     bcc = import_bcc()
     pins = prepare_pin_dir(pin_dir, max_flows)
     defines = kernel_defines(sweep)

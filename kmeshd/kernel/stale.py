@@ -4,9 +4,8 @@ The probe keeps each tracked socket's state in the pinned `socks` map and delete
 the close. A socket that closes while no program is attached leaves its entry behind: the
 sweep here removes those, comparing the map with the cookies of the sockets alive now
 (sockdiag), and counts the closes of established ones in `unseen_closes`, so that opened
-minus closed stays the number of open connections. It runs at start, when the daemon may
-enter every network namespace, else in `kmeshd sweep-sockets` (the unit's privileged
-ExecStartPost=).
+minus closed stays the number of open connections. `kmeshd load` runs it before it
+attaches (it may enter every network namespace), and `kmeshd sweep-sockets` on demand.
 """
 
 from __future__ import annotations
