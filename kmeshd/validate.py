@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
+import yaml  # type: ignore[import-untyped,unused-ignore]
+
 from kmeshd.errors import ConfigError
 from kmeshd.files import CONFIG_LIMIT, NotRegularError, read_regular
 
@@ -144,6 +146,29 @@ def read_toml(text: str, path: Path) -> dict[str, Any]:
 
 
 TOO_DEEP = "arrays or tables are nested too deeply (flatten them)"
+TOO_DEEP_YAML = "sequences or mappings are nested too deeply (flatten them)"
+
+
+def read_yaml(text: str, path: Path) -> object:
+    """The parsed document (None for an empty one), or a ConfigError in one line naming
+    the line or character at fault: the kubeconfig's and the web config's reader."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.MarkedYAMLError as e:
+        where = f"line {e.problem_mark.line + 1}: " if e.problem_mark else ""
+        raise ConfigError([f"{path}: {where}{one_line(str(e.problem))}"]) from e
+    except yaml.reader.ReaderError as e:  # a character YAML does not allow, such as NUL
+        what = f"U+{e.character:04X}" if isinstance(e.character, int) else "a byte"
+        where = f"character {e.position + 1}"
+        raise ConfigError([f"{path}: {where}: {what} is not allowed in YAML (remove it)"]) from e
+    except yaml.YAMLError as e:
+        raise ConfigError([f"{path}: {one_line(str(e))}"]) from e
+    except RecursionError as e:
+        raise ConfigError([f"{path}: {TOO_DEEP_YAML}"]) from e
+    except (ValueError, OverflowError) as e:
+        # Values PyYAML builds with Python's own constructors: int() of more than 4300
+        # digits, a date such as 2024-13-45.
+        raise ConfigError([f"{path}: {too_long_number(e)}"]) from e
 
 
 def too_long_number(e: Exception) -> str:

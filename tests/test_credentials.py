@@ -748,7 +748,10 @@ def test_hostile_kubeconfig_values(
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        ("a: " + "[" * 5000 + "]" * 5000, "arrays or tables are nested too deeply (flatten them)"),
+        (
+            "a: " + "[" * 5000 + "]" * 5000,
+            "sequences or mappings are nested too deeply (flatten them)",
+        ),
         ("a: " + "9" * 5000, "a number has more than 4300 digits (shorten it)"),
         ("a: 2024-13-45", "not valid: month must be in 1..12"),
         ("a: \x00", "character 4: U+0000 is not allowed in YAML (remove it)"),

@@ -22,10 +22,8 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml  # type: ignore[import-untyped,unused-ignore]
-
 from kmeshd.errors import ConfigError
-from kmeshd.validate import Problems, Table, describe_yaml, quote
+from kmeshd.validate import Problems, Table, describe_yaml, quote, read_yaml
 
 MAX_BYTES = 1 << 20  # a web config is a few hundred bytes; more is a wrong file
 
@@ -193,15 +191,7 @@ _TOP_KEYS = ("basic_auth_users", "http_server_config", "rate_limit", "tls_server
 
 
 def _parse_yaml(text: str, path: Path) -> dict[str, object]:
-    try:
-        doc: object = yaml.safe_load(text)
-    except yaml.MarkedYAMLError as e:
-        where = f"line {e.problem_mark.line + 1}: " if e.problem_mark else ""
-        raise ConfigError([f"{path}: {where}{e.problem} (not valid YAML)"]) from e
-    except yaml.YAMLError as e:
-        raise ConfigError([f"{path}: not valid YAML: {e}"]) from e
-    except (ValueError, RecursionError) as e:  # a 5000-digit number, nesting 1000 deep
-        raise ConfigError([f"{path}: not a web config: {type(e).__name__}: {e}"[:300]]) from e
+    doc = read_yaml(text, path)
     if doc is None:
         return {}  # an empty file: plain HTTP and no auth, as exporter-toolkit has it
     if not isinstance(doc, dict):

@@ -27,20 +27,16 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-import yaml  # type: ignore[import-untyped,unused-ignore]
-
 from kmeshd.errors import ConfigError
 from kmeshd.files import CREDENTIAL_LIMIT
 from kmeshd.identity.credentials import Credentials, TokenSource, token_problem, unreadable
 from kmeshd.validate import (
-    TOO_DEEP,
     Problems,
     Table,
     describe_yaml,
-    one_line,
     quote,
     read_text,
-    too_long_number,
+    read_yaml,
     url_problem,
 )
 
@@ -140,23 +136,7 @@ def parse_kubeconfig(text: str, path: Path, data_dir: Path = DATA_DIR) -> Creden
 
 
 def _parse_yaml(text: str, path: Path) -> Mapping[str, object]:
-    try:
-        doc: object = yaml.safe_load(text)
-    except yaml.MarkedYAMLError as e:
-        where = f"line {e.problem_mark.line + 1}: " if e.problem_mark else ""
-        raise ConfigError([f"{path}: {where}{one_line(str(e.problem))}"]) from e
-    except yaml.reader.ReaderError as e:  # a character YAML does not allow, such as NUL
-        what = f"U+{e.character:04X}" if isinstance(e.character, int) else "a byte"
-        where = f"character {e.position + 1}"
-        raise ConfigError([f"{path}: {where}: {what} is not allowed in YAML (remove it)"]) from e
-    except yaml.YAMLError as e:
-        raise ConfigError([f"{path}: {one_line(str(e))}"]) from e
-    except RecursionError as e:
-        raise ConfigError([f"{path}: {TOO_DEEP}"]) from e
-    except (ValueError, OverflowError) as e:
-        # Values PyYAML builds with Python's own constructors: int() of more than 4300
-        # digits, a date such as 2024-13-45.
-        raise ConfigError([f"{path}: {too_long_number(e)}"]) from e
+    doc = read_yaml(text, path)
     if not isinstance(doc, dict):
         what = "empty" if doc is None else f"{describe_yaml(doc)}, not a mapping"
         raise ConfigError([f"{path}: not a kubeconfig: the file is {what}"])
