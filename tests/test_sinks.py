@@ -160,9 +160,12 @@ def test_reopen_after_logrotate_moved_the_file(tmp_path: Path) -> None:
 def test_a_full_disk_is_counted_and_logged_once_a_minute(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """Writes to /dev/full (ENOSPC) are dropped, counted, mark the sink down, never raise."""
+    """Writes to /dev/full (ENOSPC) are dropped, counted, mark the sink down, never raise.
+    (The sink itself opens only regular files: the device is handed to it.)"""
     clock = Clock()
-    sink = FileSink("/dev/full", clock=clock)
+    device = open("/dev/full", "ab", buffering=0)  # noqa: SIM115 - the sink closes it
+    sink = FileSink("-", stdout=device, clock=clock)  # "-": the stream it is handed
+    sink.path = "/dev/full"  # what its messages name
     with caplog.at_level(logging.WARNING, logger="kmeshd"):
         assert [sink.write(SEED) for _ in range(3)] == [False, False, False]
         clock.now += 59
@@ -175,6 +178,28 @@ def test_a_full_disk_is_counted_and_logged_once_a_minute(
         "access log /dev/full: [Errno 28] No space left on device; 1 records dropped so far",
         "access log /dev/full: [Errno 28] No space left on device; 5 records dropped so far",
     ]
+
+
+@pytest.mark.parametrize("kind", ["fifo", "directory", "device"])
+def test_only_a_regular_file_is_written_never_a_fifo_or_device(tmp_path: Path, kind: str) -> None:
+    """A FIFO (even one nobody reads: opening it would block), a directory or a device
+    at the path: refused at once when the sink opens, and when it reopens after a
+    rotation put one there (a drop, counted; the sink down)."""
+    path = tmp_path / "access.json"
+    other = {"fifo": lambda: os.mkfifo(path), "directory": path.mkdir}
+    make = other.get(kind, lambda: path.symlink_to("/dev/null"))
+    make()
+    with pytest.raises(OSError, match="not a regular file|Is a directory"):
+        FileSink(str(path))
+    path.unlink() if kind != "directory" else path.rmdir()
+    sink = FileSink(str(path))
+    assert sink.write(SEED)
+    path.rename(tmp_path / "access.json.1")
+    make()
+    sink.reopen()
+    assert (sink.write(FAILED), sink.up, sink.dropped) == (False, False, 1)
+    sink.close()
+    assert read_lines(tmp_path / "access.json.1") == [as_pairs(SEED)]
 
 
 def test_a_removed_directory_drops_until_it_is_back(tmp_path: Path) -> None:

@@ -22,6 +22,7 @@ import logging
 import os
 import select
 import socket
+import stat
 import struct
 import sys
 import time
@@ -117,14 +118,27 @@ class _LineWriter:
 
 
 def _open_0640(path: str, flags: int) -> int:
-    """Open, creating the file 0640 whatever the umask (the unit's is 0077): root writes,
+    """Open, creating the file 0640 whatever the umask (the unit's is 0077): kmeshd writes,
     group adm (Debian's log readers: the unit's Group=) reads, nobody else, for records
-    name addresses and workloads. An existing file keeps the mode it has."""
+    name addresses and workloads. An existing file keeps the mode it has, and must be a
+    regular one: a FIFO or a device put there would block or swallow every write (opened
+    non-blocking, so even a FIFO with no reader fails at once)."""
     try:
-        fd = os.open(path, flags | os.O_CLOEXEC | os.O_EXCL, 0o640)
+        fd = os.open(path, flags | os.O_CLOEXEC | os.O_EXCL | os.O_NONBLOCK, 0o640)
     except FileExistsError:
-        return os.open(path, (flags & ~os.O_CREAT) | os.O_CLOEXEC)
-    os.fchmod(fd, 0o640)
+        not_regular = OSError(errno.EINVAL, "not a regular file (remove it)", path)
+        try:
+            fd = os.open(path, (flags & ~os.O_CREAT) | os.O_CLOEXEC | os.O_NONBLOCK)
+        except OSError as e:
+            if e.errno == errno.ENXIO:  # a FIFO nobody reads
+                raise not_regular from None
+            raise
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise not_regular from None
+    else:
+        os.fchmod(fd, 0o640)
+    os.set_blocking(fd, True)
     return fd
 
 
