@@ -186,12 +186,22 @@ def test_only_a_regular_file_is_written_never_a_fifo_or_device(tmp_path: Path, k
     at the path: refused at once when the sink opens, and when it reopens after a
     rotation put one there (a drop, counted; the sink down)."""
     path = tmp_path / "access.json"
-    other = {"fifo": lambda: os.mkfifo(path), "directory": path.mkdir}
-    make = other.get(kind, lambda: path.symlink_to("/dev/null"))
+
+    def make() -> None:
+        if kind == "fifo":
+            os.mkfifo(path)
+        elif kind == "directory":
+            path.mkdir()
+        else:
+            path.symlink_to("/dev/null")
+
     make()
     with pytest.raises(OSError, match="not a regular file|Is a directory"):
         FileSink(str(path))
-    path.unlink() if kind != "directory" else path.rmdir()
+    if kind == "directory":
+        path.rmdir()
+    else:
+        path.unlink()
     sink = FileSink(str(path))
     assert sink.write(SEED)
     path.rename(tmp_path / "access.json.1")
