@@ -40,6 +40,12 @@ workloads = ["httpbin"]
 """
 
 W = "kmesh_tcp_workload_"
+REPORTERS = ("source", "destination")
+
+
+def both(s: Samples, name: str, **labels: str) -> list[float]:
+    """A workload family's value for the source and the destination reporter."""
+    return [value(s, W + name, reporter=r, **labels) for r in REPORTERS]
 
 
 def serve(server: Pod, count: int, bind: str = "0.0.0.0", port: int = 80) -> subprocess.Popen[str]:

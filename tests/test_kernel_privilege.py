@@ -23,8 +23,18 @@ from kmeshd.kernel import cgroup
 from kmeshd.kernel.layout import FLOW_KEY
 from kmeshd.kernel.load import load
 from kmeshd.kernel.probe import Probe
-from tests.daemon_proc import DaemonProcess, Samples, value
-from tests.e2e import INVENTORY, W, attached_probes, closed, exchange, hold, release, serve
+from tests.daemon_proc import DaemonProcess, value
+from tests.e2e import (
+    INVENTORY,
+    W,
+    attached_probes,
+    both,
+    closed,
+    exchange,
+    hold,
+    release,
+    serve,
+)
 from tests.netns import Pod, is_root
 
 pytestmark = [
@@ -34,7 +44,6 @@ pytestmark = [
 
 REPO = Path(__file__).resolve().parent.parent
 CAP_BPF = 39
-REPORTERS = ("source", "destination")
 # As the unit runs it: user nobody here (kmeshd there), CAP_BPF and nothing else.
 UNPRIVILEGED = (
     "setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
@@ -77,10 +86,6 @@ def daemon(workdir: Path, pin_dir: Path) -> Iterator[DaemonProcess]:
 def status(pid: int) -> dict[str, str]:
     lines = Path(f"/proc/{pid}/status").read_text().splitlines()
     return dict(line.split(":\t", 1) for line in lines if ":\t" in line)
-
-
-def both(s: Samples, name: str) -> list[float]:
-    return [value(s, W + name, reporter=r) for r in REPORTERS]
 
 
 def test_the_daemon_holds_cap_bpf_alone_and_no_bcc(daemon: DaemonProcess) -> None:

@@ -17,7 +17,7 @@ import pytest
 from tests.bench import loadgen
 from tests.bench.probes import bpf_stats, prog_stats
 from tests.daemon_proc import DaemonProcess, Samples, parse_metrics, value
-from tests.e2e import INVENTORY, W, closed, exchange, hold, release, serve
+from tests.e2e import INVENTORY, REPORTERS, W, both, closed, exchange, hold, release, serve
 from tests.netns import Pod, is_root, sh
 
 pytestmark = [
@@ -25,7 +25,6 @@ pytestmark = [
     pytest.mark.skipif(not is_root(), reason="real eBPF needs root"),
 ]
 
-REPORTERS = ("source", "destination")
 CHUNK = 256 * 1024
 
 
@@ -66,10 +65,6 @@ class Stream:
         self.proc.stdin.close()
         assert self.proc.wait(timeout=30) == 0
         assert self.server.wait(timeout=30) == 0
-
-
-def both(s: Samples, name: str, **labels: str) -> list[float]:
-    return [value(s, W + name, reporter=r, **labels) for r in REPORTERS]
 
 
 def test_a_long_connection_shows_its_bytes_while_open_and_exactly_at_close(

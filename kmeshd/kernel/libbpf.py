@@ -10,18 +10,24 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import functools
 import os
 from collections.abc import Callable, Iterator
 
 BPF_NOEXIST = 1  # map update flag: only a key that is not there yet
 
 
+@functools.cache
+def _libbpf() -> ctypes.CDLL:
+    """libbpf.so.1 (it comes with bcc), loaded once."""
+    return ctypes.CDLL(ctypes.util.find_library("bpf") or "libbpf.so.1", use_errno=True)
+
+
 class LibBpf:
     """libbpf's low-level syscall wrappers, typed for ctypes."""
 
     def __init__(self) -> None:
-        name = ctypes.util.find_library("bpf") or "libbpf.so.1"
-        lib = ctypes.CDLL(name, use_errno=True)
+        lib = _libbpf()
         self.link_create = lib.bpf_link_create
         self.link_create.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
         self.link_update = lib.bpf_link_update
@@ -228,8 +234,7 @@ class RingBuffer:
     (it maps the ring; reading it needs the map's fd, no capability)."""
 
     def __init__(self, fd: int, callback: Callable[[bytes], bool]) -> None:
-        name = ctypes.util.find_library("bpf") or "libbpf.so.1"
-        lib = ctypes.CDLL(name, use_errno=True)
+        lib = _libbpf()
         self._new, self._consume, self._free = (
             lib.ring_buffer__new,
             lib.ring_buffer__consume,

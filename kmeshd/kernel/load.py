@@ -25,7 +25,12 @@ from kmeshd.kernel.attach import PROGRAM, attach, attach_sweep
 from kmeshd.kernel.build import check_host, compile_probe, import_bcc, kernel_defines
 from kmeshd.kernel.libbpf import LibBpf, RawMap
 from kmeshd.kernel.pins import prepare_pin_dir
-from kmeshd.kernel.stale import may_enter_namespaces, sweep_closed_sockets
+from kmeshd.kernel.stale import (
+    CAP_SYS_ADMIN,
+    effective_caps,
+    may_enter_namespaces,
+    sweep_closed_sockets,
+)
 
 log = logging.getLogger(__name__)
 
@@ -35,14 +40,7 @@ FRESH_MAPS = ("settings", "grace", "grace_inner", "records", "kept")
 SWEEP_PIN = "sweep"  # the socket sweep's iterator link (bpf.live_updates)
 LINK_PIN = "link"  # the sock_ops program's cgroup link
 
-CAP_NET_ADMIN, CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF = 12, 21, 38, 39
-
-
-def effective_caps(status: Path = Path("/proc/self/status")) -> int:
-    for line in status.read_text().splitlines():
-        if line.startswith("CapEff:"):
-            return int(line.split()[1], 16)
-    return 0
+CAP_NET_ADMIN, CAP_PERFMON, CAP_BPF = 12, 38, 39
 
 
 def may_load(status: Path = Path("/proc/self/status")) -> bool:

@@ -90,13 +90,18 @@ def sweep_closed_sockets(
     return swept
 
 
-def may_enter_namespaces(status: Path = Path("/proc/self/status")) -> bool:
-    """Whether this process has the capabilities the sweep needs (see sockdiag)."""
+def effective_caps(status: Path = Path("/proc/self/status")) -> int:
+    """This process's effective capabilities, as a bit set (0 when the kernel says none)."""
     for line in status.read_text().splitlines():
         if line.startswith("CapEff:"):
-            effective = int(line.split()[1], 16)
-            return all(effective >> cap & 1 for cap in (CAP_SYS_PTRACE, CAP_SYS_ADMIN))
-    return False
+            return int(line.split()[1], 16)
+    return 0
+
+
+def may_enter_namespaces(status: Path = Path("/proc/self/status")) -> bool:
+    """Whether this process has the capabilities the sweep needs (see sockdiag)."""
+    effective = effective_caps(status)
+    return all(effective >> cap & 1 for cap in (CAP_SYS_PTRACE, CAP_SYS_ADMIN))
 
 
 def sweep_pinned(pin_dir: Path) -> int | None:
